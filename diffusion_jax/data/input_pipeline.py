@@ -1,0 +1,322 @@
+"""Input pipeline: TFDS random-access sources read with grain, without TensorFlow.
+
+A dataset is a TFDS dataset prepared in `data_dir` as array_record (for example
+with `tfds build --file_format=array_record cifar10 --data_dir=DIR`). It is read
+with `tfds.data_source(..., download=False)` and grain's `MapDataset`, so the
+default path never imports TensorFlow. `digits` (scikit-learn's 8x8 digits, see
+`digits.py`) is prepared automatically on first use; nothing is downloaded.
+
+Training stream, identical on every process up to the last step:
+
+    source -> seed(seed) -> shuffle -> repeat forever -> [random flip] -> scale
+           -> every process_count-th element from process_index -> batch
+
+* Shuffling is a global permutation per epoch; grain folds the epoch number into
+  the shuffle seed, so each epoch has its own order.
+* The flip's random numbers depend on `seed` and the element's position in the
+  global stream, so they also change from epoch to epoch and do not depend on
+  how many processes read.
+* Sharding happens after shuffling: process p keeps positions p, p + P, ...
+  of one global stream. The P local batches of step j are therefore a partition
+  of the global batch of step j, and that global batch (as a set of examples) is
+  the same whatever the number of processes.
+
+Checkpointing: `create_train_iterator` returns a `grain.DatasetIterator`. Its
+`get_state()` is a small JSON-able dict (`{'next_index': n}`, counted in local
+batches) and `set_state(state)` moves a fresh iterator, built with the same
+arguments, to that position: the batches that follow are bit-identical to those
+of an iterator that was never interrupted. With orbax, grain registers a handler:
+
+    import grain, orbax.checkpoint as ocp
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(train_state),
+        data=grain.checkpoint.CheckpointSave(train_iter)))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_train_state),
+        data=grain.checkpoint.CheckpointRestore(train_iter)))
+    # train_iter is moved in place; restored['data'] is the same object.
+
+grain's handler names each process's file after `jax.process_index()` and
+`jax.process_count()`, so pass those as `process_index` / `process_count`.
+A state says where, not what: restoring it into an iterator built with other
+arguments (seed, batch size, dataset) silently yields another stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from diffusion_jax.data import digits as digits_lib
+
+Batch = dict[str, np.ndarray]
+
+# Batches read ahead by one background thread. Elements come back in order, so
+# the stream does not depend on it; 0 reads in the calling thread.
+DEFAULT_PREFETCH_BATCHES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDatasetInfo:
+  """What a trainer needs to know about a prepared image dataset."""
+
+  name: str
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  num_classes: int  # 0 when the dataset has no 'label' feature.
+  num_examples: Mapping[str, int]  # split name -> number of examples.
+
+
+# ------------------------------------------------------------------- sources --
+
+
+def _builder(dataset: str, data_dir: str | os.PathLike[str] | None):
+  """Returns the TFDS builder of a prepared dataset, or raises a one-line error."""
+  if not isinstance(dataset, str) or not dataset:
+    raise ValueError(f'dataset must be a non-empty TFDS name, got {dataset!r}.')
+  data_dir = None if data_dir is None else os.fspath(data_dir)
+  where = data_dir if data_dir is not None else 'the default TFDS data_dir'
+  if dataset == digits_lib.NAME:
+    digits_lib.prepare_digits(data_dir)
+  try:
+    builder = tfds.builder(dataset, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError:
+    raise ValueError(
+        f'Unknown dataset {dataset!r}: TFDS has no builder of that name and'
+        f' {where} holds no prepared copy of it.'
+    ) from None
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'Dataset {dataset!r} is not prepared in {where}; prepare it with'
+        f' `tfds build --file_format=array_record {dataset}'
+        f' --data_dir={data_dir or "DIR"}` (only {digits_lib.NAME!r} is'
+        ' prepared automatically).'
+    )
+  return builder
+
+
+def _check_image_feature(dataset: str, features) -> None:
+  if 'image' not in features:
+    raise ValueError(
+        f'Dataset {dataset!r} has no "image" feature (it has {sorted(features)}).'
+    )
+  image = features['image']
+  if len(image.shape) != 3 or None in image.shape or np.dtype(image.np_dtype) != np.uint8:
+    raise ValueError(
+        f'Dataset {dataset!r}: "image" must be uint8 [H, W, C] with a fixed'
+        f' shape, got {image.np_dtype} {image.shape}.'
+    )
+
+
+def _info_from_builder(dataset: str, builder) -> ImageDatasetInfo:
+  features = builder.info.features
+  _check_image_feature(dataset, features)
+  num_classes = features['label'].num_classes if 'label' in features else 0
+  return ImageDatasetInfo(
+      name=dataset,
+      image_shape=tuple(int(d) for d in features['image'].shape),
+      num_classes=int(num_classes),
+      num_examples={name: int(s.num_examples) for name, s in builder.info.splits.items()},
+  )
+
+
+def dataset_info(
+    dataset: str, data_dir: str | os.PathLike[str] | None
+) -> ImageDatasetInfo:
+  """Image shape, number of classes and split sizes of a prepared dataset."""
+  return _info_from_builder(dataset, _builder(dataset, data_dir))
+
+
+class _InMemorySource(Sequence[dict[str, Any]]):
+  """Random access over a split held in memory as {feature: array [N, ...]}."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray]):
+    self._arrays = dict(arrays)
+    self._len = len(next(iter(self._arrays.values())))
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {k: v[index] for k, v in self._arrays.items()}
+
+
+def _load_tfrecord_split(dataset: str, data_dir: str | None, split: str):
+  """Loads a TFRecord-only split into memory through tf.data (needs TensorFlow)."""
+  if importlib.util.find_spec('tensorflow') is None:
+    raise ImportError(
+        f'Dataset {dataset!r} in {data_dir} is stored as TFRecord, which needs'
+        " TensorFlow: `pip install 'diffusion-jax[tf]'`, or prepare it again"
+        f' with `tfds build --file_format=array_record {dataset}`.'
+    )
+  # The whole split is decoded into host memory once: fine for CIFAR-10-sized
+  # data; larger datasets should be prepared as array_record instead.
+  arrays = tfds.as_numpy(
+      tfds.load(dataset, split=split, data_dir=data_dir, download=False, batch_size=-1)
+  )
+  return _InMemorySource({k: arrays[k] for k in ('image', 'label') if k in arrays})
+
+
+def _open_split(
+    dataset: str, data_dir: str | os.PathLike[str] | None, split: str
+) -> tuple[Sequence[Mapping[str, Any]], ImageDatasetInfo]:
+  """Random-access source over one split ({'image': uint8 [H, W, C], ...}) and its info."""
+  builder = _builder(dataset, data_dir)
+  info = _info_from_builder(dataset, builder)
+  try:
+    builder.info.splits[split]
+  except (KeyError, ValueError):
+    raise ValueError(
+        f'Dataset {dataset!r} has no split {split!r}; it has'
+        f' {sorted(builder.info.splits)}.'
+    ) from None
+  data_dir = None if data_dir is None else os.fspath(data_dir)
+  if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
+    return _load_tfrecord_split(dataset, data_dir, split), info
+  source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+  return source, info
+
+
+# -------------------------------------------------------------- transforms --
+
+
+def _to_model_input(example: Mapping[str, Any]) -> Batch:
+  """uint8 image [H, W, C] -> float32 in [-1, 1]; label -> int32 (0 if absent)."""
+  image = np.asarray(example['image'], dtype=np.float32) / 127.5 - 1.0  # [H, W, C]
+  label = np.int32(example.get('label', 0))
+  return {'image': image, 'label': label}
+
+
+def _random_flip(example: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+  """Mirrors the image left-right ([H, W, C], axis 1) with probability 1/2."""
+  if rng.integers(2):
+    example = {**example, 'image': np.asarray(example['image'])[:, ::-1, :]}
+  return example
+
+
+def _eval_example(source, num_real: int, image_shape, index: int) -> Batch:
+  """Example `index` of the padded eval split; indices >= num_real are padding."""
+  if index < num_real:
+    return {**_to_model_input(source[index]), 'mask': np.bool_(True)}
+  return {
+      'image': np.zeros(image_shape, np.float32),
+      'label': np.int32(0),
+      'mask': np.bool_(False),
+  }
+
+
+# ----------------------------------------------------------------- batching --
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+  """Validates the sharding arguments and returns global_batch_size // process_count."""
+  if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size <= 0:
+    raise ValueError(f'global_batch_size must be a positive int, got {global_batch_size!r}.')
+  if not isinstance(process_count, (int, np.integer)) or process_count <= 0:
+    raise ValueError(f'process_count must be a positive int, got {process_count!r}.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+        f'process_index must be in [0, {process_count}), got {process_index!r}.'
+    )
+  if global_batch_size % process_count:
+    raise ValueError(
+        f'global_batch_size={global_batch_size} is not divisible by'
+        f' process_count={process_count}.'
+    )
+  return int(global_batch_size // process_count)
+
+
+def _read_options(prefetch_batches: int) -> grain.ReadOptions:
+  if prefetch_batches < 0:
+    raise ValueError(f'prefetch_batches must be >= 0, got {prefetch_batches!r}.')
+  return grain.ReadOptions(
+      num_threads=1 if prefetch_batches else 0, prefetch_buffer_size=prefetch_batches
+  )
+
+
+def create_train_iterator(
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None,
+    *,
+    global_batch_size: int,
+    seed: int,
+    random_flip: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: str = 'train',
+    prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+) -> grain.DatasetIterator:
+  """Endless, shuffled, checkpointable stream of this process's training batches.
+
+  Args:
+    dataset: TFDS name; prepared as array_record in `data_dir` (TFRecord works
+      only when TensorFlow is installed). `digits` is prepared on first use.
+    data_dir: the TFDS data directory; None for TFDS's default.
+    global_batch_size: examples per step over all processes.
+    seed: non-negative int; fixes the order of every epoch and the flips.
+    random_flip: mirror each image left-right with probability 1/2.
+    process_index, process_count: this process's share of each global batch
+      (`jax.process_index()`, `jax.process_count()` in a multi-host run).
+    split: TFDS split, slicing allowed (e.g. 'train[:90%]').
+    prefetch_batches: batches read ahead by one thread; 0 reads in the caller.
+
+  Returns:
+    A `grain.DatasetIterator` of {'image': float32 [B, H, W, C] in [-1, 1],
+    'label': int32 [B]}, B = global_batch_size // process_count; checkpoint it
+    with `get_state()` / `set_state()` or grain's orbax handler (module
+    docstring).
+  """
+  local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f'seed must be a non-negative int, got {seed!r}.')
+  read_options = _read_options(prefetch_batches)
+  source, _ = _open_split(dataset, data_dir, split)
+
+  ds = grain.MapDataset.source(source).seed(int(seed))
+  ds = ds.shuffle().repeat()  # A new permutation each epoch.
+  if random_flip:
+    ds = ds.random_map(_random_flip)  # Keyed by position in the global stream.
+  ds = ds.map(_to_model_input)
+  ds = ds[process_index::process_count]
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  return iter(ds.to_iter_dataset(read_options))
+
+
+def create_eval_iterator(
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None,
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: str = 'test',
+    prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+) -> Iterator[Batch]:
+  """One pass over a split, in order, unflipped, padded to whole global batches.
+
+  The split is padded with zero images to ceil(N / global_batch_size) global
+  batches, and every process yields that many local batches (so collective ops
+  line up). `mask` is False on padding: summing a per-example metric under the
+  mask over all batches and processes counts each example exactly once.
+
+  Returns:
+    An iterator of {'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B],
+    'mask': bool [B]}, B = global_batch_size // process_count.
+  """
+  local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+  read_options = _read_options(prefetch_batches)
+  source, info = _open_split(dataset, data_dir, split)
+
+  num_real = len(source)
+  num_batches = -(-num_real // global_batch_size)  # ceil
+  ds = grain.MapDataset.range(num_batches * global_batch_size)
+  ds = ds.map(functools.partial(_eval_example, source, num_real, info.image_shape))
+  ds = ds[process_index::process_count]
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  return iter(ds.to_iter_dataset(read_options))
