@@ -1,0 +1,207 @@
+"""The per-device training step, and the wrappers that run it data-parallel.
+
+`train_step(state, batch, rng) -> (state, metrics)` is pure and runs on one device's share
+of the global batch; gradients and metrics are averaged with `lax.pmean` over the 'data'
+axis. It is bound to its fixed settings with `functools.partial` and then wrapped by
+`shard_map` (`data_parallel_step`, what the trainer uses) or `pmap` (`pmap_step`).
+
+Randomness: the step key is `fold_in(state.rng, step)`. Each example's timestep and noise
+come from `fold_in(step_key, global_example_index)`, so they do not depend on how the batch
+is split over devices or micro-batches; dropout uses `fold_in(step_key, device_index)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import timestep_sampler
+from diffusion_jax.train_state import TrainState, ema_update
+
+AXIS = 'data'
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The step's fixed settings, strings already resolved."""
+  loss_type: gd.LossType = gd.LossType.MSE
+  mean_type: gd.MeanType = gd.MeanType.EPS
+  var_type: gd.VarType = gd.VarType.FIXED_LARGE
+  snr_gamma: float | None = None
+  importance_sampling: bool = False
+  ema_decay: float = 0.9999
+  grad_accum_steps: int = 1
+  label_dropout: float = 0.0
+  num_classes: int | None = None   # class-conditional: label `num_classes` is the null label
+
+  def __post_init__(self):
+    if self.grad_accum_steps < 1:
+      raise ValueError(f'grad_accum_steps must be >= 1, got {self.grad_accum_steps}')
+    if not 0.0 <= self.ema_decay <= 1.0:
+      raise ValueError(f'ema_decay must be in [0, 1], got {self.ema_decay}')
+    if not 0.0 <= self.label_dropout < 1.0:
+      raise ValueError(f'label_dropout must be in [0, 1), got {self.label_dropout}')
+
+
+_TIMESTEP_SAMPLERS = ('uniform', 'importance')
+
+
+def step_config_from(diffusion_cfg, training_cfg, num_classes: int | None) -> StepConfig:
+  """Resolves the config's strings into a `StepConfig` (the one place they are parsed)."""
+  if diffusion_cfg.timestep_sampler not in _TIMESTEP_SAMPLERS:
+    raise ValueError(f'unknown timestep_sampler {diffusion_cfg.timestep_sampler!r}; '
+                     f'allowed: {", ".join(_TIMESTEP_SAMPLERS)}')
+  return StepConfig(
+      loss_type=gd.LossType.parse(diffusion_cfg.loss_type),
+      mean_type=gd.MeanType.parse(diffusion_cfg.mean_type),
+      var_type=gd.VarType.parse(diffusion_cfg.var_type),
+      snr_gamma=diffusion_cfg.snr_gamma,
+      importance_sampling=diffusion_cfg.timestep_sampler == 'importance',
+      ema_decay=float(training_cfg.ema_decay),
+      grad_accum_steps=int(training_cfg.grad_accum_steps),
+      label_dropout=float(training_cfg.label_dropout) if num_classes else 0.0,
+      num_classes=num_classes)
+
+
+def _per_example_randomness(rng, state, global_index, shape, diffusion, cfg: StepConfig):
+  """t `[b]`, weights `[b]`, noise `[b, H, W, C]` and label-drop flags `[b]`, per example."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(global_index)  # [b] keys
+  split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)            # [b, 3]
+  if cfg.importance_sampling:
+    p = timestep_sampler.importance_probs(state.loss_history)
+    t = jax.vmap(lambda k: jax.random.choice(k, diffusion.num_timesteps, p=p))(split[:, 0])
+    weights = 1.0 / (diffusion.num_timesteps * p[t])
+  else:
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, diffusion.num_timesteps))(split[:, 0])
+    weights = jnp.ones(t.shape, jnp.float32)
+  noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(split[:, 1])
+  drop = jax.vmap(lambda k: jax.random.bernoulli(k, cfg.label_dropout))(split[:, 2])
+  return t.astype(jnp.int32), weights, noise, drop
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+               model: nn.Module, diffusion: gd.GaussianDiffusion,
+               tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
+               cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on this device's share of the batch.
+
+  Args:
+    state: the replicated `TrainState`.
+    batch: `image` float32 `[b, H, W, C]` in [-1, 1] and `label` int32 `[b]`, where b is the
+      per-device batch.
+    rng: the step key, the same on every device.
+  Returns:
+    The new state and metrics averaged over the 'data' axis (loss, mse, vb, grad_norm,
+    learning_rate).
+  """
+  images = batch['image']  # [b, H, W, C]
+  chex.assert_rank(images, 4)
+  b = images.shape[0]
+  device = jax.lax.axis_index(AXIS)
+  global_index = device * b + jnp.arange(b)
+  t, weights, noise, drop = _per_example_randomness(rng, state, global_index, images.shape,
+                                                    diffusion, cfg)
+  labels = None
+  if cfg.num_classes:
+    labels = jnp.where(drop, cfg.num_classes, batch['label']).astype(jnp.int32)
+  dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), device)
+
+  def loss_fn(params, micro):
+    def denoise(x_t, tt):
+      return model.apply({'params': params}, x_t, tt, y=micro['label'], train=True,
+                         rngs={'dropout': jax.random.fold_in(dropout_rng, micro['index'])})
+    terms = gd.training_loss_terms(
+        diffusion, denoise, micro['image'], micro['t'], micro['noise'],
+        loss_type=cfg.loss_type, mean_type=cfg.mean_type, var_type=cfg.var_type,
+        snr_gamma=cfg.snr_gamma)
+    return jnp.mean(terms['loss'] * micro['weights']), terms
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  # Differentiate a per-device copy of the params: under shard_map the gradient of replicated
+  # params would otherwise already be summed over devices. The average is the pmean below.
+  local_params = jax.lax.pcast(state.params, AXIS, to='varying')
+  a = cfg.grad_accum_steps
+  if b % a:
+    raise ValueError(f'per-device batch {b} is not divisible by grad_accum_steps {a}')
+  micro = dict(image=images, t=t, noise=noise, weights=weights, label=labels)
+  micro = jax.tree.map(lambda x: x.reshape((a, b // a) + x.shape[1:]), micro)
+  micro['index'] = jnp.arange(a)
+
+  if a == 1:
+    (_, terms), grads = grad_fn(local_params, jax.tree.map(lambda x: x[0], micro))
+  else:
+    def accumulate(grad_sum, m):
+      (_, terms), g = grad_fn(local_params, m)
+      return jax.tree.map(jnp.add, grad_sum, g), terms
+    zeros = jax.tree.map(jnp.zeros_like, local_params)
+    grads, terms = jax.lax.scan(accumulate, zeros, micro)
+    grads = jax.tree.map(lambda g: g / a, grads)
+    terms = jax.tree.map(lambda x: x.reshape(b), terms)
+
+  grads = jax.lax.pmean(grads, AXIS)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  loss_history = state.loss_history
+  if cfg.importance_sampling:
+    all_t = jax.lax.all_gather(t, AXIS).reshape(-1)
+    all_losses = jax.lax.all_gather(jax.lax.stop_gradient(terms['loss']), AXIS).reshape(-1)
+    varying = jax.lax.pcast(loss_history, AXIS, to='varying')
+    loss_history = timestep_sampler.update_history(varying, all_t, all_losses)
+    # Every device computed the same update; pmax (exact on equal values) marks it replicated.
+    loss_history = jax.lax.pmax(loss_history, AXIS)
+
+  new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state,
+      ema_params=ema_update(state.ema_params, params, cfg.ema_decay),
+      loss_history=loss_history)
+  metrics = dict(loss=jnp.mean(terms['loss'] * weights), mse=jnp.mean(terms['mse']),
+                 vb=jnp.mean(terms['vb']))
+  metrics = jax.lax.pmean(metrics, AXIS)
+  metrics['grad_norm'] = optax.tree.norm(grads)
+  metrics['learning_rate'] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+  return new_state, metrics
+
+
+def _step_key(state: TrainState) -> jax.Array:
+  return jax.random.fold_in(state.rng, state.step)
+
+
+def data_parallel_step(step_fn: Callable, mesh: Mesh) -> Callable:
+  """`update(state, batch) -> (state, metrics)`: `step_fn` under `shard_map` over `mesh`.
+
+  The state is replicated (P()), the batch sharded over 'data' on its leading axis; the
+  state's buffers are donated.
+  """
+  sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()),
+                          out_specs=(P(), P()))
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def jitted(state, batch):
+    return sharded(state, batch, _step_key(state))
+
+  def update(state, batch):
+    # No-ops when the arrays already live there, as they do in the trainer.
+    return jitted(jax.device_put(state, replicated), jax.device_put(batch, split))
+  return update
+
+
+def pmap_step(step_fn: Callable) -> Callable:
+  """`update(state, batch) -> (state, metrics)` with `jax.pmap`: state stacked over devices
+  (`flax.jax_utils.replicate`), batch `[devices, b, ...]`."""
+  mapped = jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+
+  def update(state, batch):
+    key = _step_key(jax.tree.map(lambda x: x[0], state))
+    return mapped(state, batch, key)
+  return update

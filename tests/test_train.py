@@ -1,0 +1,329 @@
+"""The training step and the trainer, on eight fake CPU devices.
+
+Step-level tests call `train_step` directly on a tiny U-Net; trainer-level tests run
+`train.py` in child processes (a real SIGKILL for the resume test, two processes on loopback
+for the multi-host test) that share a persistent compilation cache.
+"""
+
+import functools
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import jax_utils
+
+from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import schedules
+from diffusion_jax import train_step as step_lib
+from diffusion_jax.data import digits
+from diffusion_jax.models.unet import UNetConfig
+from diffusion_jax.train_state import OptimizerConfig, TrainState
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T = 50
+BATCH = 16
+IMAGE = (8, 8, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# The step.
+# ------------------------------------------------------------------------------------------
+
+
+def _setup(mean_type='eps', var_type='fixedlarge', loss_type='mse', *, importance=False,
+           accum=1, ema_decay=0.9, num_classes=None, sgd=False):
+  """A tiny U-Net's state and bound step; `sgd` swaps Adam for SGD(1): params move by −grad.
+
+  The equivalence tests use SGD: Adam's first step is g/(|g| + ε), which turns the float
+  noise of gradients that are zero in exact arithmetic (a bias before a per-channel
+  GroupNorm, attention's key bias) into steps of up to ±lr.
+  """
+  var = gd.VarType.parse(var_type)
+  model = UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,),
+                     dropout=0.0, out_ch=2 if var.is_learned else 1,
+                     num_classes=num_classes).make()
+  diffusion = gd.GaussianDiffusion.from_betas(schedules.get_beta_schedule('linear', T))
+  cfg = step_lib.StepConfig(loss_type=gd.LossType.parse(loss_type),
+                            mean_type=gd.MeanType.parse(mean_type), var_type=var,
+                            importance_sampling=importance, ema_decay=ema_decay,
+                            grad_accum_steps=accum, num_classes=num_classes,
+                            label_dropout=0.2 if num_classes else 0.0)
+  opt = OptimizerConfig(learning_rate=1e-3, warmup_steps=0)
+  tx = optax.sgd(1.0) if sgd else opt.make()
+  params = model.init({'params': jax.random.PRNGKey(1)}, jnp.zeros((1,) + IMAGE),
+                      jnp.zeros((1,), jnp.int32),
+                      y=jnp.zeros((1,), jnp.int32) if num_classes else None)['params']
+  # Perturb the zero-initialised head so every parameter gets a gradient in step one.
+  params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+                        params)
+  from diffusion_jax import timestep_sampler  # pylint: disable=g-import-not-at-top
+  history = timestep_sampler.LossHistory.create(T, 2) if importance else None
+  state = TrainState.create(params, tx, jax.random.PRNGKey(3), history)
+  step_fn = functools.partial(step_lib.train_step, model=model, diffusion=diffusion, tx=tx,
+                              learning_rate_fn=opt.learning_rate_schedule(), cfg=cfg)
+  return state, step_fn
+
+
+def _batch(seed=None):
+  rng = np.random.default_rng(seed)
+  image = rng.integers(0, 256, (BATCH,) + IMAGE).astype(np.float32) / 127.5 - 1.0
+  return dict(image=jnp.asarray(image), label=jnp.asarray(rng.integers(0, 10, BATCH), jnp.int32))
+
+
+def _mesh(n):
+  return jax.make_mesh((n,), ('data',), devices=jax.devices()[:n],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def _copy(tree):
+  return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def _assert_trees_close(a, b, atol):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize('mean_type,var_type,loss_type,importance,accum,classes', [
+    ('eps', 'fixedlarge', 'mse', False, 1, None),
+    ('xstart', 'fixedsmall', 'kl', False, 1, None),
+    ('v', 'learned_range', 'hybrid', True, 2, None),
+    ('xprev', 'learned', 'mse', False, 1, 10),
+])
+def test_one_real_step_per_type(mean_type, var_type, loss_type, importance, accum, classes):
+  state, step_fn = _setup(mean_type, var_type, loss_type, importance=importance, accum=accum,
+                          num_classes=classes)
+  before = _copy(state)
+  update = step_lib.data_parallel_step(step_fn, _mesh(8))
+  new, metrics = update(state, _batch())
+  assert int(new.step) == 1
+  for k in ('loss', 'mse', 'vb', 'grad_norm', 'learning_rate'):
+    assert np.isfinite(metrics[k]), (k, metrics[k])
+  assert float(metrics['grad_norm']) > 0
+  if loss_type == 'kl':
+    assert float(metrics['vb']) >= 0 and float(metrics['mse']) == 0
+  if var_type.startswith('learned') or loss_type == 'hybrid':
+    assert float(metrics['vb']) > 0
+  # Every parameter moved, and the EMA is decay·old + (1 − decay)·new.
+  for (path, p0), p1, e1 in zip(jax.tree_util.tree_flatten_with_path(before.params)[0],
+                                jax.tree.leaves(new.params), jax.tree.leaves(new.ema_params)):
+    assert not np.array_equal(p0, p1), jax.tree_util.keystr(path)
+    np.testing.assert_allclose(e1, 0.9 * p0 + 0.1 * np.asarray(p1), rtol=1e-6, atol=5e-7)  # a few ulps of params near 1
+  if importance:  # all 16 examples of the global batch entered the history
+    assert int(new.loss_history.counts.sum()) == BATCH
+
+
+def test_shard_map_and_pmap_agree():
+  state, step_fn = _setup(sgd=True)
+  batch = _batch()
+  n = jax.device_count()
+  stacked = jax_utils.replicate(jax.tree.map(np.asarray, state))
+  new_pmap, m_pmap = step_lib.pmap_step(step_fn)(
+      stacked, jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch))
+  new_shard, m_shard = step_lib.data_parallel_step(step_fn, _mesh(n))(state, batch)
+  _assert_trees_close(jax_utils.unreplicate(new_pmap), new_shard, atol=5e-7)  # a few ulps of params near 1
+  for k in ('loss', 'grad_norm'):
+    np.testing.assert_allclose(m_pmap[k][0], m_shard[k], rtol=1e-5, err_msg=k)
+
+
+def test_eight_devices_match_one_on_the_same_global_batch():
+  state, step_fn = _setup(sgd=True)
+  batch = _batch()
+  new8, m8 = step_lib.data_parallel_step(step_fn, _mesh(8))(_copy(state), batch)
+  new1, m1 = step_lib.data_parallel_step(step_fn, _mesh(1))(_copy(state), batch)
+  np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
+  np.testing.assert_allclose(m8['grad_norm'], m1['grad_norm'], rtol=1e-4)
+  _assert_trees_close(new8.params, new1.params, atol=5e-7)  # a few ulps of params near 1
+
+
+def test_gradient_accumulation_matches_one_batch():
+  state, step_fn = _setup(sgd=True)
+  _, step_fn2 = _setup(accum=2, sgd=True)
+  batch = _batch()
+  new1, m1 = step_lib.data_parallel_step(step_fn, _mesh(4))(_copy(state), batch)
+  new2, m2 = step_lib.data_parallel_step(step_fn2, _mesh(4))(_copy(state), batch)
+  np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-5)
+  np.testing.assert_allclose(m1['grad_norm'], m2['grad_norm'], rtol=1e-4)
+  _assert_trees_close(new1.params, new2.params, atol=5e-7)  # a few ulps of params near 1
+
+
+def test_step_config_rejects_unknown_strings():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  d = ml_collections.ConfigDict(dict(loss_type='mse', mean_type='eps', var_type='fixedlarge',
+                                     snr_gamma=None, timestep_sampler='lottery'))
+  t = ml_collections.ConfigDict(dict(ema_decay=0.9, grad_accum_steps=1, label_dropout=0.1))
+  with pytest.raises(ValueError, match="'lottery'.*uniform, importance"):
+    step_lib.step_config_from(d, t, None)
+  d.timestep_sampler, d.mean_type = 'uniform', 'noise'
+  with pytest.raises(ValueError, match="'noise'.*'eps'"):
+    step_lib.step_config_from(d, t, None)
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer, in child processes.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  base = tmp_path_factory.mktemp('train')
+  data_dir = str(base / 'tfds')
+  digits.prepare_digits(data_dir)
+  e = dict(os.environ)
+  e.update(JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
+           XLA_FLAGS='--xla_force_host_platform_device_count=8',
+           PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  return dict(base=base, data_dir=data_dir, env=e)
+
+
+def _train_cmd(env, workdir, *overrides):
+  return [sys.executable, os.path.join(ROOT, 'train.py'),
+          f'--config={os.path.join(ROOT, "configs", "tiny.py")}', f'--workdir={workdir}',
+          f'--config.data.data_dir={env["data_dir"]}', *overrides]
+
+
+def _run(env, cmd, **kwargs):
+  return subprocess.run(cmd, env=env['env'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, **kwargs)
+
+
+def _restore(workdir, step):
+  path = os.path.join(workdir, 'checkpoints', str(step))
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(os.path.join(path, 'state'))
+  data = {os.path.basename(f): open(f).read() for f in glob.glob(os.path.join(path, 'data', '*'))}
+  return state, data
+
+
+RESUME = ('--config.training.num_train_steps=8', '--config.training.checkpoint_every_steps=4',
+          '--config.training.log_every_steps=1')
+
+
+@pytest.fixture(scope='module')
+def unbroken(env):
+  workdir = str(env['base'] / 'unbroken')
+  result = _run(env, _train_cmd(env, workdir, *RESUME))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_resume_after_sigkill_is_bit_identical(env, unbroken):
+  workdir = str(env['base'] / 'killed')
+  proc = subprocess.Popen(_train_cmd(env, workdir, *RESUME), env=env['env'], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  first = os.path.join(workdir, 'checkpoints', '4')
+  deadline = time.time() + 300
+  while not os.path.isdir(os.path.join(first, 'state')) and time.time() < deadline:
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  proc.stderr.close()
+  assert proc.returncode == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '8')), 'killed too late'
+
+  result = _run(env, _train_cmd(env, workdir, *RESUME))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resumed from checkpoint 4' in result.stderr
+
+  want, want_data = _restore(unbroken, 8)
+  got, got_data = _restore(workdir, 8)
+  flat_want, tree_want = jax.tree_util.tree_flatten_with_path(want)
+  flat_got, tree_got = jax.tree_util.tree_flatten_with_path(got)
+  assert tree_want == tree_got
+  assert len(flat_want) > 10
+  for (path, a), (_, b) in zip(flat_want, flat_got):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                  err_msg=jax.tree_util.keystr(path))
+  assert int(got['step']) == 8
+  assert want_data == got_data and want_data
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_each_other_and_one_process(env):
+  base = env['base']
+  worker = os.path.join(ROOT, 'tests', 'multihost_worker.py')
+  e2 = dict(env['env'], XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, worker, str(base / f'mh_{i}.npz'), str(base / 'mh_workdir'),
+       env['data_dir'], '2', str(i), str(port)], env=e2, cwd=ROOT,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+  e4 = dict(env['env'], XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  single = subprocess.run([sys.executable, worker, str(base / 'sp.npz'),
+                           str(base / 'sp_workdir'), env['data_dir'], '1', '0', '0'],
+                          env=e4, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  p0, p1, sp = (np.load(base / n) for n in ('mh_0.npz', 'mh_1.npz', 'sp.npz'))
+  assert sorted(p0.files) == sorted(p1.files) == sorted(sp.files) and len(p0.files) > 10
+  for k in p0.files:
+    np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
+    np.testing.assert_allclose(p0[k], sp[k], atol=2e-6, rtol=0, err_msg=k)
+  # The checkpoint was written collectively, once.
+  assert os.path.isdir(base / 'mh_workdir' / 'checkpoints' / '3' / 'state')
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one clear line and a non-zero exit.
+# ------------------------------------------------------------------------------------------
+
+
+def _assert_fails(result, *fragments):
+  assert result.returncode != 0
+  last = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert last, result.stderr[-3000:]
+  for f in fragments:
+    assert f in last[-1], (f, last[-1])
+
+
+def test_batch_not_divisible_by_devices(env, tmp_path):
+  _assert_fails(_run(env, _train_cmd(env, tmp_path, '--config.training.batch_size=12')),
+                'batch_size=12', '8 devices')
+
+
+def test_unknown_dataset(env, tmp_path):
+  _assert_fails(_run(env, _train_cmd(env, tmp_path, '--config.data.dataset=no_such_data')),
+                "'no_such_data'")
+
+
+def test_checkpoint_of_another_model_shape(env, unbroken):
+  before = sorted(os.listdir(os.path.join(unbroken, 'checkpoints')))
+  result = _run(env, _train_cmd(env, unbroken, *RESUME, '--config.model.ch=64'))
+  _assert_fails(result, 'shape', 'another model')
+  assert sorted(os.listdir(os.path.join(unbroken, 'checkpoints'))) == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, unbroken, tmp_path):
+  workdir = str(tmp_path / 'nan')
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(unbroken, workdir)
+  result = _run(env, _train_cmd(
+      env, workdir, '--config.training.num_train_steps=20',
+      '--config.training.checkpoint_every_steps=100', '--config.training.log_every_steps=1',
+      '--config.optimizer.learning_rate=1e30', '--config.optimizer.warmup_steps=0',
+      '--config.optimizer.grad_clip=0'))
+  _assert_fails(result, 'non-finite loss', 'at step', 'checkpoint (8)')
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '8']

@@ -1,0 +1,45 @@
+r"""Trains a DDPM: a thin entry point around `diffusion_jax.train.train_and_evaluate`.
+
+  python train.py --config configs/digits.py --workdir /tmp/digits
+  python train.py --config configs/cifar10.py --workdir DIR --config.training.batch_size=64
+
+Re-running the same command resumes from the latest checkpoint in DIR/checkpoints.
+Multi-host: pass --jax_distributed (jax.distributed.initialize() reads the cluster from the
+environment: TPU pods, SLURM, ...) or the coordinator flags explicitly.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
+flags.DEFINE_bool('jax_distributed', False, 'Call jax.distributed.initialize() first.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
+flags.DEFINE_integer('process_id', None, 'This process index (multi-host).')
+flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.jax_distributed or FLAGS.coordinator_address:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, ImportError, train.NonFiniteLossError) as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)
