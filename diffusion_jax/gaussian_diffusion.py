@@ -181,7 +181,9 @@ def _model_timesteps(d: GaussianDiffusion, t: Array) -> Array:
 def q_mean_variance(d: GaussianDiffusion, x_start: Array, t: Array):
   """q(x_t | x₀) = N(√ᾱ_t x₀, (1−ᾱ_t) I) → (mean, variance, log_variance), each like x₀."""
   mean = _extract(d.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
-  variance = jnp.broadcast_to(_extract(1.0 - d.alphas_cumprod, t, x_start.ndim), x_start.shape)
+  # (√(1−ᾱ))² keeps float32 precision at small t, where 1 − ᾱ in float32 would lose it.
+  variance = jnp.broadcast_to(
+      _extract(jnp.square(d.sqrt_one_minus_alphas_cumprod), t, x_start.ndim), x_start.shape)
   log_variance = jnp.broadcast_to(_extract(d.log_one_minus_alphas_cumprod, t, x_start.ndim),
                                   x_start.shape)
   return mean, variance, log_variance
@@ -216,10 +218,13 @@ def predict_start_from_noise(d: GaussianDiffusion, x_t: Array, t: Array, noise: 
 
 
 def predict_noise_from_start(d: GaussianDiffusion, x_t: Array, t: Array, x_start: Array) -> Array:
-  """ε = (x_t/√ᾱ_t − x₀) / √(1/ᾱ_t − 1): the inverse of `predict_start_from_noise`."""
+  """ε = (x_t − √ᾱ_t x₀) / √(1−ᾱ_t): the inverse of `predict_start_from_noise`.
+
+  Finite also where ᾱ_t = 0 (zero terminal SNR), where it is x_t itself.
+  """
   n = x_t.ndim
-  return ((_extract(d.sqrt_recip_alphas_cumprod, t, n) * x_t - x_start)
-          / _extract(d.sqrt_recipm1_alphas_cumprod, t, n))
+  return ((x_t - _extract(d.sqrt_alphas_cumprod, t, n) * x_start)
+          / _extract(d.sqrt_one_minus_alphas_cumprod, t, n))
 
 
 def predict_start_from_v(d: GaussianDiffusion, x_t: Array, t: Array, v: Array) -> Array:

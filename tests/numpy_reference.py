@@ -100,7 +100,7 @@ class Coefs:
     self.alphas_cumprod_prev = np.concatenate([[1.0], ab[:-1]])
     self.alphas_cumprod_next = np.concatenate([ab[1:], [0.0]])
     one_minus = 1.0 - ab
-    # 1 - alpha-bar without cancellation for the first steps: 1 - prod(1 - b) = -expm1(sum log1p(-b)).
+    # 1 - alpha-bar without cancellation in the first steps: -expm1(sum log1p(-b)).
     with np.errstate(divide="ignore"):
       one_minus = -np.expm1(np.cumsum(np.log1p(-b)))
     self.one_minus_alphas_cumprod = one_minus
@@ -137,7 +137,9 @@ def bcast(v: np.ndarray, t: np.ndarray, ndim: int) -> np.ndarray:
 
 def q_sample(c: Coefs, x0, t, noise):
   n = x0.ndim
-  return bcast(c.sqrt_alphas_cumprod, t, n) * x0 + bcast(c.sqrt_one_minus_alphas_cumprod, t, n) * noise
+  a = bcast(c.sqrt_alphas_cumprod, t, n)
+  sig = bcast(c.sqrt_one_minus_alphas_cumprod, t, n)
+  return a * x0 + sig * noise
 
 
 def q_posterior(c: Coefs, x0, xt, t):
@@ -252,7 +254,8 @@ def normal_kl(m1, lv1, m2, lv2):
 
 def discretized_gaussian_loglik(x, means, log_scales):
   """log P(bin of x) under N(means, exp(log_scales)^2), bins of width 2/255, open end bins."""
-  x, means, log_scales = np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (x, means, log_scales)))
+  x, means, log_scales = np.broadcast_arrays(
+      *(np.asarray(v, np.float64) for v in (x, means, log_scales)))
   sd = np.exp(log_scales)
   upper = (x - means + 1.0 / 255.0) / sd
   lower = (x - means - 1.0 / 255.0) / sd
@@ -303,14 +306,18 @@ def training_loss(c: Coefs, out, x0, t, noise, loss_type, mean_type, var_type, s
     elif mean_type == "v":
       w = w / (snr + 1.0)
     mse = mse * w
-  if learned and loss_type in ("mse", "hybrid"):
+  # 'hybrid' always adds the bound term (with a fixed variance it carries no gradient); 'mse'
+  # adds it only when the variance is learned (improved DDPM).
+  if loss_type == "hybrid" or (learned and loss_type == "mse"):
     mse = mse + vb_terms_bpd(c, x0, xt, t, out, mean_type, var_type, clip=False) * (c.T / 1000.0)
   return mse
 
 
 def q_v(c: Coefs, x0, t, noise):
   n = x0.ndim
-  return bcast(c.sqrt_alphas_cumprod, t, n) * noise - bcast(c.sqrt_one_minus_alphas_cumprod, t, n) * x0
+  a = bcast(c.sqrt_alphas_cumprod, t, n)
+  sig = bcast(c.sqrt_one_minus_alphas_cumprod, t, n)
+  return a * noise - sig * x0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,6 +332,17 @@ def oracle_eps_gain(abar, s):
   return math.sqrt(sig2) / (a2 * s * s + sig2)
 
 
+def oracle_x0_affine(abar, mu, s):
+  """E[x0 | x_t] = g x_t + h = (a s^2 x_t + sigma^2 mu) / (a^2 s^2 + sigma^2).
+
+  The same as (x_t - sigma E[eps|x_t]) / a, but finite at alpha-bar = 0 (where it is mu).
+  """
+  a = math.sqrt(abar)
+  sig2 = 1.0 - abar
+  den = abar * s * s + sig2
+  return a * s * s / den, sig2 * mu / den
+
+
 def oracle_affine_ancestral(coefs: Coefs, mu, s, var_type):
   """Composes the exact ancestral steps (x_prev = A x + b + sd z) from x_T ~ N(0, 1).
 
@@ -337,11 +355,7 @@ def oracle_affine_ancestral(coefs: Coefs, mu, s, var_type):
   for t in range(coefs.T - 1, -1, -1):
     before[t] = (m, v)
     ab = coefs.alphas_cumprod[t]
-    a, sig = math.sqrt(ab), math.sqrt(1.0 - ab)
-    k = oracle_eps_gain(ab, s)
-    # x0_hat = (x - sig k (x - a mu)) / a = g x + h
-    g = (1.0 - sig * k) / a
-    h = sig * k * mu
+    g, h = oracle_x0_affine(ab, mu, s)   # x0_hat = g x + h
     c1, c2 = coefs.posterior_mean_coef1[t], coefs.posterior_mean_coef2[t]
     A = c1 * g + c2
     b = c1 * h
@@ -368,11 +382,11 @@ def oracle_affine_ddim(abar_seq, mu, s, eta):
   for i in range(len(abar_seq) - 1, -1, -1):
     ab = abar_seq[i]
     ab_p = abar_seq[i - 1] if i > 0 else 1.0
-    a, sig = math.sqrt(ab), math.sqrt(1.0 - ab)
+    a = math.sqrt(ab)
     k = oracle_eps_gain(ab, s)
-    # eps_hat = k x - k a mu ; x0_hat = (x - sig eps_hat) / a
+    # eps_hat = k x - k a mu ; x0_hat = (x - sig eps_hat) / a = g0 x + h0
     ge, he = k, -k * a * mu
-    g0, h0 = (1.0 - sig * k) / a, sig * k * mu
+    g0, h0 = oracle_x0_affine(ab, mu, s)
     sigma = eta * math.sqrt((1.0 - ab_p) / (1.0 - ab)) * math.sqrt(1.0 - ab / ab_p)
     dir_coef = math.sqrt(max(1.0 - ab_p - sigma * sigma, 0.0))
     A = math.sqrt(ab_p) * g0 + dir_coef * ge

@@ -130,10 +130,14 @@ def test_process_shares_partition_each_global_batch(data_dir, expected_splits):
   ]
   for p in (0, 1):
     assert shares[p][0]['image'].shape == (50, 8, 8, 1)
-  # Flipped or not, the two halves of each step are the single process's batch.
+  # Flipped or not, the two halves of each step, concatenated in process order, are the
+  # single process's batch in the same order (so the global array is layout-independent).
   for step in range(steps_per_epoch):
     halves = [shares[0][step], shares[1][step]]
     assert _examples(halves) == _examples([single[step]])
+    for key in ('image', 'label'):
+      joined = np.concatenate([h[key] for h in halves])
+      assert joined.tobytes() == single[step][key].tobytes(), (step, key)
 
   # Without flips, one epoch over both processes is the train split exactly once.
   plain = [

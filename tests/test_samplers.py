@@ -51,17 +51,21 @@ def linear_process():
 def oracle(c, mean_type="eps"):
   """The exact denoiser for the ORIGINAL process c, indexed by the timestep it is fed."""
   ab = c.alphas_cumprod
+  den = ab * S * S + 1 - ab
   a_tab = jnp.asarray(np.sqrt(ab), jnp.float32)
   sig_tab = jnp.asarray(np.sqrt(1 - ab), jnp.float32)
-  k_tab = jnp.asarray(np.sqrt(1 - ab) / (ab * S * S + 1 - ab), jnp.float32)
+  k_tab = jnp.asarray(np.sqrt(1 - ab) / den, jnp.float32)
+  # E[x0 | x_t] = g x_t + h, finite also where alpha-bar = 0 (zero terminal SNR).
+  g_tab = jnp.asarray(np.sqrt(ab) * S * S / den, jnp.float32)
+  h_tab = jnp.asarray((1 - ab) * MU / den, jnp.float32)
 
   def denoise_fn(xt, t):
     shape = (-1,) + (1,) * (xt.ndim - 1)
-    a, sig, k = (v[t].reshape(shape) for v in (a_tab, sig_tab, k_tab))
+    a, sig, k, g, h = (v[t].reshape(shape) for v in (a_tab, sig_tab, k_tab, g_tab, h_tab))
     eps = k * (xt - a * MU)
     if mean_type == "eps":
       return eps
-    x0 = (xt - sig * eps) / a
+    x0 = g * xt + h
     if mean_type == "xstart":
       return x0
     if mean_type == "v":
@@ -273,9 +277,9 @@ def ddim_affine_decode(abar_seq, mu, s):
   for i in range(len(abar_seq) - 1, -1, -1):
     ab = abar_seq[i]
     ab_p = abar_seq[i - 1] if i > 0 else 1.0
-    a, sig = math.sqrt(ab), math.sqrt(1 - ab)
+    a = math.sqrt(ab)
     k = ref.oracle_eps_gain(ab, s)
-    g0, h0 = (1 - sig * k) / a, sig * k * mu     # x0_hat = g0 x + h0
+    g0, h0 = ref.oracle_x0_affine(ab, mu, s)     # x0_hat = g0 x + h0
     ge, he = k, -k * a * mu                      # eps_hat = ge x + he
     g = math.sqrt(ab_p) * g0 + math.sqrt(1 - ab_p) * ge
     h = math.sqrt(ab_p) * h0 + math.sqrt(1 - ab_p) * he
@@ -334,6 +338,47 @@ def test_ddim_decode_and_encode_elementwise(rng, num_steps):
                                err_msg=f"decode {m}")
     np.testing.assert_allclose(outs[("encode", m)], want_enc, rtol=2e-4, atol=2e-4,
                                err_msg=f"encode {m}")
+
+
+@functools.lru_cache(maxsize=None)
+def zero_terminal_snr_process():
+  betas = ref.zero_terminal_snr(ref.beta_schedule("linear", T))
+  return gd.GaussianDiffusion.from_betas(betas), ref.Coefs(betas)
+
+
+@pytest.mark.parametrize("mean_type", ["v", "xstart"])
+def test_ddim_zero_terminal_snr(rng, mean_type):
+  """Lin et al. 2024: with alpha-bar_T = 0 sampling starts at pure noise, where x0_hat = E[x0]
+  and eps_hat = x_T are finite for v / x0 prediction; DDIM must stay finite and exact."""
+  d, c = zero_terminal_snr_process()
+  assert c.alphas_cumprod[-1] == 0.0
+  use = np.asarray(samplers.space_timesteps(T, 20))
+  shape = (256, 2, 2, 1)
+  x_init = rng.normal(size=shape).astype(np.float32)
+  fn = jax.jit(functools.partial(samplers.ddim_sample_loop, denoise_fn=oracle(c, mean_type),
+                                 shape=shape, num_steps=20, eta=0.0, mean_type=mean_type,
+                                 clip_denoised=False))
+  x = np.asarray(fn(d, rng=jax_key(rng), x_init=x_init))
+  assert np.all(np.isfinite(x)), f"{np.isnan(x).mean():.0%} NaN"
+  A, B = ddim_affine_decode(c.alphas_cumprod[use], MU, S)
+  np.testing.assert_allclose(x, A * x_init.astype(np.float64) + B, rtol=2e-4, atol=2e-4)
+
+
+def test_ancestral_zero_terminal_snr_v_prediction(rng):
+  """Respaced ancestral sampling on a zero-terminal-SNR process with v prediction."""
+  d, c = zero_terminal_snr_process()
+  use = samplers.space_timesteps(T, 50)
+  rd = samplers.respace(d, use)
+  ab = c.alphas_cumprod[np.asarray(use)]
+  rc = ref.Coefs(1 - ab / np.concatenate([[1.0], ab[:-1]]))
+  assert rc.betas[-1] == 1.0
+  fn = jax.jit(functools.partial(samplers.p_sample_loop, denoise_fn=oracle(c, "v"),
+                                 shape=SAMPLE_SHAPE, mean_type="v", var_type="fixedsmall",
+                                 clip_denoised=False))
+  x = jax.device_get(fn(rd, rng=jax_key(rng)))
+  assert np.all(np.isfinite(x))
+  m, v, _ = ref.oracle_affine_ancestral(rc, MU, S, "fixedsmall")
+  assert_gaussian_stats(x, m, math.sqrt(v), "zero terminal SNR, v")
 
 
 def test_ddim_eta_one_all_steps_is_ancestral_fixedsmall(rng):

@@ -91,6 +91,7 @@ def _copy(tree):
 
 
 def _assert_trees_close(a, b, atol):
+  """Leafwise |a − b| ≤ atol; atol of a few ulps where params are near 1 (GroupNorm scales)."""
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0,
                                err_msg=jax.tree_util.keystr(path))
@@ -120,7 +121,7 @@ def test_one_real_step_per_type(mean_type, var_type, loss_type, importance, accu
   for (path, p0), p1, e1 in zip(jax.tree_util.tree_flatten_with_path(before.params)[0],
                                 jax.tree.leaves(new.params), jax.tree.leaves(new.ema_params)):
     assert not np.array_equal(p0, p1), jax.tree_util.keystr(path)
-    np.testing.assert_allclose(e1, 0.9 * p0 + 0.1 * np.asarray(p1), rtol=1e-6, atol=5e-7)  # a few ulps of params near 1
+    np.testing.assert_allclose(e1, 0.9 * p0 + 0.1 * np.asarray(p1), rtol=1e-6, atol=5e-7)
   if importance:  # all 16 examples of the global batch entered the history
     assert int(new.loss_history.counts.sum()) == BATCH
 
@@ -133,7 +134,7 @@ def test_shard_map_and_pmap_agree():
   new_pmap, m_pmap = step_lib.pmap_step(step_fn)(
       stacked, jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch))
   new_shard, m_shard = step_lib.data_parallel_step(step_fn, _mesh(n))(state, batch)
-  _assert_trees_close(jax_utils.unreplicate(new_pmap), new_shard, atol=5e-7)  # a few ulps of params near 1
+  _assert_trees_close(jax_utils.unreplicate(new_pmap), new_shard, atol=5e-7)
   for k in ('loss', 'grad_norm'):
     np.testing.assert_allclose(m_pmap[k][0], m_shard[k], rtol=1e-5, err_msg=k)
 
@@ -145,7 +146,7 @@ def test_eight_devices_match_one_on_the_same_global_batch():
   new1, m1 = step_lib.data_parallel_step(step_fn, _mesh(1))(_copy(state), batch)
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
   np.testing.assert_allclose(m8['grad_norm'], m1['grad_norm'], rtol=1e-4)
-  _assert_trees_close(new8.params, new1.params, atol=5e-7)  # a few ulps of params near 1
+  _assert_trees_close(new8.params, new1.params, atol=5e-7)
 
 
 def test_gradient_accumulation_matches_one_batch():
@@ -156,7 +157,7 @@ def test_gradient_accumulation_matches_one_batch():
   new2, m2 = step_lib.data_parallel_step(step_fn2, _mesh(4))(_copy(state), batch)
   np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-5)
   np.testing.assert_allclose(m1['grad_norm'], m2['grad_norm'], rtol=1e-4)
-  _assert_trees_close(new1.params, new2.params, atol=5e-7)  # a few ulps of params near 1
+  _assert_trees_close(new1.params, new2.params, atol=5e-7)
 
 
 def test_step_config_rejects_unknown_strings():
@@ -205,7 +206,7 @@ def _restore(workdir, step):
   path = os.path.join(workdir, 'checkpoints', str(step))
   with ocp.StandardCheckpointer() as ckptr:
     state = ckptr.restore(os.path.join(path, 'state'))
-  data = {os.path.basename(f): open(f).read() for f in glob.glob(os.path.join(path, 'data', '*'))}
+  data = {os.path.basename(f): open(f).read() for f in glob.glob(os.path.join(path, 'data', 'process_*'))}
   return state, data
 
 

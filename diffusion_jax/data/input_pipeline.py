@@ -9,17 +9,19 @@ default path never imports TensorFlow. `digits` (scikit-learn's 8x8 digits, see
 Training stream, identical on every process up to the last step:
 
     source -> seed(seed) -> shuffle -> repeat forever -> [random flip] -> scale
-           -> every process_count-th element from process_index -> batch
+           -> blocks of B = G / process_count -> every process_count-th block from
+              process_index
 
 * Shuffling is a global permutation per epoch; grain folds the epoch number into
   the shuffle seed, so each epoch has its own order.
 * The flip's random numbers depend on `seed` and the element's position in the
   global stream, so they also change from epoch to epoch and do not depend on
   how many processes read.
-* Sharding happens after shuffling: process p keeps positions p, p + P, ...
-  of one global stream. The P local batches of step j are therefore a partition
-  of the global batch of step j, and that global batch (as a set of examples) is
-  the same whatever the number of processes.
+* Sharding happens after shuffling: process p keeps the contiguous slice
+  [p·B, (p+1)·B) of every global batch of G = P·B positions. The P local batches of
+  step j, concatenated in process order, are therefore the global batch of step j in
+  the same order whatever the number of processes, and so is the global array that
+  `jax.make_array_from_process_local_data` assembles from them.
 
 Checkpointing: `create_train_iterator` returns a `grain.DatasetIterator`. Its
 `get_state()` is a small JSON-able dict (`{'next_index': n}`, counted in local
@@ -283,8 +285,10 @@ def create_train_iterator(
   if random_flip:
     ds = ds.random_map(_random_flip)  # Keyed by position in the global stream.
   ds = ds.map(_to_model_input)
-  ds = ds[process_index::process_count]
+  # Cut the global stream into local-sized blocks; process p takes blocks p, p + P, ...:
+  # its batch j is positions [j·G + p·B, j·G + (p+1)·B) of the global stream.
   ds = ds.batch(local_batch_size, drop_remainder=True)
+  ds = ds[process_index::process_count]
   return iter(ds.to_iter_dataset(read_options))
 
 
@@ -317,6 +321,8 @@ def create_eval_iterator(
   num_batches = -(-num_real // global_batch_size)  # ceil
   ds = grain.MapDataset.range(num_batches * global_batch_size)
   ds = ds.map(functools.partial(_eval_example, source, num_real, info.image_shape))
-  ds = ds[process_index::process_count]
+  # Cut the global stream into local-sized blocks; process p takes blocks p, p + P, ...:
+  # its batch j is positions [j·G + p·B, j·G + (p+1)·B) of the global stream.
   ds = ds.batch(local_batch_size, drop_remainder=True)
+  ds = ds[process_index::process_count]
   return iter(ds.to_iter_dataset(read_options))
