@@ -25,9 +25,17 @@ flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Drops the INFO chatter of orbax (several lines per checkpoint); keeps its warnings."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.jax_distributed or FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

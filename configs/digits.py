@@ -14,18 +14,18 @@ def get_config():
   config.data.dataset = 'digits'
   config.data.random_flip = False
 
-  config.model.ch = 64
+  config.model.ch = 32
   config.model.ch_mult = (1, 2, 2)      # 8×8 → 4×4 → 2×2
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (4,)
   config.model.dropout = 0.1
 
-  config.training.batch_size = 128
-  config.training.num_train_steps = 4000
+  config.training.batch_size = 64
+  config.training.num_train_steps = 3000
   config.training.log_every_steps = 100
   config.training.checkpoint_every_steps = 1000
   config.training.ema_decay = 0.999
-  config.training.sample_every_steps = 2000
+  config.training.sample_every_steps = 1000
   config.training.num_samples = 100
 
   config.optimizer.learning_rate = 1e-3

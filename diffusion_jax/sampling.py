@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 
 import flax.linen as nn
 import jax
@@ -83,7 +82,8 @@ def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *, mean_type: g
     d = samplers.respace(diffusion, samplers.space_timesteps(diffusion.num_timesteps, steps))
 
   def fn(params, rng, labels, x_shape):
-    denoise = make_denoise_fn(model, params, labels, guidance_scale=sampler.guidance_scale,
+    denoise = make_denoise_fn(model, params, labels if num_classes else None,
+                              guidance_scale=sampler.guidance_scale,
                               num_classes=num_classes)
     if sampler.kind is SamplerKind.DDIM:
       return samplers.ddim_sample_loop(d, denoise, x_shape, rng, num_steps=steps,
