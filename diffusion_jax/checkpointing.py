@@ -38,38 +38,23 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator=No
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
+def _param_shapes(tree) -> dict[str, tuple[int, ...]]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path): tuple(getattr(leaf, 'shape', ()))
-          for path, leaf in flat}
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
 
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
-  """Raises a one-line ValueError when checkpoint `step` holds another model's shapes."""
-  try:
-    saved = manager.item_metadata(step)['state']
-  except Exception:  # pylint: disable=broad-except  # metadata is optional; restore will tell.
-    return
-  if saved is None:
-    return
-  want, have = _shapes(abstract_state), _shapes(saved)
-  # The saved metadata is a nested dict; compare on the leaves that both trees name.
-  have_by_leaf = {k.replace("'", ''): v for k, v in have.items()}
-  for path, shape in want.items():
-    key = path.replace("'", '').replace('.', '')
-    match = next((v for k, v in have_by_leaf.items()
-                  if k.replace('.', '').replace("'", '') == key), None)
-    if match is None:
-      raise ValueError(f'checkpoint {step} in {manager.directory} has no entry {path}: it was '
-                       'written for another model or config; use a new --workdir')
-    if tuple(match) != tuple(shape):
-      raise ValueError(f'checkpoint {step} in {manager.directory} holds {path} with shape '
-                       f'{tuple(match)} but this config needs {tuple(shape)}: it was written '
-                       'for another model shape; use a new --workdir')
-  if len(have) != len(want):
-    raise ValueError(f'checkpoint {step} in {manager.directory} holds {len(have)} arrays but '
-                     f'this config needs {len(want)}: it was written for another model or '
-                     'config; use a new --workdir')
+  """Raises a one-line ValueError when checkpoint `step` holds another model's parameters."""
+  path = os.path.join(str(manager.directory), str(step), 'state')
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(path).item_metadata
+  have, want = _param_shapes(saved['params']), _param_shapes(abstract_state.params)
+  where = f'checkpoint {step} in {manager.directory}'
+  for name in sorted(set(have) | set(want)):
+    if have.get(name) != want.get(name):
+      raise ValueError(
+          f'{where} holds parameter {name} with shape {have.get(name)} but this config needs '
+          f'{want.get(name)}: it was written for another model shape; use a new --workdir')
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
@@ -83,7 +68,14 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   items = dict(state=ocp.args.StandardRestore(abstract_state))
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except ValueError as e:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(
+        f'checkpoint {step} in {manager.directory} does not fit this config\'s training state '
+        f'(optimizer or timestep-sampler settings changed?): {first_line} Use the original '
+        'config or a new --workdir') from e
   return restored['state']
 
 

@@ -324,7 +324,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, unbroken,
   result = _run(env, _train_cmd(
       env, workdir, '--config.training.num_train_steps=20',
       '--config.training.checkpoint_every_steps=100', '--config.training.log_every_steps=1',
-      '--config.optimizer.learning_rate=1e30', '--config.optimizer.warmup_steps=0',
-      '--config.optimizer.grad_clip=0'))
+      '--config.optimizer.learning_rate=1e30', '--config.optimizer.warmup_steps=0'))
   _assert_fails(result, 'non-finite loss', 'at step', 'checkpoint (8)')
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '8']
+
+
+def test_checkpoint_of_another_optimizer(env, unbroken):
+  result = _run(env, _train_cmd(env, unbroken, *RESUME, '--config.optimizer.grad_clip=0'))
+  _assert_fails(result, 'checkpoint 8', 'does not fit', 'new --workdir')
