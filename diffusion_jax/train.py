@@ -87,6 +87,20 @@ def init_params(model, image_shape, rng):
   return model.init({'params': rng}, x, t, y=y, train=False)['params']
 
 
+def init_state_fn(model, image_shape, tx, diffusion: gd.GaussianDiffusion,
+                  step_cfg: step_lib.StepConfig, init_rng, state_rng):
+  """`init_state() -> TrainState`: fresh parameters (EMA = params), optimizer state, rng.
+
+  `jax.eval_shape(init_state)` is the shape of every checkpoint of this config.
+  """
+  def init_state():
+    params = init_params(model, image_shape, init_rng)
+    history = (timestep_sampler.LossHistory.create(diffusion.num_timesteps)
+               if step_cfg.importance_sampling else None)
+    return TrainState.create(params, tx, state_rng, history)
+  return init_state
+
+
 def make_mesh() -> jax.sharding.Mesh:
   """A 1-D mesh over every device of every process, axis 'data'."""
   return jax.make_mesh((jax.device_count(),), (AXIS,),
@@ -111,7 +125,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   t = config.training
   for name in ('batch_size', 'num_train_steps', 'log_every_steps', 'checkpoint_every_steps'):
     value = t[name]
-    if not isinstance(value, int) or value <= 0 and name != 'num_train_steps' or value < 0:
+    if not isinstance(value, int) or value <= 0:
       raise ValueError(f'training.{name} must be a positive integer, got {value!r}')
   n = jax.device_count()
   if t.batch_size % n:
@@ -206,12 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng, sample_rng = jax.random.split(rng, 3)
 
-  def init_state():
-    params = init_params(model, info.image_shape, init_rng)
-    history = (timestep_sampler.LossHistory.create(diffusion.num_timesteps)
-               if step_cfg.importance_sampling else None)
-    return TrainState.create(params, tx, state_rng, history)
-
+  init_state = init_state_fn(model, info.image_shape, tx, diffusion, step_cfg, init_rng,
+                             state_rng)
   abstract_state = checkpointing.abstract_like(jax.eval_shape(init_state), replicated)
   manager = checkpointing.make_manager(workdir, keep=config.training.keep_checkpoints)
   latest = manager.latest_step()
@@ -257,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked on the host
   last_time, last_step, start_time, start_step = time.time(), step, time.time(), step
 
-  def check_and_log(final: bool):
+  def check_and_log():
     """Fetches pending metrics; raises on a non-finite loss; logs the latest ones."""
     nonlocal last_time, last_step
     if not pending:
@@ -291,9 +301,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       step += 1
       pending.append((step, metrics))
       if step % log_every == 0 or step == total:
-        check_and_log(final=step == total)
+        check_and_log()
       if step % ckpt_every == 0 or step == total:
-        check_and_log(final=False)  # never checkpoint a non-finite state
+        check_and_log()  # never checkpoint a non-finite state
         checkpointing.save(manager, step, state, train_iter)
       if sample_every and (step % sample_every == 0 or step == total):
         images = sampling.to_uint8(sample_run(state.ema_params,
