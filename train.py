@@ -15,6 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from diffusion_jax import cli_logging
+
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_bool('jax_distributed', False, 'Call jax.distributed.initialize() first.')
@@ -25,17 +27,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Drops the INFO chatter of orbax (several lines per checkpoint); keeps its warnings."""
-
-  def filter(self, record):
-    return record.levelno >= logging.logging.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli_logging.quiet_orbax()
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.jax_distributed or FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

@@ -66,5 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.every_steps = 0            # 0: no periodic evaluation during training
   evaluation.num_samples = 256          # samples for FID during training
   evaluation.bpd_examples = 256         # test examples for bits/dim during training
-  evaluation.sample_steps = 100
+  evaluation.sample_steps = 100         # DDIM steps for those samples
+  # FID network weights for datasets other than digits (digits use their own classifier);
+  # None: no sample metrics there. See diffusion_jax/models/inception.py.
+  evaluation.inception_weights = ml_collections.config_dict.placeholder(str)
   return config

@@ -258,6 +258,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         mesh, info.image_shape)
     sample_labels = np.arange(n) % max(info.num_classes, 1)
 
+  # ---- Evaluation during training (bits/dim, FID). ----------------------------------------
+  eval_every = config.eval.every_steps
+  if eval_every:
+    # Imported here: evaluate imports this module.
+    from diffusion_jax import evaluate  # pylint: disable=g-import-not-at-top
+    periodic_eval = evaluate.make_periodic_eval(config, model=model, diffusion=diffusion,
+                                                step_cfg=step_cfg, info=info, mesh=mesh)
+
   # ---- Loop. ------------------------------------------------------------------------------
   writer = _Writer(workdir, enabled=is_chief)
   total = config.training.num_train_steps
@@ -313,6 +321,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           grid = sampling.make_grid(np.asarray(jax.device_get(images)))
           _save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), grid)
           writer.image(step, 'samples', grid)
+      if eval_every and step % eval_every == 0:
+        eval_metrics = periodic_eval(state.ema_params, step)
+        writer.scalars(step, eval_metrics)
+        if is_chief:
+          logging.info('step %d eval: %s', step,
+                       ' '.join(f'{k[5:]} {v:.4g}' for k, v in eval_metrics.items()))
   finally:
     manager.wait_until_finished()
     writer.close()

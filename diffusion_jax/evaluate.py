@@ -1,0 +1,358 @@
+r"""Evaluation of a trained DDPM: test bits/dim, and FID / Inception Score / precision-recall
+of its samples. Library functions and a CLI:
+
+  python -m diffusion_jax.evaluate --workdir /tmp/digits
+  python -m diffusion_jax.evaluate --workdir DIR --num_samples 50000 --features inception \
+      --inception_weights inception_fid.npz --sampler ddpm --steps 1000
+
+* bits/dim: `gaussian_diffusion.calc_bpd_loop` (every term of the variational bound) on the
+  EMA parameters, data-parallel over the mesh (`shard_map`), averaged over exactly the
+  examples of the split (the padding of the last batch is masked out).
+* samples are drawn with `trained_model.generate`, featurised by a `features.FeatureExtractor`
+  and compared with cached statistics of the real train split: FID (`fid.frechet_distance`),
+  Inception Score (of the extractor's logits), precision and recall (k = 3).
+
+Results are merged into WORKDIR/eval.json (entries of an older checkpoint are replaced).
+During training, `make_periodic_eval` gives the hook that `train.py` calls every
+`config.eval.every_steps` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffusion_jax import features as features_lib
+from diffusion_jax import fid
+from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import sampling
+from diffusion_jax import trained_model
+from diffusion_jax.data import digits as digits_lib
+from diffusion_jax.data import input_pipeline
+
+AXIS = sampling.AXIS
+DEFAULT_BPD_BATCH = 64        # global; calc_bpd_loop runs 8× that through the U-Net per call
+PR_NEIGHBOURS = 3
+
+
+# ------------------------------------------------------------------------------------------
+# Bits/dim.
+# ------------------------------------------------------------------------------------------
+
+
+def make_bpd_fn(model, diffusion: gd.GaussianDiffusion, *, mean_type: gd.MeanType,
+                var_type: gd.VarType, num_classes: int | None, mesh: jax.sharding.Mesh,
+                timesteps_per_call: int = 8):
+  """Jitted `run(params, rng, images [B, H, W, C], labels [B]) -> (total_bpd [B], prior [B])`.
+
+  Data-parallel: device i evaluates its share with `fold_in(rng, i)`; B must be a multiple
+  of the mesh size. Images are in [-1, 1]; labels are used by class-conditional models.
+  """
+  def per_device(params, rng, images, labels):
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
+    denoise = sampling.make_denoise_fn(model, params, labels if num_classes else None)
+    out = gd.calc_bpd_loop(diffusion, denoise, images, rng, mean_type=mean_type,
+                           var_type=var_type, clip_denoised=True,
+                           timesteps_per_call=timesteps_per_call)
+    return out['total_bpd'], out['prior_bpd']
+
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
+                               out_specs=(P(AXIS), P(AXIS))))
+
+
+def mean_bpd(run, params, rng: jax.Array, batches: Iterable[dict[str, np.ndarray]],
+             mesh: jax.sharding.Mesh, progress: bool = False) -> dict[str, float]:
+  """Masked mean of bits/dim over eval batches ({'image', 'label', 'mask'}, this process's
+  share of each global batch, as from `input_pipeline.create_eval_iterator`)."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  totals, priors, masks = [], [], []
+  if progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    batches = tqdm(batches, desc='bits/dim', unit='batch')
+  for i, batch in enumerate(batches):
+    glob = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+    total, prior = run(params, jax.random.fold_in(rng, i), glob['image'], glob['label'])
+    totals.append(trained_model.to_host(total))
+    priors.append(trained_model.to_host(prior))
+    masks.append(trained_model.to_host(glob['mask']))
+  mask = np.concatenate(masks).astype(bool)
+  total = np.concatenate(totals).astype(np.float64)[mask]
+  prior = np.concatenate(priors).astype(np.float64)[mask]
+  return dict(bpd=float(total.mean()), bpd_prior=float(prior.mean()),
+              bpd_num_examples=int(mask.sum()))
+
+
+def bpd_on_split(trained: trained_model.TrainedModel, rng: jax.Array, *,
+             num_examples: int | None = None, split: str = 'test',
+             batch_size: int | None = None, progress: bool = False) -> dict[str, float]:
+  """Bits/dim of the EMA model on the first `num_examples` (default: all) of `split`.
+
+  A class-conditional model is scored given each example's label: −log₂ p(x | y) / dims.
+  """
+  size = trained.info.num_examples.get(split)
+  if size is None:
+    raise ValueError(f'dataset {trained.info.name!r} has no split {split!r}')
+  n = size if num_examples is None else num_examples
+  if not 1 <= n <= size:
+    raise ValueError(f'--bpd_examples must be in [1, {size}] (the {split} split), got {n}')
+  n_dev = trained.mesh.devices.size
+  batch_size = batch_size or trained_model.default_batch_size(n, n_dev, DEFAULT_BPD_BATCH)
+  if batch_size % n_dev:
+    raise ValueError(f'bits/dim batch size {batch_size} must be a multiple of the {n_dev} '
+                     'devices')
+  run = make_bpd_fn(trained.model, trained.diffusion, mean_type=trained.mean_type,
+                    var_type=trained.var_type, num_classes=trained.num_classes,
+                    mesh=trained.mesh)
+  batches = input_pipeline.create_eval_iterator(
+      trained.info.name, trained.config.data.data_dir, global_batch_size=batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      split=split if n == size else f'{split}[:{n}]')
+  out = mean_bpd(run, trained.ema_params, rng, batches, trained.mesh, progress)
+  out['bpd_split'] = split
+  return out
+
+
+# ------------------------------------------------------------------------------------------
+# Sample quality.
+# ------------------------------------------------------------------------------------------
+
+
+def default_num_splits(n: int) -> int:
+  """Inception Score splits: the customary 10 for N ≥ 1000, else 1 (too few per split)."""
+  return 10 if n >= 1000 else 1
+
+
+def sample_quality(images: np.ndarray, extractor: features_lib.FeatureExtractor,
+                   reference: features_lib.ReferenceStats) -> dict[str, float]:
+  """FID, Inception Score (mean, std) and precision/recall of uint8 `images [N, H, W, C]`."""
+  n = images.shape[0]
+  if n < PR_NEIGHBOURS + 1:
+    raise ValueError(f'need at least {PR_NEIGHBOURS + 1} samples for FID and '
+                     f'precision/recall, got {n}')
+  feats, logits = extractor.features_and_logits(images)
+  mu, sigma = fid.gaussian_stats(feats)
+  is_mean, is_std = fid.inception_score(logits, default_num_splits(n))
+  precision, recall = fid.precision_recall(reference.features, feats, k=PR_NEIGHBOURS)
+  return dict(fid=fid.frechet_distance(mu, sigma, reference.mu, reference.sigma),
+              inception_score=is_mean, inception_score_std=is_std, precision=precision,
+              recall=recall)
+
+
+def default_features(dataset: str) -> features_lib.FeatureKind:
+  return (features_lib.FeatureKind.DIGITS if dataset == digits_lib.NAME
+          else features_lib.FeatureKind.INCEPTION)
+
+
+# ------------------------------------------------------------------------------------------
+# The CLI's library call.
+# ------------------------------------------------------------------------------------------
+
+
+def _write_json(path: str, results: dict[str, Any]) -> dict[str, Any]:
+  """Merges `results` into the JSON at `path`; entries of another checkpoint are dropped."""
+  merged: dict[str, Any] = {}
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        merged = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      merged = {}
+    if merged.get('step') != results.get('step'):
+      merged = {}
+  merged.update(results)
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(merged, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return merged
+
+
+def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None = None,
+             features: str | None = None, inception_weights: str | None = None,
+             sampler: str = 'ddim', steps: int | None = 100, eta: float = 0.0,
+             batch_size: int | None = None, seed: int = 0,
+             progress: bool = True) -> dict[str, Any]:
+  """Evaluates the latest checkpoint of `workdir`; merges the results into WORKDIR/eval.json.
+
+  num_samples: samples for FID / IS / precision-recall (0: skip).
+  bpd_examples: test examples for bits/dim (None: the whole split; 0: skip).
+  features: 'digits' | 'inception' (default: 'digits' on the digits dataset, else
+    'inception', which needs `inception_weights`).
+  sampler, steps, eta: how the samples are drawn (`sampling.SamplerConfig`).
+  Returns the merged results. Arguments are checked before any heavy work.
+  """
+  if not isinstance(num_samples, int) or num_samples < 0:
+    raise ValueError(f'--num_samples must be >= 0, got {num_samples!r}')
+  if num_samples and num_samples < PR_NEIGHBOURS + 1:
+    raise ValueError(f'--num_samples must be 0 or at least {PR_NEIGHBOURS + 1}, got '
+                     f'{num_samples}')
+  if bpd_examples is not None and bpd_examples < 0:
+    raise ValueError(f'--bpd_examples must be >= 0, got {bpd_examples}')
+  sampler_cfg = sampling.SamplerConfig.create(sampler, steps=steps, eta=float(eta))
+  wd = trained_model.read_workdir(workdir)
+  if steps is not None and not 1 <= steps <= wd.num_timesteps:
+    raise ValueError(f'--steps must be in [1, {wd.num_timesteps}] (the model\'s T), '
+                     f'got {steps}')
+  test_size = wd.info.num_examples.get('test', 0)
+  if bpd_examples and bpd_examples > test_size:
+    raise ValueError(f'--bpd_examples must be at most {test_size} (the test split), got '
+                     f'{bpd_examples}')
+  extractor = reference = None
+  t0 = time.time()
+  if num_samples:
+    kind = (default_features(wd.info.name) if features is None
+            else features_lib.FeatureKind.parse(features))
+    extractor = features_lib.make_extractor(kind, dataset=wd.info.name,
+                                            data_dir=wd.config.data.data_dir,
+                                            inception_weights=inception_weights)
+    reference = features_lib.reference_stats(extractor, wd.info.name,
+                                             wd.config.data.data_dir, 'train')
+  t_ref = time.time() - t0
+
+  trained = trained_model.load_ema_params(wd)
+  rng = jax.random.PRNGKey(seed)
+  bpd_rng, sample_rng = jax.random.split(rng)
+  results: dict[str, Any] = dict(step=trained.step)
+  if bpd_examples != 0 and test_size:
+    t = time.time()
+    results.update(bpd_on_split(trained, bpd_rng, num_examples=bpd_examples, progress=progress))
+    results['bpd_seconds'] = time.time() - t
+  if num_samples:
+    t = time.time()
+    images, _ = trained_model.generate(trained, sampler_cfg, num_samples=num_samples,
+                                       rng=sample_rng, batch_size=batch_size,
+                                       progress=progress)
+    t_sample = time.time() - t
+    quality = sample_quality(images, extractor, reference)
+    results.update(quality)
+    results.update(
+        fid_num_samples=num_samples, fid_features=extractor.name,
+        fid_reference=f'{wd.info.name} train ({reference.num_examples} examples)',
+        fid_sampler=sampler_cfg.kind.value,
+        fid_sampler_steps=sampler_cfg.steps or wd.num_timesteps,
+        fid_sampler_eta=sampler_cfg.eta, sample_seconds=t_sample,
+        reference_seconds=t_ref)
+  if jax.process_index() == 0:
+    return _write_json(os.path.join(trained.workdir, 'eval.json'), results)
+  return results
+
+
+# ------------------------------------------------------------------------------------------
+# During training.
+# ------------------------------------------------------------------------------------------
+
+
+def make_periodic_eval(config: ml_collections.ConfigDict, *, model, diffusion, step_cfg,
+                       info: input_pipeline.ImageDatasetInfo, mesh: jax.sharding.Mesh
+                       ) -> Callable[[Any, int], dict[str, float]]:
+  """The evaluation `train.py` runs every `config.eval.every_steps` steps.
+
+  Returns `fn(ema_params, step) -> {'eval/bpd': ..., 'eval/fid': ..., ...}`: bits/dim on
+  the first `config.eval.bpd_examples` test examples, and FID / IS / precision / recall of
+  `config.eval.num_samples` DDIM samples (`config.eval.sample_steps` steps) with the digits
+  features on digits, or the Inception network when `config.eval.inception_weights` is set
+  (otherwise no sample metrics). The feature network and reference statistics are prepared
+  here, once.
+  """
+  ev = config.eval
+  data_dir = config.data.data_dir
+  num_classes = step_cfg.num_classes
+  base = trained_model.TrainedModel(
+      workdir='', step=0, config=config, info=info, model=model, diffusion=diffusion,
+      mean_type=step_cfg.mean_type, var_type=step_cfg.var_type, ema_params=None, mesh=mesh)
+  n_dev = mesh.devices.size
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x6576616C)  # 'eval'
+
+  extractor = reference = sample_run = None
+  num_samples = -(-int(ev.num_samples) // n_dev) * n_dev if ev.num_samples else 0
+  weights = ev.get('inception_weights')
+  if num_samples and (info.name == digits_lib.NAME or weights):
+    kind = default_features(info.name)
+    extractor = features_lib.make_extractor(kind, dataset=info.name, data_dir=data_dir,
+                                            inception_weights=weights)
+    reference = features_lib.reference_stats(extractor, info.name, data_dir, 'train')
+    sampler_cfg = sampling.SamplerConfig.create('ddim', steps=int(ev.sample_steps))
+    sample_run = trained_model.make_sampler(base, sampler_cfg)
+
+  test_size = info.num_examples.get('test', 0)
+  bpd_n = min(int(ev.bpd_examples), test_size)
+  bpd_batch = trained_model.default_batch_size(bpd_n, n_dev, DEFAULT_BPD_BATCH) if bpd_n else 0
+  bpd_run = (make_bpd_fn(model, diffusion, mean_type=step_cfg.mean_type,
+                         var_type=step_cfg.var_type, num_classes=num_classes, mesh=mesh)
+             if bpd_n else None)
+
+  def periodic_eval(ema_params, step: int) -> dict[str, float]:
+    key = jax.random.fold_in(rng, step)
+    out: dict[str, float] = {}
+    if bpd_run is not None:
+      batches = input_pipeline.create_eval_iterator(
+          info.name, data_dir, global_batch_size=bpd_batch,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          split=f'test[:{bpd_n}]', prefetch_batches=0)
+      out['eval/bpd'] = mean_bpd(bpd_run, ema_params, jax.random.fold_in(key, 0), batches,
+                                 mesh)['bpd']
+    if sample_run is not None:
+      trained = dataclasses.replace(base, ema_params=ema_params, step=step)
+      images, _ = trained_model.generate(trained, sampler_cfg, num_samples=num_samples,
+                                         rng=jax.random.fold_in(key, 1), run=sample_run)
+      out.update({f'eval/{k}': v for k, v in
+                  sample_quality(images, extractor, reference).items()})
+    return out
+
+  return periodic_eval
+
+
+# ------------------------------------------------------------------------------------------
+# CLI.
+# ------------------------------------------------------------------------------------------
+
+
+def _main():
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
+  flags.DEFINE_integer('num_samples', 1000, 'Samples for FID / IS / precision-recall; 0: skip.')
+  flags.DEFINE_integer('bpd_examples', None, 'Test examples for bits/dim; default all; 0: skip.')
+  flags.DEFINE_string('features', None, "'digits' or 'inception'; default: digits on the "
+                      'digits dataset, else inception.')
+  flags.DEFINE_string('inception_weights', None, 'The FID Inception-v3 weights (.npz, '
+                      'format in diffusion_jax/models/inception.py).')
+  flags.DEFINE_string('sampler', 'ddim', 'ddpm or ddim, for the FID samples.')
+  flags.DEFINE_integer('steps', 100, 'Sampling steps for the FID samples (max: T).')
+  flags.DEFINE_float('eta', 0.0, 'DDIM η.')
+  flags.DEFINE_integer('batch_size', None, 'Samples per call, a multiple of the device count.')
+  flags.DEFINE_integer('seed', 0, 'Random seed.')
+  flags.mark_flags_as_required(['workdir'])
+  FLAGS = flags.FLAGS
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    from diffusion_jax import cli_logging  # pylint: disable=g-import-not-at-top
+    cli_logging.quiet_orbax()
+    try:
+      results = evaluate(FLAGS.workdir, num_samples=FLAGS.num_samples,
+                         bpd_examples=FLAGS.bpd_examples, features=FLAGS.features,
+                         inception_weights=FLAGS.inception_weights, sampler=FLAGS.sampler,
+                         steps=FLAGS.steps, eta=FLAGS.eta, batch_size=FLAGS.batch_size,
+                         seed=FLAGS.seed)
+    except (ValueError, FileNotFoundError) as e:
+      print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
+      sys.exit(1)
+    print(json.dumps(results, indent=2, sort_keys=True))
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _main()

@@ -1,0 +1,400 @@
+"""A trained model from a workdir: restore its EMA parameters, sample from it, write samples.
+
+    trained = load_ema_params('/tmp/digits')                  # latest checkpoint
+    images, labels = generate(trained, SamplerConfig.create('ddim', steps=50),
+                              num_samples=64, rng=jax.random.PRNGKey(0))
+
+`sample_to_dir` is what `sample.py` runs: samples, a grid, and optionally the progressive
+chain and a DDIM-latent interpolation, written to one folder. Sampling is data-parallel
+over every device (`sampling.data_parallel_sampler`); batch i uses `fold_in(rng, i)` and
+device j of it `fold_in(., j)`, so samples depend on the seed, batch size and device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffusion_jax import checkpointing
+from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import samplers
+from diffusion_jax import sampling
+from diffusion_jax import train
+from diffusion_jax import train_step as step_lib
+from diffusion_jax.data import input_pipeline
+
+DEFAULT_MAX_BATCH = 256
+
+
+# ------------------------------------------------------------------------------------------
+# Loading.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkdirInfo:
+  """What a workdir holds, read without restoring anything."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  info: input_pipeline.ImageDatasetInfo
+  step: int                              # the checkpoint that will be restored
+
+  @property
+  def num_classes(self) -> int | None:
+    """Classes of a class-conditional model; None for an unconditional one."""
+    return self.info.num_classes if self.config.model.class_conditional else None
+
+  @property
+  def num_timesteps(self) -> int:
+    return int(self.config.diffusion.num_timesteps)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """A U-Net with its EMA parameters (replicated over `mesh`) and its diffusion process."""
+  workdir: str
+  step: int
+  config: ml_collections.ConfigDict
+  info: input_pipeline.ImageDatasetInfo
+  model: Any                             # diffusion_jax.models.UNet
+  diffusion: gd.GaussianDiffusion
+  mean_type: gd.MeanType
+  var_type: gd.VarType
+  ema_params: Any
+  mesh: jax.sharding.Mesh
+
+  @property
+  def num_classes(self) -> int | None:
+    return self.model.num_classes or None
+
+
+def read_workdir(workdir: str, step: int | None = None) -> WorkdirInfo:
+  """The config, dataset info and checkpoint step of a training workdir (nothing restored).
+
+  Raises FileNotFoundError when `workdir` is not a training workdir or has no checkpoint
+  (or not checkpoint `step`).
+  """
+  workdir = os.path.abspath(workdir)
+  config = train.load_config(workdir)
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  # Finished checkpoints only: orbax writes into a temporary folder and renames it.
+  steps = sorted(int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())
+                 if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, 'state')))
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {checkpointing.checkpoint_dir(workdir)}: '
+                            'train first (python train.py --workdir ...)')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f'no checkpoint {step} in {checkpointing.checkpoint_dir(workdir)}'
+                            f'; it has {steps}')
+  info = input_pipeline.dataset_info(config.data.dataset, config.data.data_dir)
+  return WorkdirInfo(workdir=workdir, config=config, info=info, step=int(step))
+
+
+def load_ema_params(workdir: str | WorkdirInfo, *, step: int | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> TrainedModel:
+  """Restores the EMA parameters of checkpoint `step` (default: the latest) of `workdir`.
+
+  The whole training state is restored (into the shapes `train.init_state_fn` gives), then
+  all but the EMA parameters are dropped. `mesh` defaults to `train.make_mesh()`.
+  """
+  wd = workdir if isinstance(workdir, WorkdirInfo) else read_workdir(workdir, step)
+  config, info = wd.config, wd.info
+  mesh = mesh or train.make_mesh()
+  unet_cfg = train.model_config(config, info)
+  model = unet_cfg.make()
+  diffusion = train.make_diffusion(config.diffusion)
+  step_cfg = step_lib.step_config_from(config.diffusion, config.training, unet_cfg.num_classes)
+  init_state = train.init_state_fn(model, info.image_shape, train.optimizer_config(config).make(),
+                                   diffusion, step_cfg, jax.random.PRNGKey(0),
+                                   jax.random.PRNGKey(0))
+  replicated = NamedSharding(mesh, P())
+  abstract_state = checkpointing.abstract_like(jax.eval_shape(init_state), replicated)
+  manager = checkpointing.make_manager(wd.workdir, keep=None, read_only=True)
+  try:
+    state = checkpointing.restore(manager, wd.step, abstract_state)
+  finally:
+    manager.close()
+  return TrainedModel(workdir=wd.workdir, step=wd.step, config=config, info=info, model=model,
+                      diffusion=diffusion, mean_type=step_cfg.mean_type,
+                      var_type=step_cfg.var_type, ema_params=state.ema_params, mesh=mesh)
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling.
+# ------------------------------------------------------------------------------------------
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-process) global array as one NumPy array on every process."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def default_batch_size(num_samples: int, num_devices: int,
+                       max_batch: int = DEFAULT_MAX_BATCH) -> int:
+  """The smallest multiple of the device count ≥ `num_samples`, capped near `max_batch`."""
+  cap = max(num_devices, max_batch // num_devices * num_devices)
+  return min(-(-num_samples // num_devices) * num_devices, cap)
+
+
+def default_labels(num_samples: int, num_classes: int | None) -> np.ndarray:
+  """Every class in turn (0, 1, …, K−1, 0, …); zeros for an unconditional model."""
+  return np.arange(num_samples, dtype=np.int32) % (num_classes or 1)
+
+
+def make_sampler(trained: TrainedModel, sampler: sampling.SamplerConfig):
+  """`run(params, rng, labels [B]) -> images [B, H, W, C]` in [-1, 1], data-parallel."""
+  fn = sampling.sample_fn(trained.model, trained.diffusion, mean_type=trained.mean_type,
+                          var_type=trained.var_type, sampler=sampler,
+                          num_classes=trained.num_classes)
+  return sampling.data_parallel_sampler(fn, trained.mesh, trained.info.image_shape)
+
+
+def generate(trained: TrainedModel, sampler: sampling.SamplerConfig, *, num_samples: int,
+             rng: jax.Array, batch_size: int | None = None, labels=None,
+             progress: bool = False, run=None) -> tuple[np.ndarray, np.ndarray]:
+  """`num_samples` uint8 images `[N, H, W, C]` and their labels `[N]`, in batches.
+
+  Batch i is sampled with `fold_in(rng, i)`; the last batch is padded to the full batch
+  size (one compiled shape) and cut. `labels` default to `default_labels`. `run` reuses a
+  sampler from `make_sampler` (it must match `sampler`).
+  """
+  n_dev = trained.mesh.devices.size
+  batch_size = batch_size or default_batch_size(num_samples, n_dev)
+  if batch_size <= 0 or batch_size % n_dev:
+    raise ValueError(f'batch size {batch_size} must be a positive multiple of the {n_dev} '
+                     'devices')
+  labels = (default_labels(num_samples, trained.num_classes) if labels is None
+            else np.asarray(labels, np.int32))
+  if labels.shape != (num_samples,):
+    raise ValueError(f'need {num_samples} labels, got shape {labels.shape}')
+  run = run or make_sampler(trained, sampler)
+  num_batches = -(-num_samples // batch_size)
+  batches = range(num_batches)
+  if progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    batches = tqdm(batches, desc=f'sampling ({batch_size}/batch)', unit='batch')
+  out = []
+  for i in batches:
+    chunk = labels[i * batch_size:(i + 1) * batch_size]
+    padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)])
+    images = run(trained.ema_params, jax.random.fold_in(rng, i), padded)
+    out.append(sampling.to_uint8(to_host(images))[:len(chunk)])
+  return np.concatenate(out), labels
+
+
+def _denoise_fn(trained: TrainedModel, params, labels, sampler: sampling.SamplerConfig):
+  return sampling.make_denoise_fn(
+      trained.model, params, labels if trained.num_classes else None,
+      guidance_scale=sampler.guidance_scale, num_classes=trained.num_classes)
+
+
+def progressive(trained: TrainedModel, sampler: sampling.SamplerConfig, rng: jax.Array,
+                labels, num_frames: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The ancestral chain of a few samples (on one device): x_t and the predicted x₀.
+
+  Returns uint8 (x_t `[F, B, H, W, C]`, x̂₀ `[F, B, H, W, C]`) and the model timesteps `[F]`
+  of `num_frames` evenly spaced steps of the (respaced) chain, from t = T−1 down to 0.
+  """
+  if sampler.kind is not sampling.SamplerKind.DDPM:
+    raise ValueError('the progressive chain is that of the ancestral sampler: use --sampler '
+                     'ddpm with --progressive')
+  d = trained.diffusion
+  steps = sampler.steps or d.num_timesteps
+  if steps != d.num_timesteps:
+    d = samplers.respace(d, samplers.space_timesteps(d.num_timesteps, steps))
+  saves = np.unique(np.round(np.linspace(d.num_timesteps - 1, 0, num_frames)).astype(int))
+  saves = saves[::-1]  # T−1 first
+  labels = jnp.asarray(labels, jnp.int32)
+  shape = (labels.shape[0],) + tuple(trained.info.image_shape)
+
+  @jax.jit
+  def chain(params, rng, labels):
+    _, x_t, x0 = samplers.p_sample_loop_progressive(
+        d, _denoise_fn(trained, params, labels, sampler), shape, rng,
+        mean_type=trained.mean_type, var_type=trained.var_type, save_timesteps=saves,
+        clip_denoised=sampler.clip_denoised)
+    return x_t, x0
+
+  x_t, x0 = chain(jax.device_get(trained.ema_params), rng, labels)
+  return (sampling.to_uint8(x_t), sampling.to_uint8(x0),
+          np.asarray(d.timestep_map)[saves])
+
+
+def slerp(z0: jax.Array, z1: jax.Array, alpha: jax.Array) -> jax.Array:
+  """Spherical interpolation of `z0`, `z1` `[...]` at weights `alpha [K]` → `[K, ...]`."""
+  a, b = z0.reshape(-1), z1.reshape(-1)
+  cos = jnp.clip(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)), -1.0, 1.0)
+  theta = jnp.arccos(cos)
+  alpha = alpha[:, None]
+  small = theta < 1e-4  # nearly parallel: linear interpolation is exact enough
+  sin = jnp.where(small, 1.0, jnp.sin(theta))
+  w0 = jnp.where(small, 1.0 - alpha, jnp.sin((1.0 - alpha) * theta) / sin)
+  w1 = jnp.where(small, alpha, jnp.sin(alpha * theta) / sin)
+  return (w0 * a + w1 * b).reshape((-1,) + z0.shape)
+
+
+def interpolate(trained: TrainedModel, sampler: sampling.SamplerConfig, x_a: np.ndarray,
+                x_b: np.ndarray, label: int = 0, num: int = 10) -> np.ndarray:
+  """Images between uint8 `x_a` and `x_b` `[H, W, C]` through their deterministic DDIM
+  latents: encode both (`ddim_reverse_sample_loop`), slerp the latents, decode with η = 0
+  over the same `sampler.steps` (default T). Class-conditional models use `label` for all.
+
+  Returns uint8 `[num, H, W, C]`; the ends reconstruct `x_a` and `x_b` (approximately).
+  """
+  steps = sampler.steps or trained.diffusion.num_timesteps
+  d = trained.diffusion
+  x = jnp.asarray(np.stack([x_a, x_b]), jnp.float32) / 127.5 - 1.0  # [2, H, W, C]
+
+  @jax.jit
+  def run(params, x):
+    enc_labels = jnp.full((2,), label, jnp.int32)
+    z = samplers.ddim_reverse_sample_loop(
+        d, _denoise_fn(trained, params, enc_labels, sampler), x, num_steps=steps,
+        mean_type=trained.mean_type, clip_denoised=sampler.clip_denoised)
+    zs = slerp(z[0], z[1], jnp.linspace(0.0, 1.0, num))  # [num, H, W, C]
+    dec_labels = jnp.full((num,), label, jnp.int32)
+    return samplers.ddim_sample_loop(
+        d, _denoise_fn(trained, params, dec_labels, sampler), zs.shape,
+        jax.random.PRNGKey(0), num_steps=steps, eta=0.0, mean_type=trained.mean_type,
+        clip_denoised=sampler.clip_denoised, x_init=zs)
+
+  return sampling.to_uint8(run(jax.device_get(trained.ema_params), x))
+
+
+# ------------------------------------------------------------------------------------------
+# sample.py: validate everything, then sample and write.
+# ------------------------------------------------------------------------------------------
+
+
+def view_scale(image_size: int) -> int:
+  """How much to enlarge tiles of `image_size` px for viewing: 8 px → ×4, ≥ 32 px → ×1."""
+  return max(1, min(4, 32 // max(image_size, 1)))
+
+
+def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
+  """Writes uint8 `[H, W, C]`, enlarged `scale` times (nearest neighbour)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+  Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+
+
+def _strip_grid(rows: list[np.ndarray], pad: int = 1) -> np.ndarray:
+  """Rows of images `[K, H, W, C]` (equal K) → one uint8 grid, row by row."""
+  flat = np.concatenate(rows)
+  return sampling.make_grid(flat, ncol=rows[0].shape[0], pad=pad)
+
+
+def _validate_output(output: str, overwrite: bool) -> None:
+  taken = [n for n in ('samples.npz', 'grid.png', 'progressive.png', 'interpolation.png')
+           if os.path.exists(os.path.join(output, n))]
+  if taken and not overwrite:
+    raise FileExistsError(f'{output} already holds {", ".join(taken)}: pass --overwrite or '
+                          'another --output')
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise FileExistsError(f'--output {output} exists and is not a directory')
+
+
+def sample_to_dir(workdir: str, *, num_samples: int, sampler: str = 'ddpm',
+                  steps: int | None = None, eta: float = 0.0, batch_size: int | None = None,
+                  seed: int = 0, output: str | None = None, guidance_scale: float = 0.0,
+                  label: int | None = None, progressive_chain: bool = False,
+                  interpolation: bool = False, overwrite: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+  """Samples from the latest checkpoint of `workdir` and writes, into `output`
+  (default `WORKDIR/samples_<sampler>_<steps>`):
+
+    samples.npz        images uint8 [N, H, W, C]; labels int32 [N] (class-conditional only)
+    grid.png           the samples, in a square grid (small images enlarged for viewing)
+    progressive.png    (progressive_chain) for 4 samples, rows of x_t and of the predicted x₀
+                       at 10 steps of the ancestral chain, t = T−1 … 0, left to right
+    interpolation.png  (interpolation) 10 images between samples 0 and 1 through their DDIM
+                       latents (η = 0, the same steps)
+
+  Every argument is checked before anything is restored or written; a bad one raises
+  ValueError / FileNotFoundError / FileExistsError with a one-line message. Returns the
+  paths written, the checkpoint step and timings.
+  """
+  if not isinstance(num_samples, int) or num_samples <= 0:
+    raise ValueError(f'--num_samples must be a positive integer, got {num_samples!r}')
+  if eta < 0:
+    raise ValueError(f'--eta must be >= 0, got {eta}')
+  if guidance_scale < 0:
+    raise ValueError(f'--guidance_scale must be >= 0, got {guidance_scale}')
+  cfg = sampling.SamplerConfig.create(sampler, steps=steps, eta=float(eta),
+                                      guidance_scale=float(guidance_scale))
+  if eta and cfg.kind is not sampling.SamplerKind.DDIM:
+    raise ValueError('--eta applies to --sampler ddim only')
+  if progressive_chain and cfg.kind is not sampling.SamplerKind.DDPM:
+    raise ValueError('--progressive shows the ancestral chain: use it with --sampler ddpm')
+  if interpolation and num_samples < 2:
+    raise ValueError('--interpolate needs --num_samples >= 2 (it joins samples 0 and 1)')
+  n_dev = jax.device_count()
+  if batch_size is not None and (batch_size <= 0 or batch_size % n_dev):
+    raise ValueError(f'--batch_size={batch_size} must be a positive multiple of the {n_dev} '
+                     f'devices')
+  wd = read_workdir(workdir)
+  if steps is not None and not 1 <= steps <= wd.num_timesteps:
+    raise ValueError(f'--steps must be in [1, {wd.num_timesteps}] (the model\'s T), '
+                     f'got {steps}')
+  if label is not None:
+    if not wd.num_classes:
+      raise ValueError('--label needs a class-conditional model; this one is unconditional')
+    if not 0 <= label < wd.num_classes:
+      raise ValueError(f'--label must be in [0, {wd.num_classes}), got {label}')
+  if guidance_scale and not wd.num_classes:
+    raise ValueError('--guidance_scale needs a class-conditional model (labels); this one is '
+                     'unconditional')
+  output = os.path.abspath(output or os.path.join(
+      wd.workdir, f'samples_{cfg.kind.value}_{steps or wd.num_timesteps}'))
+  _validate_output(output, overwrite)
+
+  t0 = time.time()
+  trained = load_ema_params(wd)
+  labels = (np.full((num_samples,), label, np.int32) if label is not None
+            else default_labels(num_samples, trained.num_classes))
+  rng = jax.random.PRNGKey(seed)
+  sample_rng, chain_rng = jax.random.split(rng)
+  t1 = time.time()
+  images, labels = generate(trained, cfg, num_samples=num_samples, rng=sample_rng,
+                            batch_size=batch_size, labels=labels, progress=progress)
+  t2 = time.time()
+  result: dict[str, Any] = dict(step=trained.step, output=output, num_samples=num_samples,
+                                restore_seconds=t1 - t0, sample_seconds=t2 - t1)
+  if jax.process_index() != 0:
+    return result
+  os.makedirs(output, exist_ok=True)
+  arrays = dict(images=images)
+  if trained.num_classes:
+    arrays['labels'] = labels
+  np.savez(os.path.join(output, 'samples.npz'), **arrays)
+  scale = view_scale(min(images.shape[1:3]))
+  save_png(os.path.join(output, 'grid.png'), sampling.make_grid(images), scale)
+  result['samples'] = os.path.join(output, 'samples.npz')
+  result['grid'] = os.path.join(output, 'grid.png')
+  if progressive_chain:
+    k = min(4, num_samples)
+    x_t, x0, _ = progressive(trained, cfg, chain_rng, labels[:k])  # [F, k, H, W, C] each
+    rows = []
+    for i in range(k):
+      rows += [x_t[:, i], x0[:, i]]
+    result['progressive'] = os.path.join(output, 'progressive.png')
+    save_png(result['progressive'], _strip_grid(rows), scale)
+  if interpolation:
+    strip = interpolate(trained, cfg, images[0], images[1], label=int(labels[0]))
+    result['interpolation'] = os.path.join(output, 'interpolation.png')
+    save_png(result['interpolation'], _strip_grid([strip]), scale)
+  result['total_seconds'] = time.time() - t0
+  return result

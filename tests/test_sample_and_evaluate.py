@@ -1,0 +1,262 @@
+"""sample.py and `python -m diffusion_jax.evaluate` on tiny checkpointed workdirs.
+
+The workdirs hold a checkpoint of the tiny config's training state in the trainer's format
+(the shapes of `train.init_state_fn`, `checkpointing.save`, `config.json`) with random
+NumPy parameters: writing one costs a second where a training step's compile costs a
+minute on a busy 2-core machine. The CLIs run in child processes with eight fake devices and a
+shared persistent compilation cache; argument checks run in-process (they fail before
+anything is compiled).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from diffusion_jax import checkpointing
+from diffusion_jax import evaluate
+from diffusion_jax import features
+from diffusion_jax import train
+from diffusion_jax import train_step as step_lib
+from diffusion_jax import trained_model
+from diffusion_jax.data import digits
+from diffusion_jax.data import input_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 16
+
+
+def _random_params(abstract, rng):
+  """NumPy parameters of the shapes of `abstract`: N(0, 1/fan_in) kernels, unit GroupNorm
+  scales, small biases. Building them with the model's own init would cost a compile."""
+  def leaf(path, x):
+    name = path[-1].key
+    if name == 'scale':
+      return np.ones(x.shape, x.dtype)
+    if len(x.shape) < 2:
+      return (0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
+    fan_in = int(np.prod(x.shape[:-1]))
+    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def _make_workdir(workdir, data_dir, class_conditional):
+  """A workdir as training leaves it after step 2: config.json and checkpoints/2."""
+  config = tiny.get_config()
+  config.data.data_dir = data_dir
+  config.model.class_conditional = class_conditional
+  info = input_pipeline.dataset_info(config.data.dataset, data_dir)
+  unet_cfg = train.model_config(config, info)
+  model, diffusion = unet_cfg.make(), train.make_diffusion(config.diffusion)
+  step_cfg = step_lib.step_config_from(config.diffusion, config.training, unet_cfg.num_classes)
+  init = train.init_state_fn(model, info.image_shape, train.optimizer_config(config).make(),
+                             diffusion, step_cfg, jax.random.PRNGKey(1), jax.random.PRNGKey(2))
+  abstract = jax.eval_shape(init)
+  state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+  rng = np.random.default_rng(int(class_conditional))
+  state = state.replace(params=_random_params(abstract.params, rng),
+                        ema_params=_random_params(abstract.ema_params, rng),
+                        step=np.int32(2))
+  os.makedirs(workdir)
+  train.save_config(config, workdir)
+  manager = checkpointing.make_manager(workdir)
+  checkpointing.save(manager, 2, state)
+  manager.wait_until_finished()
+  manager.close()
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  base = tmp_path_factory.mktemp('sample')
+  data_dir = str(base / 'tfds')
+  digits.prepare_digits(data_dir)
+  e = dict(os.environ)
+  e.update(JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
+           XLA_FLAGS='--xla_force_host_platform_device_count=8',
+           PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  return dict(base=base, data_dir=data_dir, env=e,
+              uncond=_make_workdir(str(base / 'uncond'), data_dir, False),
+              cond=_make_workdir(str(base / 'cond'), data_dir, True))
+
+
+def _sample(env, workdir, *args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--workdir={workdir}',
+                         *args], env=env['env'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600)
+
+
+def _ok(result):
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _fails(result, *fragments):
+  assert result.returncode == 1, result.stderr[-3000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1, result.stderr[-3000:]
+  for f in fragments:
+    assert f in errors[0], (f, errors[0])
+
+
+# ------------------------------------------------------------------------------------------
+# sample.py
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sample_writes_npz_grid_progressive_and_interpolation(env):
+  _ok(_sample(env, env['uncond'], f'--num_samples={N}', '--steps=5', '--progressive',
+              '--interpolate'))
+  out = os.path.join(env['uncond'], 'samples_ddpm_5')
+  with np.load(os.path.join(out, 'samples.npz')) as f:
+    assert f.files == ['images']  # unconditional: no labels
+    images = f['images']
+  assert images.dtype == np.uint8 and images.shape == (N, 8, 8, 1)
+  assert len(np.unique(images)) > 10  # not a constant image
+  for name in ('grid.png', 'progressive.png', 'interpolation.png'):
+    with Image.open(os.path.join(out, name)) as im:
+      assert im.size[0] > 32 and im.size[1] > 8
+  # A second run does not overwrite the first.
+  before = os.path.getmtime(os.path.join(out, 'samples.npz'))
+  _fails(_sample(env, env['uncond'], f'--num_samples={N}', '--steps=5'), 'already holds',
+         '--overwrite')
+  assert os.path.getmtime(os.path.join(out, 'samples.npz')) == before
+
+
+@pytest.mark.slow
+def test_ddim_eta0_is_deterministic_given_the_seed(env, tmp_path):
+  def run(seed, name):
+    out = str(tmp_path / name)
+    _ok(_sample(env, env['uncond'], f'--num_samples={N}', '--sampler=ddim', '--steps=5',
+                f'--seed={seed}', f'--output={out}'))
+    with np.load(os.path.join(out, 'samples.npz')) as f:
+      return f['images']
+  a, b, c = run(0, 'a'), run(0, 'b'), run(1, 'c')
+  np.testing.assert_array_equal(a, b)
+  assert np.mean(a != c) > 0.5
+
+
+@pytest.mark.slow
+def test_class_conditional_sampling_returns_the_requested_label(env, tmp_path):
+  out = str(tmp_path / 'three')
+  _ok(_sample(env, env['cond'], f'--num_samples={N}', '--sampler=ddim', '--steps=5',
+              '--label=3', '--guidance_scale=1.5', f'--output={out}'))
+  with np.load(os.path.join(out, 'samples.npz')) as f:
+    assert f['images'].shape == (N, 8, 8, 1) and f['images'].dtype == np.uint8
+    np.testing.assert_array_equal(f['labels'], np.full(N, 3))
+
+
+@pytest.mark.slow
+def test_sample_cli_bad_input_is_one_error_line(env, tmp_path):
+  _fails(_sample(env, env['uncond'], '--num_samples=4', '--label=3',
+                 f'--output={tmp_path}/x'), '--label', 'unconditional')
+  _fails(_sample(env, str(tmp_path / 'nowhere'), '--num_samples=4'), 'config.json')
+  assert not os.path.exists(tmp_path / 'x')
+
+
+def test_sample_to_dir_checks_every_argument_before_restoring(env, tmp_path):
+  uncond, cond = env['uncond'], env['cond']
+  empty = str(tmp_path / 'empty')
+  os.makedirs(empty)
+  train.save_config(tiny.get_config(), empty)
+  cases = [
+      (dict(workdir=empty), FileNotFoundError, 'no checkpoint'),
+      (dict(num_samples=0), ValueError, '--num_samples'),
+      (dict(sampler='euler'), ValueError, "allowed: ddpm, ddim"),
+      (dict(steps=101), ValueError, '--steps must be in [1, 100]'),
+      (dict(batch_size=12), ValueError, 'multiple of the 8 devices'),
+      (dict(label=3), ValueError, 'unconditional'),
+      (dict(guidance_scale=2.0), ValueError, 'class-conditional'),
+      (dict(workdir=cond, label=10), ValueError, '--label must be in [0, 10)'),
+      (dict(workdir=cond, label=-1), ValueError, '--label must be in [0, 10)'),
+      (dict(sampler='ddim', progressive_chain=True), ValueError, '--sampler ddpm'),
+      (dict(eta=0.5), ValueError, 'ddim only'),
+      (dict(num_samples=1, interpolation=True), ValueError, '--num_samples >= 2'),
+  ]
+  for overrides, error, fragment in cases:
+    kwargs = dict(workdir=uncond, num_samples=4, output=str(tmp_path / 'out'))
+    kwargs.update(overrides)
+    with pytest.raises(error) as e:
+      trained_model.sample_to_dir(kwargs.pop('workdir'), **kwargs)
+    assert fragment in str(e.value), (overrides, str(e.value))
+    assert '\n' not in str(e.value)
+  assert not os.path.exists(tmp_path / 'out')
+
+
+def test_slerp_ends_and_norm():
+  a = jax.numpy.array([[1.0, 0.0]])
+  b = jax.numpy.array([[0.0, 1.0]])
+  z = trained_model.slerp(a, b, jax.numpy.linspace(0.0, 1.0, 5))
+  assert z.shape == (5, 1, 2)
+  np.testing.assert_allclose(z[0], a, atol=1e-6)
+  np.testing.assert_allclose(z[-1], b, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(z).reshape(5, 2), axis=1), 1.0,
+                             rtol=1e-6)
+  np.testing.assert_allclose(trained_model.slerp(a, a, jax.numpy.array([0.3]))[0], a)
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation.
+# ------------------------------------------------------------------------------------------
+
+
+def _evaluate(env, workdir, *args):
+  return subprocess.run([sys.executable, '-m', 'diffusion_jax.evaluate',
+                         f'--workdir={workdir}', *args], env=env['env'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_writes_eval_json(env):
+  # 12 examples in batches of 16: 4 padded slots must not count.
+  _ok(_evaluate(env, env['uncond'], f'--num_samples={N}', '--bpd_examples=12', '--steps=5'))
+  with open(os.path.join(env['uncond'], 'eval.json')) as f:
+    results = json.load(f)
+  assert results['step'] == 2 and results['bpd_num_examples'] == 12
+  for k in ('bpd', 'bpd_prior', 'fid', 'inception_score', 'precision', 'recall'):
+    assert np.isfinite(results[k]), k
+  assert results['bpd'] > results['bpd_prior'] > 0 and results['fid'] > 0
+  assert 1.0 <= results['inception_score'] <= 10.0
+  assert results['fid_num_samples'] == N and results['fid_sampler'] == 'ddim'
+  # The digits classifier and the reference statistics are cached in the data_dir.
+  cached = os.listdir(features.cache_dir(env['data_dir']))
+  assert any(n.startswith('digits_classifier_') for n in cached)
+  assert any(n.startswith('reference_digits_classifier_') and n.endswith('_digits_train.npz')
+             for n in cached)
+  classifier = next(n for n in cached if n.startswith('digits_classifier_'))
+  with np.load(os.path.join(features.cache_dir(env['data_dir']), classifier)) as f:
+    assert f['test_accuracy'] > 0.95
+
+
+@pytest.mark.slow
+def test_evaluate_cli_bad_input(env):
+  _fails(_evaluate(env, env['uncond'], '--features=inception'), '--inception_weights')
+  _fails(_evaluate(env, env['uncond'], '--features=fancy'), "allowed: digits, inception")
+  with pytest.raises(ValueError, match='--bpd_examples must be at most 297'):
+    evaluate.evaluate(env['uncond'], num_samples=0, bpd_examples=1000)
+  with pytest.raises(ValueError, match='at least 4'):
+    evaluate.evaluate(env['uncond'], num_samples=2)
+
+
+@pytest.mark.slow
+def test_periodic_eval_during_training(env):
+  # What train.py calls every config.eval.every_steps steps, on the tiny model.
+  trained = trained_model.load_ema_params(env['uncond'])
+  config = trained.config
+  config.eval.num_samples, config.eval.bpd_examples, config.eval.sample_steps = 8, 8, 2
+  step_cfg = step_lib.step_config_from(config.diffusion, config.training, None)
+  fn = evaluate.make_periodic_eval(config, model=trained.model, diffusion=trained.diffusion,
+                                   step_cfg=step_cfg, info=trained.info, mesh=trained.mesh)
+  metrics = fn(trained.ema_params, 2)
+  assert set(metrics) == {'eval/bpd', 'eval/fid', 'eval/inception_score',
+                          'eval/inception_score_std', 'eval/precision', 'eval/recall'}
+  assert all(np.isfinite(v) for v in metrics.values())
