@@ -1,0 +1,41 @@
+"""Smoke test of the benchmark: `bench/run.py --tiny` runs end to end and writes its table.
+
+Only the JAX side, a tiny U-Net on 8x8 images and one repeat: no PyTorch environment is made
+and nothing under docs/ is touched. The real benchmark is not part of the test suite.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_bench_tiny_runs_and_writes_its_table(tmp_path):
+  out = tmp_path / 'bench.md'
+  out.write_text('# Notes kept around the table\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n'
+                 'and after it.\n')
+  start = time.monotonic()
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'bench', 'run.py'), '--tiny', '--out', str(out)],
+      capture_output=True, text=True, timeout=180, cwd=ROOT)
+  elapsed = time.monotonic() - start
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert elapsed < 60, f'bench/run.py --tiny took {elapsed:.0f} s'
+
+  text = out.read_text()
+  assert text.startswith('# Notes kept around the table') and text.endswith('and after it.\n')
+  assert 'old' not in text
+  assert '| train step, batch 8: images/s |' in text
+  assert 'CPU:' in text and 'jax ' in text
+
+  raw = json.loads((tmp_path / 'bench.json').read_text())['results']
+  for key in ('jax_train_8', 'jax_forward_8'):
+    assert raw[key]['images_per_s'] > 0 and raw[key]['flops_per_image'] > 0
+  assert raw['jax_sample_8']['seconds_per_step'] > 0
+  assert raw['jax_matmul']['gflops_per_s'] > 0
