@@ -80,12 +80,22 @@ def timed(fn, warmup: int, repeats: int) -> dict:
               cpu_seconds_per_run=cpu / repeats)
 
 
-def flops_of(compiled) -> float:
-  """FLOPs from XLA's cost analysis of a compiled executable (a dict, or a list of them)."""
+def cost_of(compiled) -> dict:
+  """XLA's cost analysis of a compiled executable (a dict, or a list of them)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
-  return float(cost.get('flops', float('nan')))
+  return cost
+
+
+def flops_of(compiled) -> float:
+  """FLOPs from XLA's cost analysis."""
+  return float(cost_of(compiled).get('flops', float('nan')))
+
+
+def bytes_of(compiled) -> float:
+  """Bytes read and written by the ops of the compiled program, from XLA's cost analysis."""
+  return float(cost_of(compiled).get('bytes accessed', float('nan')))
 
 
 def image_shape(args) -> tuple[int, int, int]:
@@ -200,10 +210,11 @@ def bench_train(args) -> dict:
   """forward, ε-MSE, backward and an Adam update: the step the PyTorch side runs."""
   compiled, run, compile_s = train_runner(args)
   out = timed(run, args.warmup, args.repeats)
-  flops = flops_of(compiled)
+  flops = flops_of(compiled) * args.devices  # the cost analysis is of one device's program
   b = args.batch
   out.update(images_per_s=b / out['seconds'], flops=flops, flops_per_image=flops / b,
-             gflops_per_s=flops / out['seconds'] / 1e9, compile_s=compile_s)
+             gflops_per_s=flops / out['seconds'] / 1e9, compile_s=compile_s,
+             bytes_accessed=bytes_of(compiled) * args.devices)
   return out
 
 
@@ -222,12 +233,13 @@ def forward_runner(args):
 
 def bench_library_step(args) -> dict:
   """The library's own `train_step` under `data_parallel_step` on a one-device mesh:
-  the same as `train` plus gradient clipping, the warm-up schedule and the EMA."""
+  the same as `train` plus gradient clipping, the warm-up schedule and the EMA
+  (`--accum`: its `grad_accum_steps`)."""
   model, params = model_and_params(args)
   d = diffusion()
   opt_cfg = OptimizerConfig()
   tx = opt_cfg.make()
-  step_cfg = step_lib.StepConfig()
+  step_cfg = step_lib.StepConfig(grad_accum_steps=args.accum)
   mesh = jax.make_mesh((1,), (step_lib.AXIS,), axis_types=(jax.sharding.AxisType.Explicit,),
                        devices=jax.devices()[:1])
   step_fn = functools.partial(step_lib.train_step, model=model, diffusion=d, tx=tx,

@@ -193,6 +193,7 @@ def run_all(args) -> dict:
   r['jax_forward_8'] = measure('jax', 'forward', '--batch', '8', *rep)
   r['jax_train_8'] = measure('jax', 'train', '--batch', '8', *rep)
   r['jax_train_32'] = measure('jax', 'train', '--batch', '32', *few)
+  r['jax_train_32x2'] = measure('jax', 'train', '--batch', '32', '--accum', '2', *few)
   r['jax_library_8'] = measure('jax', 'library_step', '--batch', '8', *rep)
   r['jax_sample_8'] = measure('jax', 'sample', '--batch', '8', '--steps', '4', *rep)
   r['jax_sample_64'] = measure('jax', 'sample', '--batch', '64', '--steps', '2', *few)
@@ -202,6 +203,7 @@ def run_all(args) -> dict:
     r['torch_forward_8'] = measure('torch', 'forward', '--batch', '8', *rep)
     r['torch_train_8'] = measure('torch', 'train', '--batch', '8', *rep)
     r['torch_train_32'] = measure('torch', 'train', '--batch', '32', *few)
+    r['torch_train_32x2'] = measure('torch', 'train', '--batch', '32', '--accum', '2', *few)
     r['torch_sample_8'] = measure('torch', 'sample', '--batch', '8', '--steps', '4', *rep)
     r['torch_sample_64'] = measure('torch', 'sample', '--batch', '64', '--steps', '2', *few)
   if not args.skip_digits:
@@ -255,6 +257,8 @@ def report(r: dict, machine: dict, tiny: bool) -> str:
   add('|---|---:|---:|---:|')
   for b in (8, 32):
     speed_row(f'train step, batch {b}: images/s', f'train_{b}', 'images_per_s')
+  speed_row('train step, batch 32 as 2 micro-batches of 16: images/s', 'train_32x2',
+            'images_per_s')
   speed_row('forward (eval), batch 8: images/s', 'forward_8', 'images_per_s')
   for b in (8, 64):
     speed_row(f'sampling, batch {b}: s / denoising step', f'sample_{b}', 'seconds_per_step',
@@ -265,11 +269,11 @@ def report(r: dict, machine: dict, tiny: bool) -> str:
 
   add('| resources | diffusion_jax | PyTorch (diffusers) |')
   add('|---|---:|---:|')
-  for b in (8, 32):
+  for b in ('8', '32', '32x2'):
     add(f'| train step, batch {b}: peak resident memory (MiB) | '
         f'{_fmt(_get(r, f"jax_train_{b}", "peak_rss_mib"), ".0f")} | '
         f'{_fmt(_get(r, f"torch_train_{b}", "peak_rss_mib"), ".0f")} |')
-  for b in (8, 32):
+  for b in ('8', '32', '32x2'):
     add(f'| train step, batch {b}: cores busy (CPU s / wall s) | '
         f'{_fmt(_get(r, f"jax_train_{b}", "cores_busy"), ".2f")} | '
         f'{_fmt(_get(r, f"torch_train_{b}", "cores_busy"), ".2f")} |')
@@ -287,13 +291,18 @@ def report(r: dict, machine: dict, tiny: bool) -> str:
       f'{_fmt(_get(r, "jax_forward_8", "flops_per_image") and r["jax_forward_8"]["flops_per_image"] / 1e9, ".2f")} |')
   add(f'| train step, GFLOP / image (batch 8) | '
       f'{_fmt(_get(r, "jax_train_8", "flops_per_image") and r["jax_train_8"]["flops_per_image"] / 1e9, ".2f")} |')
+  nbytes = _get(r, 'jax_train_8', 'bytes_accessed')
+  if nbytes:
+    add(f'| train step, MB read + written per image (batch 8; XLA:CPU\'s fusion) | '
+        f'{nbytes / r["jax_train_8"]["batch"] / 1e6:.0f} |')
   add(f'| float32 matmul {_get(r, "jax_matmul", "n")}², XLA: GFLOP/s (the ceiling) | '
       f'{_fmt(mm, ".0f")} |')
   if 'torch_matmul' in r:
     add(f'| float32 matmul {r["torch_matmul"]["n"]}², PyTorch: GFLOP/s | '
         f'{r["torch_matmul"]["gflops_per_s"]:.0f} |')
   for key, name in (('forward_8', 'forward, batch 8'), ('train_8', 'train step, batch 8'),
-                    ('train_32', 'train step, batch 32')):
+                    ('train_32', 'train step, batch 32'),
+                    ('train_32x2', 'train step, batch 32 as 2 x 16')):
     g = _get(r, 'jax_' + key, 'gflops_per_s')
     if g is not None:
       add(f'| {name}: GFLOP/s achieved (share of the matmul rate) | {g:.0f} '

@@ -75,7 +75,7 @@ def make_unet() -> UNet2DModel:
 
 
 def bench_train(args) -> dict:
-  """forward, ε-MSE, backward and an Adam update."""
+  """forward, ε-MSE, backward and an Adam update; `--accum` micro-batches, gradients summed."""
   model = make_unet().train()
   sched = DDPMScheduler(num_train_timesteps=T, beta_schedule='linear')
   opt = torch.optim.Adam(model.parameters(), lr=2e-4)
@@ -83,15 +83,20 @@ def bench_train(args) -> dict:
   b = args.batch
   x0 = torch.rand((b,) + IMAGE, generator=gen) * 2 - 1
 
+  a = args.accum
+
   def run():
     t = torch.randint(0, T, (b,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     x_t = sched.add_noise(x0, noise, t)
-    loss = F.mse_loss(model(x_t, t).sample, noise)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total = 0.0
+    for x_m, t_m, n_m in zip(x_t.chunk(a), t.chunk(a), noise.chunk(a)):  # micro-batches
+      loss = F.mse_loss(model(x_m, t_m).sample, n_m) / a
+      loss.backward()
+      total += loss.item()
     opt.step()
-    return loss.item()
+    return total
 
   out = timed(run, args.warmup, args.repeats)
   out.update(images_per_s=b / out['seconds'])
@@ -152,6 +157,7 @@ def main(argv=None) -> None:
   parser.add_argument('--size', type=int, default=4096)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--accum', type=int, default=1, help='train: micro-batches per step')
   parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
   args = parser.parse_args(argv)
   torch.set_num_threads(args.threads)

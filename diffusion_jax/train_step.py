@@ -143,7 +143,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
       (_, terms), g = grad_fn(local_params, m)
       return jax.tree.map(jnp.add, grad_sum, g), terms
     zeros = jax.tree.map(jnp.zeros_like, local_params)
-    grads, terms = jax.lax.scan(accumulate, zeros, micro)
+    # On CPU the loop is unrolled: inside a while loop XLA:CPU runs the kernel gradients of
+    # the convolutions on its generic convolution, about 30x slower than the library kernels
+    # it uses elsewhere (docs/benchmarks.md). Accelerators keep the loop, which holds the
+    # activations of one micro-batch at a time.
+    unroll = jax.default_backend() == 'cpu'
+    grads, terms = jax.lax.scan(accumulate, zeros, micro, unroll=unroll)
     grads = jax.tree.map(lambda g: g / a, grads)
     terms = jax.tree.map(lambda x: x.reshape(b), terms)
 
