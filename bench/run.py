@@ -147,7 +147,8 @@ def measure(side: str, what: str, *args: str, tiny: bool = False) -> dict:
   results = [json.loads(line) for line in proc.stdout.strip().splitlines()[-n:]]
   for result in results:
     result['process_s'] = time.time() - start
-  print(f'({time.time() - start:.0f} s)', flush=True)
+    result['load_after'] = os.getloadavg()[0]
+  print(f'({time.time() - start:.0f} s, load {os.getloadavg()[0]:.2f})', flush=True)
   return results if n > 1 else results[0]
 
 
@@ -188,24 +189,19 @@ def run_all(args) -> dict:
         'jax', 'train,forward,sample,matmul', '--batch', '8', '--steps', '2', '--size', '256',
         *rep, tiny=True)
     return r
-  print('JAX (diffusion_jax):', flush=True)
-  r['jax_matmul'] = measure('jax', 'matmul', '--size', '4096', *rep)
-  r['jax_forward_8'] = measure('jax', 'forward', '--batch', '8', *rep)
-  r['jax_train_8'] = measure('jax', 'train', '--batch', '8', *rep)
-  r['jax_train_32'] = measure('jax', 'train', '--batch', '32', *few)
-  r['jax_train_32x2'] = measure('jax', 'train', '--batch', '32', '--accum', '2', *few)
+  # The two sides take turns measurement by measurement, so that a change in the machine's
+  # load during the run falls on both alike.
+  plan = [('matmul', ('--size', '4096'), rep), ('forward_8', ('--batch', '8'), rep),
+          ('train_8', ('--batch', '8'), rep), ('train_32', ('--batch', '32'), few),
+          ('train_32x2', ('--batch', '32', '--accum', '2'), few),
+          ('sample_8', ('--batch', '8', '--steps', '4'), rep),
+          ('sample_64', ('--batch', '64', '--steps', '2'), few)]
+  for key, extra, reps in plan:
+    what = key.split('_')[0]
+    r['jax_' + key] = measure('jax', what, *extra, *reps)
+    if not args.skip_torch:
+      r['torch_' + key] = measure('torch', what, *extra, *reps)
   r['jax_library_8'] = measure('jax', 'library_step', '--batch', '8', *rep)
-  r['jax_sample_8'] = measure('jax', 'sample', '--batch', '8', '--steps', '4', *rep)
-  r['jax_sample_64'] = measure('jax', 'sample', '--batch', '64', '--steps', '2', *few)
-  if not args.skip_torch:
-    print('PyTorch (diffusers):', flush=True)
-    r['torch_matmul'] = measure('torch', 'matmul', '--size', '4096', *rep)
-    r['torch_forward_8'] = measure('torch', 'forward', '--batch', '8', *rep)
-    r['torch_train_8'] = measure('torch', 'train', '--batch', '8', *rep)
-    r['torch_train_32'] = measure('torch', 'train', '--batch', '32', *few)
-    r['torch_train_32x2'] = measure('torch', 'train', '--batch', '32', '--accum', '2', *few)
-    r['torch_sample_8'] = measure('torch', 'sample', '--batch', '8', '--steps', '4', *rep)
-    r['torch_sample_64'] = measure('torch', 'sample', '--batch', '64', '--steps', '2', *few)
   if not args.skip_digits:
     print('train.py on the digits:', flush=True)
     r['digits'] = measure_digits(args.digits_steps)
