@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 
 from diffusion_jax import cli_logging
+from diffusion_jax import host_memory
 
 flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
 flags.DEFINE_integer('num_samples', 64, 'Number of images.')
@@ -42,6 +43,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  host_memory.reuse_freed_host_memory()  # before XLA's first allocation
   cli_logging.quiet_orbax()
   from diffusion_jax import trained_model  # pylint: disable=g-import-not-at-top
   try:

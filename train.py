@@ -16,6 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from diffusion_jax import cli_logging
+from diffusion_jax import host_memory
 
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
@@ -30,6 +31,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  host_memory.reuse_freed_host_memory()  # before XLA's first allocation
   cli_logging.quiet_orbax()
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.jax_distributed or FLAGS.coordinator_address:

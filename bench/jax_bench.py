@@ -30,6 +30,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import diffusion_jax as dj  # pylint: disable=g-import-not-at-top,wrong-import-position
+from diffusion_jax import host_memory  # pylint: disable=wrong-import-position
 from diffusion_jax import train_step as step_lib  # pylint: disable=wrong-import-position
 from diffusion_jax.models import UNetConfig  # pylint: disable=wrong-import-position
 from diffusion_jax.train_state import OptimizerConfig, TrainState  # pylint: disable=wrong-import-position
@@ -69,15 +70,19 @@ def timed(fn, warmup: int, repeats: int) -> dict:
   for _ in range(warmup):
     fn()
   times = []
+  r0 = resource.getrusage(resource.RUSAGE_SELF)
   cpu0, wall0 = cpu_seconds(), time.perf_counter()
   for _ in range(repeats):
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
   cpu = cpu_seconds() - cpu0
+  r1 = resource.getrusage(resource.RUSAGE_SELF)
   busy = cpu / max(time.perf_counter() - wall0, 1e-9)
   return dict(seconds=statistics.median(times), all_seconds=times, cores_busy=busy,
-              cpu_seconds_per_run=cpu / repeats)
+              cpu_seconds_per_run=cpu / repeats,
+              system_seconds_per_run=(r1.ru_stime - r0.ru_stime) / repeats,
+              page_faults_per_run=(r1.ru_minflt - r0.ru_minflt) / repeats)
 
 
 def cost_of(compiled) -> dict:
@@ -330,7 +335,11 @@ def main(argv=None) -> None:
                       help='train: independent micro-batches per device, gradients summed')
   parser.add_argument('--accum', type=int, default=1,
                       help='train: micro-batches one after another (lax.scan), gradients summed')
+  parser.add_argument('--default-malloc', action='store_true',
+                      help="leave glibc's malloc as it is (the library's entry points call "
+                      'host_memory.reuse_freed_host_memory(); so does this script by default)')
   args = parser.parse_args(argv)
+  reused = not args.default_malloc and host_memory.reuse_freed_host_memory()
   if args.devices > 1:
     jax.config.update('jax_num_cpu_devices', args.devices)
   runs = dict(train=bench_train, library_step=bench_library_step, forward=bench_forward,
@@ -339,7 +348,7 @@ def main(argv=None) -> None:
     if what not in runs:
       parser.error(f'unknown measurement {what!r}; allowed: {", ".join(runs)}')
     out = runs[what](args)
-    out.update(what=what, batch=args.batch, peak_rss_mib=peak_rss_mib(),
+    out.update(what=what, batch=args.batch, peak_rss_mib=peak_rss_mib(), reuse_freed_memory=reused,
                threads=len(os.sched_getaffinity(0)))
     print(json.dumps(out), flush=True)
 

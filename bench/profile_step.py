@@ -166,6 +166,7 @@ def main(argv=None) -> None:
   parser.add_argument('--only', default='', help='list only the top ops whose kind has this')
   args = parser.parse_args(argv)
   args.devices = 1
+  jax_bench.host_memory.reuse_freed_host_memory()
   runner = dict(train=jax_bench.train_runner, forward=jax_bench.forward_runner)[args.what]
   compiled, run, _ = runner(args)
   hlo = compiled.as_text()

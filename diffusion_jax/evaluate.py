@@ -339,6 +339,8 @@ def _main():
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     from diffusion_jax import cli_logging  # pylint: disable=g-import-not-at-top
+    from diffusion_jax import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.reuse_freed_host_memory()  # before XLA's first allocation
     cli_logging.quiet_orbax()
     try:
       results = evaluate(FLAGS.workdir, num_samples=FLAGS.num_samples,

