@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from diffusion_jax.models import UNet, UNetConfig, timestep_embedding
-from diffusion_jax.models.layers import AttnBlock, Downsample, ResnetBlock, Upsample
+from diffusion_jax.models.layers import AttnBlock, Downsample, GroupNorm, ResnetBlock, Upsample
 
 # The tests run on a couple of CPU cores: skip XLA's expensive backend passes (compile time only).
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -306,6 +306,59 @@ def _np_conv3x3(x, p):
 
 def _np_swish(x):
   return x / (1.0 + np.exp(-x))
+
+
+def _group_norm_inputs(seed, shape=(3, 5, 4, 64)):
+  """float32 inputs whose channels sit far from zero (offsets up to 1000, spreads down to 0.05):
+  E[x^2] - E[x]^2 in float32 would lose the variance entirely; the values are float32, and the
+  references below are computed from those same values in float64."""
+  rng = np.random.default_rng(seed)
+  c = shape[-1]
+  offset = rng.uniform(-1000, 1000, size=c)
+  spread = rng.uniform(0.05, 3.0, size=c)
+  x = (offset + spread * rng.standard_normal(shape)).astype(np.float32)
+  params = {"scale": rng.standard_normal(c).astype(np.float32),
+            "bias": rng.standard_normal(c).astype(np.float32)}
+  return x, params
+
+
+def test_group_norm_matches_float64_numpy_far_from_zero():
+  x, params = _group_norm_inputs(seed=int(np.random.default_rng().integers(1 << 30)))
+  got = _jit(GroupNorm().apply)({"params": params}, jnp.asarray(x))
+  expected = _np_group_norm(x.astype(np.float64), params)
+  np.testing.assert_allclose(np.asarray(got), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_group_norm_gradients_match_the_float64_closed_form():
+  seed = int(np.random.default_rng().integers(1 << 30))
+  x, params = _group_norm_inputs(seed, shape=(2, 4, 3, 64))
+  w = np.random.default_rng(seed + 1).standard_normal(x.shape).astype(np.float32)
+
+  def loss(p, xx):  # sum(y * w): dL/dy = w
+    return jnp.sum(GroupNorm().apply({"params": p}, xx) * w)
+
+  grads, dx = _jit(jax.grad(loss, argnums=(0, 1)))(params, jnp.asarray(x))
+
+  # Closed form, per example and group of n values: with x_hat = (x - mean) / sd and
+  # g = dL/dy * scale, dL/dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sd.
+  b, h, wd, c = x.shape
+  xg = x.astype(np.float64).reshape(b, h, wd, 32, c // 32)
+  mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+  sd = np.sqrt(xg.var(axis=(1, 2, 4), keepdims=True) + 1e-6)
+  x_hat = (xg - mean) / sd
+  g = (w.astype(np.float64) * params["scale"]).reshape(xg.shape)
+  dx_expected = (g - g.mean(axis=(1, 2, 4), keepdims=True)
+                 - x_hat * (g * x_hat).mean(axis=(1, 2, 4), keepdims=True)) / sd
+  np.testing.assert_allclose(np.asarray(dx), dx_expected.reshape(x.shape),
+                             rtol=2e-3, atol=2e-3 * np.abs(dx_expected).max())
+  np.testing.assert_allclose(np.asarray(grads["scale"]),
+                             (w * x_hat.reshape(x.shape)).sum(axis=(0, 1, 2)), rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(grads["bias"]), w.sum(axis=(0, 1, 2)), rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_rejects_channels_not_divisible_by_groups():
+  with pytest.raises(ValueError, match="48 channels .* num_groups=32"):
+    GroupNorm().init(jax.random.key(0), jnp.zeros((1, 2, 2, 48)))
 
 
 @pytest.mark.parametrize("num_heads", [1, 4])
