@@ -12,14 +12,11 @@ ancestral chain), --interpolate OUT/interpolation.png (DDIM-latent interpolation
 OUT defaults to DIR/samples_<sampler>_<steps>. Bad arguments: one `error: ...` line, exit 1.
 """
 
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
-from diffusion_jax import cli_logging
-from diffusion_jax import host_memory
+from diffusion_jax import cli
 
 flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
 flags.DEFINE_integer('num_samples', 64, 'Number of images.')
@@ -41,10 +38,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  host_memory.reuse_freed_host_memory()  # before XLA's first allocation
-  cli_logging.quiet_orbax()
+  cli.start(argv)
   from diffusion_jax import trained_model  # pylint: disable=g-import-not-at-top
   try:
     result = trained_model.sample_to_dir(
@@ -54,8 +48,7 @@ def main(argv):
         progressive_chain=FLAGS.progressive, interpolation=FLAGS.interpolate,
         overwrite=FLAGS.overwrite)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
-    sys.exit(1)
+    cli.exit_with_error(e)
   print(f'checkpoint {result["step"]}: {result["num_samples"]} samples in '
         f'{result["sample_seconds"]:.1f} s → {result["output"]}')
 

@@ -8,15 +8,12 @@ Multi-host: pass --jax_distributed (jax.distributed.initialize() reads the clust
 environment: TPU pods, SLURM, ...) or the coordinator flags explicitly.
 """
 
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from diffusion_jax import cli_logging
-from diffusion_jax import host_memory
+from diffusion_jax import cli
 
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
@@ -29,10 +26,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  host_memory.reuse_freed_host_memory()  # before XLA's first allocation
-  cli_logging.quiet_orbax()
+  cli.start(argv)
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.jax_distributed or FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
@@ -41,9 +35,7 @@ def main(argv):
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, ImportError, train.NonFiniteLossError) as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    cli.exit_with_error(e)
 
 
 if __name__ == '__main__':

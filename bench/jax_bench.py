@@ -26,7 +26,6 @@ sys.path.insert(0, ROOT)
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import diffusion_jax as dj  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -108,6 +107,11 @@ def image_shape(args) -> tuple[int, int, int]:
 
 
 def options(args) -> dict | None:
+  """XLA compiler options: `args.compiler_options` if set (bench/ab.py), else the cheap
+  compile for --tiny, else XLA's defaults."""
+  explicit = getattr(args, 'compiler_options', None)
+  if explicit is not None:
+    return explicit
   return FAST_COMPILE if args.tiny else None
 
 

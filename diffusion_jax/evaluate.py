@@ -317,8 +317,7 @@ def make_periodic_eval(config: ml_collections.ConfigDict, *, model, diffusion, s
 
 
 def _main():
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
   flags.DEFINE_integer('num_samples', 1000, 'Samples for FID / IS / precision-recall; 0: skip.')
@@ -336,12 +335,8 @@ def _main():
   FLAGS = flags.FLAGS
 
   def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    from diffusion_jax import cli_logging  # pylint: disable=g-import-not-at-top
-    from diffusion_jax import host_memory  # pylint: disable=g-import-not-at-top
-    host_memory.reuse_freed_host_memory()  # before XLA's first allocation
-    cli_logging.quiet_orbax()
+    from diffusion_jax import cli  # pylint: disable=g-import-not-at-top
+    cli.start(argv)
     try:
       results = evaluate(FLAGS.workdir, num_samples=FLAGS.num_samples,
                          bpd_examples=FLAGS.bpd_examples, features=FLAGS.features,
@@ -349,8 +344,7 @@ def _main():
                          steps=FLAGS.steps, eta=FLAGS.eta, batch_size=FLAGS.batch_size,
                          seed=FLAGS.seed)
     except (ValueError, FileNotFoundError) as e:
-      print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
-      sys.exit(1)
+      cli.exit_with_error(e)
     print(json.dumps(results, indent=2, sort_keys=True))
 
   app.run(main)

@@ -9,20 +9,16 @@ the threads that run XLA's programs (they allocate from their own arenas, which 
 and a step 12% slower than it need be (docs/benchmarks.md).
 
 `reuse_freed_host_memory()` tells glibc to serve every thread from the one main heap, never to
-use `mmap` for a block, and to keep up to 2 GiB of freed memory at the top of the heap, so the
-next step reuses the last step's pages. mallopt takes an int, so 2 GiB is the most it can keep: a
-program with more temporaries than that (the train step at batch 32: 2.7 GB) is given back and
-faulted in again every execution. For those, set the same at the start of the process, without
-the limit, through glibc's environment variable (the benchmark's batch-32 row does not):
-
-  GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776
-
-The cost: the process keeps its peak resident memory until it exits. It matters only where XLA
-runs on the CPU; on a GPU or TPU host the device's own allocator holds the temporaries.
+use `mmap` for a block, and never to give freed memory back to the system (mallopt(3):
+`M_ARENA_MAX` 1, `M_MMAP_MAX` 0, `M_TRIM_THRESHOLD` -1), so the next step reuses the last
+step's pages. The cost: the process keeps its peak resident memory until it exits. It matters
+only where XLA runs on the CPU; on a GPU or TPU host the device's allocator holds the
+temporaries. The same can be set from outside, before a process starts, with
+`GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...`.
 
 It must run before the threads that run XLA programs first allocate: before the first JAX
 operation of the process (importing jax is fine). The entry points (`train.py`, `sample.py`,
-`python -m diffusion_jax.evaluate`) call it first thing.
+`python -m diffusion_jax.evaluate`) call it first thing, through `cli.start`.
 """
 
 import ctypes
@@ -33,7 +29,7 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1  # mallopt takes an int: 2 GiB is the most it can keep.
+_NEVER = -1  # M_TRIM_THRESHOLD -1: never trim the heap (mallopt(3))
 
 
 def reuse_freed_host_memory() -> bool:
@@ -48,4 +44,4 @@ def reuse_freed_host_memory() -> bool:
   mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
   mallopt.restype = ctypes.c_int
   return all(mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)))
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER)))

@@ -7,13 +7,10 @@ same command resumes from the latest checkpoint in `workdir/checkpoints`, bit-id
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +28,7 @@ from diffusion_jax import timestep_sampler
 from diffusion_jax import train_step as step_lib
 from diffusion_jax.data import digits as digits_lib
 from diffusion_jax.data import input_pipeline
+from diffusion_jax.images import save_png
 from diffusion_jax.models.unet import UNetConfig
 from diffusion_jax.train_state import OptimizerConfig, TrainState
 
@@ -166,12 +164,6 @@ def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   return f'{h}:{rem // 60:02d}:{rem % 60:02d}'
-
-
-def _save_png(path: str, grid: np.ndarray) -> None:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -319,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                               sample_labels))
         if is_chief:
           grid = sampling.make_grid(np.asarray(jax.device_get(images)))
-          _save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), grid)
+          save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), grid)
           writer.image(step, 'samples', grid)
       if eval_every and step % eval_every == 0:
         eval_metrics = periodic_eval(state.ema_params, step)

@@ -31,6 +31,7 @@ from diffusion_jax import sampling
 from diffusion_jax import train
 from diffusion_jax import train_step as step_lib
 from diffusion_jax.data import input_pipeline
+from diffusion_jax.images import save_png
 
 DEFAULT_MAX_BATCH = 256
 
@@ -282,13 +283,6 @@ def interpolate(trained: TrainedModel, sampler: sampling.SamplerConfig, x_a: np.
 def view_scale(image_size: int) -> int:
   """How much to enlarge tiles of `image_size` px for viewing: 8 px → ×4, ≥ 32 px → ×1."""
   return max(1, min(4, 32 // max(image_size, 1)))
-
-
-def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
-  """Writes uint8 `[H, W, C]`, enlarged `scale` times (nearest neighbour)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
-  Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
 
 
 def _strip_grid(rows: list[np.ndarray], pad: int = 1) -> np.ndarray:

@@ -25,7 +25,6 @@ from diffusion_jax import features
 from diffusion_jax import train
 from diffusion_jax import train_step as step_lib
 from diffusion_jax import trained_model
-from diffusion_jax.data import digits
 from diffusion_jax.data import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,18 +72,9 @@ def _make_workdir(workdir, data_dir, class_conditional):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  base = tmp_path_factory.mktemp('sample')
-  data_dir = str(base / 'tfds')
-  digits.prepare_digits(data_dir)
-  e = dict(os.environ)
-  e.update(JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
-           XLA_FLAGS='--xla_force_host_platform_device_count=8',
-           PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  return dict(base=base, data_dir=data_dir, env=e,
-              uncond=_make_workdir(str(base / 'uncond'), data_dir, False),
+def env(child_env):
+  base, data_dir = child_env['base'], child_env['data_dir']
+  return dict(child_env, uncond=_make_workdir(str(base / 'uncond'), data_dir, False),
               cond=_make_workdir(str(base / 'cond'), data_dir, True))
 
 

@@ -7,7 +7,6 @@ for the multi-host test) that share a persistent compilation cache.
 
 import functools
 import glob
-import json
 import os
 import signal
 import socket
@@ -26,7 +25,6 @@ from flax import jax_utils
 from diffusion_jax import gaussian_diffusion as gd
 from diffusion_jax import schedules
 from diffusion_jax import train_step as step_lib
-from diffusion_jax.data import digits
 from diffusion_jax.models.unet import UNetConfig
 from diffusion_jax.train_state import OptimizerConfig, TrainState
 
@@ -178,17 +176,8 @@ def test_step_config_rejects_unknown_strings():
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  base = tmp_path_factory.mktemp('train')
-  data_dir = str(base / 'tfds')
-  digits.prepare_digits(data_dir)
-  e = dict(os.environ)
-  e.update(JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
-           XLA_FLAGS='--xla_force_host_platform_device_count=8',
-           PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  return dict(base=base, data_dir=data_dir, env=e)
+def env(child_env):
+  return child_env
 
 
 def _train_cmd(env, workdir, *overrides):
