@@ -35,3 +35,20 @@ def test_bench_tiny_runs_and_writes_its_table(tmp_path):
     assert raw[key]['images_per_s'] > 0 and raw[key]['flops_per_image'] > 0
   assert raw['jax_sample_8']['seconds_per_step'] > 0
   assert raw['jax_matmul']['gflops_per_s'] > 0
+
+
+@pytest.mark.slow
+def test_ab_runs_variants_in_one_process_and_rejects_bad_options():
+  ab = os.path.join(ROOT, 'bench', 'ab.py')
+  proc = subprocess.run(
+      [sys.executable, ab, 'forward', '--tiny', '--rounds', '2',
+       'eigen={"xla_cpu_experimental_ynn_fusion_type": ""}'],
+      capture_output=True, text=True, timeout=180, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line.split() for line in proc.stdout.splitlines()]
+  assert [r[0] for r in rows] == ['default', 'eigen']
+  assert rows[0][-1] == 'x1.000' and float(rows[1][1]) > 0
+
+  bad = subprocess.run([sys.executable, ab, 'forward', '--tiny', 'eigen={not json'],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+  assert bad.returncode == 2 and "variant 'eigen={not json'" in bad.stderr
