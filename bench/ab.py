@@ -32,7 +32,7 @@ def main(argv=None) -> None:
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--rounds', type=int, default=6)
   parser.add_argument('--tiny', action='store_true')
-  args = parser.parse_args(argv)
+  args = parser.parse_intermixed_args(argv)
   args.devices, args.micro, args.accum = 1, 1, 1
   variants = {'default': None}
   for v in args.variants:
