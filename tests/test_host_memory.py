@@ -2,7 +2,7 @@
 
 Each case runs in a fresh process (mallopt must come before XLA's threads first allocate): a
 jitted program whose temporaries are 96 MiB (above glibc's 32 MiB mmap threshold) is executed
-repeatedly, and the minor page faults per execution are counted. Left alone, glibc maps fresh
+repeatedly, and the minor page faults of each execution are counted (their median is compared). Left alone, glibc maps fresh
 pages for the temporaries every time (one fault per 4 KiB page); after the call it reuses them.
 """
 
@@ -31,12 +31,15 @@ x = jax.random.normal(jax.random.key(int(sys.argv[2])), (8, 1024, 1024))
 temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
 for _ in range(2):
   f(x).block_until_ready()
-calls = 10
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(calls):
+faults = []
+for _ in range(15):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
-print(json.dumps(dict(applied=applied, temp_pages=temp / 4096, faults_per_call=faults)))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# The median: the heap may still grow once or twice (a block freed late, after the next call
+# has started), which faults in one call's worth of pages; left alone, glibc faults every call.
+print(json.dumps(dict(applied=applied, temp_pages=temp / 4096,
+                      faults_per_call=sorted(faults)[len(faults) // 2])))
 '''
 
 
@@ -56,5 +59,5 @@ def test_temporaries_are_reused_instead_of_faulted_in_every_call():
   assert default['temp_pages'] >= 24 * 1024  # 96 MiB: the case the function is for
   # Left alone, every call faults in (nearly) all of its temporaries' pages ...
   assert default['faults_per_call'] > 0.75 * default['temp_pages'], default
-  # ... and after the call the heap keeps them: at most a rare growth of the heap remains.
+  # ... and after the call the heap keeps them.
   assert reused['faults_per_call'] < 0.25 * reused['temp_pages'], reused

@@ -66,6 +66,11 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> 
   return emb
 
 
+def _check_split(layer: str, channels: int, name: str, parts: int) -> None:
+  if channels % parts != 0:
+    raise ValueError(f"{layer}: {channels} channels cannot be split into {name}={parts} equal parts")
+
+
 class GroupNorm(nn.Module):
   """GroupNorm over NHWC arrays: statistics per example and group of ``C / num_groups`` channels.
 
@@ -90,9 +95,7 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape  # [B, H, W, C]
-    if c % self.num_groups != 0:
-      raise ValueError(
-        f"GroupNorm: {c} channels cannot be split into num_groups={self.num_groups} groups")
+    _check_split("GroupNorm", c, "num_groups", self.num_groups)
     scale = self.param("scale", nn.initializers.ones_init(), (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (c,), self.param_dtype)
     per_group = c // self.num_groups
@@ -208,9 +211,7 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape  # [B, H, W, C]
-    if c % self.num_heads != 0:
-      raise ValueError(
-        f"AttnBlock: {c} channels cannot be split into num_heads={self.num_heads} heads")
+    _check_split("AttnBlock", c, "num_heads", self.num_heads)
     head_dim = c // self.num_heads
     h = group_norm("norm", self.dtype, self.param_dtype)(x)
 
