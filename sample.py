@@ -12,7 +12,6 @@ ancestral chain), --interpolate OUT/interpolation.png (DDIM-latent interpolation
 OUT defaults to DIR/samples_<sampler>_<steps>. Bad arguments: one `error: ...` line, exit 1.
 """
 
-
 from absl import app
 from absl import flags
 

@@ -8,7 +8,6 @@ Multi-host: pass --jax_distributed (jax.distributed.initialize() reads the clust
 environment: TPU pods, SLURM, ...) or the coordinator flags explicitly.
 """
 
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags

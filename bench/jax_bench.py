@@ -59,25 +59,19 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cpu_seconds() -> float:
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
-
-
 def timed(fn, warmup: int, repeats: int) -> dict:
   """Median wall seconds of `fn()` (which must block), and the cores it kept busy."""
   for _ in range(warmup):
     fn()
   times = []
-  r0 = resource.getrusage(resource.RUSAGE_SELF)
-  cpu0, wall0 = cpu_seconds(), time.perf_counter()
+  r0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   for _ in range(repeats):
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  cpu = cpu_seconds() - cpu0
-  r1 = resource.getrusage(resource.RUSAGE_SELF)
-  busy = cpu / max(time.perf_counter() - wall0, 1e-9)
+  r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall0
+  cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+  busy = cpu / max(wall, 1e-9)
   return dict(seconds=statistics.median(times), all_seconds=times, cores_busy=busy,
               cpu_seconds_per_run=cpu / repeats,
               system_seconds_per_run=(r1.ru_stime - r0.ru_stime) / repeats,

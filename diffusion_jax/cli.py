@@ -27,8 +27,7 @@ def start(argv: list[str]) -> None:
 
 
 def exit_with_error(error: Exception) -> NoReturn:
-  """Logs `error`, prints it to stderr as one line `error: ...`, and exits with status 1."""
-  message = ' '.join(str(error).split())
-  logging.error('%s', message)
-  print(f'error: {message}', file=sys.stderr)
+  """Prints `error` to stderr as one line, `error: ...`, and exits with status 1. (Not also
+  through absl's logging: that writes to stderr too, and the message would appear twice.)"""
+  print('error: ' + ' '.join(str(error).split()), file=sys.stderr)
   sys.exit(1)
