@@ -113,8 +113,13 @@ def _check_fields(m: Any) -> None:
     )
 
 
-class UNet(nn.Module):
-  """The DDPM U-Net. Defaults are the paper's CIFAR-10 model (35.7M parameters).
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """Typed, hashable description of a :class:`UNet`; the one place its fields are written.
+
+  Sequences are stored as tuples and dtypes as ``numpy.dtype`` (strings such as ``"bfloat16"``
+  are accepted), so a config can be a static argument or a dict key. Invalid values raise
+  ``ValueError`` on construction. Defaults are the paper's CIFAR-10 model.
 
   Attributes:
     ch: base width; level i has ``ch * ch_mult[i]`` channels; the time embedding has ``4 * ch``.
@@ -133,171 +138,6 @@ class UNet(nn.Module):
     dtype: compute dtype (e.g. ``jnp.bfloat16``); the output is always float32.
     param_dtype: parameter dtype.
   """
-
-  ch: int = 128
-  out_ch: int = 3
-  ch_mult: tuple[int, ...] = (1, 2, 2, 2)
-  num_res_blocks: int = 2
-  attn_resolutions: tuple[int, ...] = (16,)
-  dropout: float = 0.1
-  resamp_with_conv: bool = True
-  conv_shortcut: bool = False
-  num_classes: int | None = None
-  resblock_scale_shift: bool = False
-  num_heads: int = 1
-  num_head_channels: int | None = None
-  attn_implementation: str | None = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  def __post_init__(self):
-    _check_fields(self)
-    super().__post_init__()
-
-  def _heads(self, channels: int) -> int:
-    if self.num_head_channels is None:
-      return self.num_heads
-    return channels // self.num_head_channels
-
-  def _check_sizes(self, height: int, width: int) -> None:
-    """Raises ValueError when the input size does not fit the architecture."""
-    levels = len(self.ch_mult)
-    factor = 2 ** (levels - 1)
-    if height % factor or width % factor:
-      raise ValueError(
-        f"input size {height}x{width} cannot be halved {levels - 1} times "
-        f"(len(ch_mult)={levels}): H and W must be multiples of {factor}"
-      )
-    resolutions = tuple(height // 2**i for i in range(levels))
-    for r in self.attn_resolutions:
-      if r not in resolutions:
-        raise ValueError(
-          f"attn_resolutions contains {r}, which never occurs for a {height}x{width} input; "
-          f"the feature-map heights are {resolutions}"
-        )
-    # Attention at the listed resolutions, and always in the middle (the last level's width).
-    attn_levels = {i for i, r in enumerate(resolutions) if r in self.attn_resolutions}
-    attn_levels.add(levels - 1)
-    for i in sorted(attn_levels):
-      c = self.ch * self.ch_mult[i]
-      if self.num_head_channels is not None and c % self.num_head_channels:
-        raise ValueError(
-          f"num_head_channels={self.num_head_channels} does not divide the {c} channels "
-          f"of the attention at resolution {resolutions[i]}"
-        )
-      if self.num_head_channels is None and c % self.num_heads:
-        raise ValueError(
-          f"num_heads={self.num_heads} does not divide the {c} channels "
-          f"of the attention at resolution {resolutions[i]}"
-        )
-
-  @nn.compact
-  def __call__(
-    self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False
-  ) -> jax.Array:
-    """Predicts (by default) the noise in ``x`` at timesteps ``t``.
-
-    Args:
-      x: ``[B, H, W, C]`` images; H and W multiples of ``2 ** (len(ch_mult) - 1)``.
-      t: ``[B]`` timesteps, 0-indexed (int32; floats are accepted for respaced schedules).
-      y: ``[B]`` int labels in ``[0, num_classes]`` (``num_classes`` = null label), or None
-        (the null label for all, when the model is class-conditional).
-      train: enables dropout; then ``rngs={'dropout': key}`` must be given to ``apply``.
-
-    Returns:
-      ``[B, H, W, out_ch]`` float32.
-    """
-    chex.assert_rank(x, 4)
-    b, height, width, _ = x.shape  # [B, H, W, C]
-    chex.assert_shape(t, (b,))
-    if y is not None:
-      if self.num_classes is None:
-        raise ValueError("got labels y, but the model is unconditional (num_classes=None)")
-      chex.assert_shape(y, (b,))
-    self._check_sizes(height, width)
-
-    dt, pdt = self.dtype, self.param_dtype
-    levels = len(self.ch_mult)
-    block = dict(
-      dropout=self.dropout,
-      conv_shortcut=self.conv_shortcut,
-      scale_shift=self.resblock_scale_shift,
-      dtype=dt,
-      param_dtype=pdt,
-    )
-
-    def res(out_ch: int, name: str) -> ResnetBlock:
-      return ResnetBlock(out_ch, name=name, **block)
-
-    def attn(channels: int, name: str) -> AttnBlock:
-      return AttnBlock(
-        num_heads=self._heads(channels),
-        implementation=self.attn_implementation,
-        dtype=dt,
-        param_dtype=pdt,
-        name=name,
-      )
-
-    # Timestep (and label) embedding.
-    temb = timestep_embedding(t, self.ch)  # [B, ch] float32
-    temb = dense(4 * self.ch, "temb_dense0", dt, pdt)(temb)
-    temb = dense(4 * self.ch, "temb_dense1", dt, pdt)(nn.swish(temb))  # [B, 4ch]
-    if self.num_classes is not None:
-      if y is None:
-        y = jnp.full((b,), self.num_classes, dtype=jnp.int32)  # the null label
-      label_emb = nn.Embed(
-        self.num_classes + 1, 4 * self.ch, embedding_init=nn.initializers.normal(1.0),
-        dtype=dt, param_dtype=pdt, name="label_emb",
-      )
-      temb = temb + label_emb(y)  # [B, 4ch]
-
-    # Downsampling.
-    hs = [conv3x3(self.ch, "conv_in", dt, pdt)(x.astype(dt))]  # [B, H, W, ch]
-    for i in range(levels):
-      c = self.ch * self.ch_mult[i]
-      for j in range(self.num_res_blocks):
-        h = res(c, f"down_{i}_block_{j}")(hs[-1], temb, train)  # [B, H/2**i, W/2**i, c]
-        if h.shape[1] in self.attn_resolutions:
-          h = attn(c, f"down_{i}_attn_{j}")(h)
-        hs.append(h)
-      if i != levels - 1:
-        down = Downsample(self.resamp_with_conv, dt, pdt, name=f"down_{i}_downsample")
-        hs.append(down(hs[-1]))  # [B, H/2**(i+1), W/2**(i+1), c]
-
-    # Middle.
-    h = hs[-1]  # [B, H/2**(L-1), W/2**(L-1), ch * ch_mult[-1]]
-    c = h.shape[-1]
-    h = res(c, "mid_block_1")(h, temb, train)
-    h = attn(c, "mid_attn_1")(h)
-    h = res(c, "mid_block_2")(h, temb, train)
-
-    # Upsampling: each block takes one skip, so each level uses num_res_blocks + 1 of them.
-    for i in reversed(range(levels)):
-      c = self.ch * self.ch_mult[i]
-      for j in range(self.num_res_blocks + 1):
-        h = jnp.concatenate([h, hs.pop()], axis=-1)  # [B, H/2**i, W/2**i, c + c_skip]
-        h = res(c, f"up_{i}_block_{j}")(h, temb, train)  # [B, H/2**i, W/2**i, c]
-        if h.shape[1] in self.attn_resolutions:
-          h = attn(c, f"up_{i}_attn_{j}")(h)
-      if i != 0:
-        h = Upsample(self.resamp_with_conv, dt, pdt, name=f"up_{i}_upsample")(h)
-    assert not hs, f"{len(hs)} skip connections left unused"
-
-    # Output head.
-    h = nn.swish(group_norm("norm_out", dt, pdt)(h))
-    h = conv3x3(self.out_ch, "conv_out", dt, pdt, init_scale=0.0)(h)  # [B, H, W, out_ch]
-    return h.astype(jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class UNetConfig:
-  """Typed, hashable description of a :class:`UNet`: the same fields and defaults.
-
-  Sequences are stored as tuples and dtypes as ``numpy.dtype`` (strings such as ``"bfloat16"``
-  are accepted), so a config can be a static argument or a dict key. Invalid values raise
-  ``ValueError`` on construction.
-  """
-
   ch: int = 128
   out_ch: int = 3
   ch_mult: tuple[int, ...] = (1, 2, 2, 2)
@@ -331,6 +171,159 @@ class UNetConfig:
       raise ValueError(f"unknown UNetConfig keys {unknown}; allowed keys are {allowed}")
     return cls(**mapping)
 
+  def to_dict(self) -> dict[str, Any]:
+    """The fields as JSON-able values (tuples as lists, dtypes by name): the inverse of
+    :meth:`from_dict`."""
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d.update(ch_mult=list(self.ch_mult), attn_resolutions=list(self.attn_resolutions),
+             dtype=self.dtype.name, param_dtype=self.param_dtype.name)
+    return d
+
   def make(self) -> UNet:
     """The Flax module this config describes."""
-    return UNet(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+    return UNet(self)
+
+
+class UNet(nn.Module):
+  """The DDPM U-Net described by ``config`` (a :class:`UNetConfig`, whose fields are documented
+  there). ``UNet(UNetConfig())`` is the paper's CIFAR-10 model (35.7M parameters)."""
+
+  config: UNetConfig = UNetConfig()
+
+  @property
+  def num_classes(self) -> int | None:
+    return self.config.num_classes
+
+  def _heads(self, channels: int) -> int:
+    if self.config.num_head_channels is None:
+      return self.config.num_heads
+    return channels // self.config.num_head_channels
+
+  def _check_sizes(self, height: int, width: int) -> None:
+    """Raises ValueError when the input size does not fit the architecture."""
+    levels = len(self.config.ch_mult)
+    factor = 2 ** (levels - 1)
+    if height % factor or width % factor:
+      raise ValueError(
+        f"input size {height}x{width} cannot be halved {levels - 1} times "
+        f"(len(ch_mult)={levels}): H and W must be multiples of {factor}"
+      )
+    resolutions = tuple(height // 2**i for i in range(levels))
+    for r in self.config.attn_resolutions:
+      if r not in resolutions:
+        raise ValueError(
+          f"attn_resolutions contains {r}, which never occurs for a {height}x{width} input; "
+          f"the feature-map heights are {resolutions}"
+        )
+    # Attention at the listed resolutions, and always in the middle (the last level's width).
+    attn_levels = {i for i, r in enumerate(resolutions) if r in self.config.attn_resolutions}
+    attn_levels.add(levels - 1)
+    for i in sorted(attn_levels):
+      c = self.config.ch * self.config.ch_mult[i]
+      if self.config.num_head_channels is not None and c % self.config.num_head_channels:
+        raise ValueError(
+          f"num_head_channels={self.config.num_head_channels} does not divide the {c} channels "
+          f"of the attention at resolution {resolutions[i]}"
+        )
+      if self.config.num_head_channels is None and c % self.config.num_heads:
+        raise ValueError(
+          f"num_heads={self.config.num_heads} does not divide the {c} channels "
+          f"of the attention at resolution {resolutions[i]}"
+        )
+
+  @nn.compact
+  def __call__(
+    self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False
+  ) -> jax.Array:
+    """Predicts (by default) the noise in ``x`` at timesteps ``t``.
+
+    Args:
+      x: ``[B, H, W, C]`` images; H and W multiples of ``2 ** (len(ch_mult) - 1)``.
+      t: ``[B]`` timesteps, 0-indexed (int32; floats are accepted for respaced schedules).
+      y: ``[B]`` int labels in ``[0, num_classes]`` (``num_classes`` = null label), or None
+        (the null label for all, when the model is class-conditional).
+      train: enables dropout; then ``rngs={'dropout': key}`` must be given to ``apply``.
+
+    Returns:
+      ``[B, H, W, out_ch]`` float32.
+    """
+    chex.assert_rank(x, 4)
+    b, height, width, _ = x.shape  # [B, H, W, C]
+    chex.assert_shape(t, (b,))
+    if y is not None:
+      if self.config.num_classes is None:
+        raise ValueError("got labels y, but the model is unconditional (num_classes=None)")
+      chex.assert_shape(y, (b,))
+    self._check_sizes(height, width)
+
+    dt, pdt = self.config.dtype, self.config.param_dtype
+    levels = len(self.config.ch_mult)
+    block = dict(
+      dropout=self.config.dropout,
+      conv_shortcut=self.config.conv_shortcut,
+      scale_shift=self.config.resblock_scale_shift,
+      dtype=dt,
+      param_dtype=pdt,
+    )
+
+    def res(out_ch: int, name: str) -> ResnetBlock:
+      return ResnetBlock(out_ch, name=name, **block)
+
+    def attn(channels: int, name: str) -> AttnBlock:
+      return AttnBlock(
+        num_heads=self._heads(channels),
+        implementation=self.config.attn_implementation,
+        dtype=dt,
+        param_dtype=pdt,
+        name=name,
+      )
+
+    # Timestep (and label) embedding.
+    temb = timestep_embedding(t, self.config.ch)  # [B, ch] float32
+    temb = dense(4 * self.config.ch, "temb_dense0", dt, pdt)(temb)
+    temb = dense(4 * self.config.ch, "temb_dense1", dt, pdt)(nn.swish(temb))  # [B, 4ch]
+    if self.config.num_classes is not None:
+      if y is None:
+        y = jnp.full((b,), self.config.num_classes, dtype=jnp.int32)  # the null label
+      label_emb = nn.Embed(
+        self.config.num_classes + 1, 4 * self.config.ch, embedding_init=nn.initializers.normal(1.0),
+        dtype=dt, param_dtype=pdt, name="label_emb",
+      )
+      temb = temb + label_emb(y)  # [B, 4ch]
+
+    # Downsampling.
+    hs = [conv3x3(self.config.ch, "conv_in", dt, pdt)(x.astype(dt))]  # [B, H, W, ch]
+    for i in range(levels):
+      c = self.config.ch * self.config.ch_mult[i]
+      for j in range(self.config.num_res_blocks):
+        h = res(c, f"down_{i}_block_{j}")(hs[-1], temb, train)  # [B, H/2**i, W/2**i, c]
+        if h.shape[1] in self.config.attn_resolutions:
+          h = attn(c, f"down_{i}_attn_{j}")(h)
+        hs.append(h)
+      if i != levels - 1:
+        down = Downsample(self.config.resamp_with_conv, dt, pdt, name=f"down_{i}_downsample")
+        hs.append(down(hs[-1]))  # [B, H/2**(i+1), W/2**(i+1), c]
+
+    # Middle.
+    h = hs[-1]  # [B, H/2**(L-1), W/2**(L-1), ch * ch_mult[-1]]
+    c = h.shape[-1]
+    h = res(c, "mid_block_1")(h, temb, train)
+    h = attn(c, "mid_attn_1")(h)
+    h = res(c, "mid_block_2")(h, temb, train)
+
+    # Upsampling: each block takes one skip, so each level uses num_res_blocks + 1 of them.
+    for i in reversed(range(levels)):
+      c = self.config.ch * self.config.ch_mult[i]
+      for j in range(self.config.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)  # [B, H/2**i, W/2**i, c + c_skip]
+        h = res(c, f"up_{i}_block_{j}")(h, temb, train)  # [B, H/2**i, W/2**i, c]
+        if h.shape[1] in self.config.attn_resolutions:
+          h = attn(c, f"up_{i}_attn_{j}")(h)
+      if i != 0:
+        h = Upsample(self.config.resamp_with_conv, dt, pdt, name=f"up_{i}_upsample")(h)
+    assert not hs, f"{len(hs)} skip connections left unused"
+
+    # Output head.
+    h = nn.swish(group_norm("norm_out", dt, pdt)(h))
+    h = conv3x3(self.config.out_ch, "conv_out", dt, pdt, init_scale=0.0)(h)  # [B, H, W, out_ch]
+    return h.astype(jnp.float32)
