@@ -39,11 +39,13 @@ FLAGS = flags.FLAGS
 def main(argv):
   cli.start(argv)
   from diffusion_jax import trained_model  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
   try:
+    sampler = sampling.SamplerConfig(FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
+                                     guidance_scale=FLAGS.guidance_scale)
     result = trained_model.sample_to_dir(
-        FLAGS.workdir, num_samples=FLAGS.num_samples, sampler=FLAGS.sampler,
-        steps=FLAGS.steps, eta=FLAGS.eta, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-        output=FLAGS.output, guidance_scale=FLAGS.guidance_scale, label=FLAGS.label,
+        FLAGS.workdir, num_samples=FLAGS.num_samples, sampler=sampler,
+        batch_size=FLAGS.batch_size, seed=FLAGS.seed, output=FLAGS.output, label=FLAGS.label,
         progressive_chain=FLAGS.progressive, interpolation=FLAGS.interpolate,
         overwrite=FLAGS.overwrite)
   except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -5,6 +5,8 @@ Each dataset config imports `get_config()` from here and overrides fields.
 
 import ml_collections
 
+from diffusion_jax import spec
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -15,17 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default
   data.random_flip = True
 
-  # U-Net fields (diffusion_jax.models.unet.UNetConfig). out_ch is derived from the data's
-  # channels and the variance type; num_classes from the dataset when class_conditional.
-  config.model = model = ml_collections.ConfigDict()
-  model.ch = 128
-  model.ch_mult = (1, 2, 2, 2)
-  model.num_res_blocks = 2
-  model.attn_resolutions = (16,)
-  model.dropout = 0.1
-  model.resamp_with_conv = True
-  model.resblock_scale_shift = False
-  model.num_heads = 1
+  # U-Net fields: UNetConfig's, with its defaults (the paper's CIFAR-10 model). out_ch is
+  # derived from the data's channels and the variance type, num_classes from the dataset when
+  # class_conditional, the dtype from training.compute_dtype.
+  config.model = model = ml_collections.ConfigDict(spec.default_model_fields())
   model.class_conditional = False
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -52,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.label_dropout = 0.1          # class-conditional: p(null label), for guidance
   training.sample_every_steps = 0       # 0: never; a grid of EMA samples in the workdir
   training.num_samples = 64
-  training.sample_steps = 100           # DDIM steps for the training-time sample grid
+  training.sampler = 'ddim'             # the training-time sample grid's sampler (sample.py's)
+  training.sample_steps = 100           # and its steps
 
   config.optimizer = optimizer = ml_collections.ConfigDict()
   optimizer.learning_rate = 2e-4
@@ -66,7 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.every_steps = 0            # 0: no periodic evaluation during training
   evaluation.num_samples = 256          # samples for FID during training
   evaluation.bpd_examples = 256         # test examples for bits/dim during training
-  evaluation.sample_steps = 100         # DDIM steps for those samples
+  evaluation.sampler = 'ddim'           # the sampler of those samples
+  evaluation.sample_steps = 100         # and its steps
   # FID network weights for datasets other than digits (digits use their own classifier);
   # None: no sample metrics there. See diffusion_jax/models/inception.py.
   evaluation.inception_weights = ml_collections.config_dict.placeholder(str)

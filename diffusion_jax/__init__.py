@@ -7,7 +7,7 @@ sampling of t). Their public names are importable from the package itself.
 """
 
 from diffusion_jax.gaussian_diffusion import (
-    GaussianDiffusion, LossType, MeanType, VarType, calc_bpd_loop,
+    GaussianDiffusion, LossType, MeanType, Parameterization, VarType, calc_bpd_loop,
     discretized_gaussian_log_likelihood, get_v, mean_flat, min_snr_weight, normal_kl,
     p_mean_variance, predict_noise_from_start, predict_start_from_noise, predict_start_from_v,
     prior_bpd, q_mean_variance, q_posterior_mean_variance, q_sample, snr, training_loss_terms,

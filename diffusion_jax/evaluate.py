@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable, Iterable
 
 import jax
-import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_jax import features as features_lib
@@ -35,8 +34,10 @@ from diffusion_jax import fid
 from diffusion_jax import gaussian_diffusion as gd
 from diffusion_jax import sampling
 from diffusion_jax import trained_model
-from diffusion_jax.data import digits as digits_lib
+from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.data import datasets
 from diffusion_jax.data import input_pipeline
+from diffusion_jax.spec import ExperimentSpec
 
 AXIS = sampling.AXIS
 DEFAULT_BPD_BATCH = 64        # global; calc_bpd_loop runs 8× that through the U-Net per call
@@ -48,9 +49,9 @@ PR_NEIGHBOURS = 3
 # ------------------------------------------------------------------------------------------
 
 
-def make_bpd_fn(model, diffusion: gd.GaussianDiffusion, *, mean_type: gd.MeanType,
-                var_type: gd.VarType, num_classes: int | None, mesh: jax.sharding.Mesh,
-                timesteps_per_call: int = 8):
+def make_bpd_fn(model, diffusion: gd.GaussianDiffusion, *,
+                parameterization: gd.Parameterization, num_classes: int | None,
+                mesh: jax.sharding.Mesh, timesteps_per_call: int = 8):
   """Jitted `run(params, rng, images [B, H, W, C], labels [B]) -> (total_bpd [B], prior [B])`.
 
   Data-parallel: device i evaluates its share with `fold_in(rng, i)`; B must be a multiple
@@ -59,8 +60,8 @@ def make_bpd_fn(model, diffusion: gd.GaussianDiffusion, *, mean_type: gd.MeanTyp
   def per_device(params, rng, images, labels):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
     denoise = sampling.make_denoise_fn(model, params, labels if num_classes else None)
-    out = gd.calc_bpd_loop(diffusion, denoise, images, rng, mean_type=mean_type,
-                           var_type=var_type, clip_denoised=True,
+    out = gd.calc_bpd_loop(diffusion, denoise, images, rng,
+                           **parameterization.as_kwargs(), clip_denoised=True,
                            timesteps_per_call=timesteps_per_call)
     return out['total_bpd'], out['prior_bpd']
 
@@ -91,16 +92,35 @@ def mean_bpd(run, params, rng: jax.Array, batches: Iterable[dict[str, np.ndarray
               bpd_num_examples=int(mask.sum()))
 
 
+def data_info(spec: ExperimentSpec, data_dir=None) -> input_pipeline.ImageDatasetInfo:
+  """The facts of the workdir's dataset, read from `data_dir` (default: the spec's); a
+  one-line FileNotFoundError saying what needs it when the dataset is not there."""
+  data_dir = spec.data.data_dir if data_dir is None else str(data_dir)
+  name = spec.data.dataset
+  description = datasets.describe(name)
+  try:
+    if description.prepared_locally:
+      description.prepare(data_dir)
+    return input_pipeline.dataset_info(name, data_dir)
+  except (FileNotFoundError, ValueError) as e:
+    raise FileNotFoundError(
+        f'bits/dim and the reference statistics need dataset {name!r}, which is not in '
+        f'{data_dir or "the default TFDS data_dir"} ({" ".join(str(e).split())}); pass '
+        '--data_dir, or --bpd_examples=0 with --reference_stats for sample metrics alone'
+    ) from None
+
+
 def bpd_on_split(trained: trained_model.TrainedModel, rng: jax.Array, *,
-             num_examples: int | None = None, split: str = 'test',
-             batch_size: int | None = None, progress: bool = False) -> dict[str, float]:
+                 info: input_pipeline.ImageDatasetInfo, data_dir=None,
+                 num_examples: int | None = None, split: str = 'test',
+                 batch_size: int | None = None, progress: bool = False) -> dict[str, float]:
   """Bits/dim of the EMA model on the first `num_examples` (default: all) of `split`.
 
   A class-conditional model is scored given each example's label: −log₂ p(x | y) / dims.
   """
-  size = trained.info.num_examples.get(split)
+  size = info.num_examples.get(split)
   if size is None:
-    raise ValueError(f'dataset {trained.info.name!r} has no split {split!r}')
+    raise ValueError(f'dataset {info.name!r} has no split {split!r}')
   n = size if num_examples is None else num_examples
   if not 1 <= n <= size:
     raise ValueError(f'--bpd_examples must be in [1, {size}] (the {split} split), got {n}')
@@ -109,11 +129,11 @@ def bpd_on_split(trained: trained_model.TrainedModel, rng: jax.Array, *,
   if batch_size % n_dev:
     raise ValueError(f'bits/dim batch size {batch_size} must be a multiple of the {n_dev} '
                      'devices')
-  run = make_bpd_fn(trained.model, trained.diffusion, mean_type=trained.mean_type,
-                    var_type=trained.var_type, num_classes=trained.num_classes,
-                    mesh=trained.mesh)
+  run = make_bpd_fn(trained.model, trained.diffusion,
+                    parameterization=trained.parameterization,
+                    num_classes=trained.num_classes, mesh=trained.mesh)
   batches = input_pipeline.create_eval_iterator(
-      trained.info.name, trained.config.data.data_dir, global_batch_size=batch_size,
+      info.name, data_dir, global_batch_size=batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       split=split if n == size else f'{split}[:{n}]')
   out = mean_bpd(run, trained.ema_params, rng, batches, trained.mesh, progress)
@@ -147,9 +167,8 @@ def sample_quality(images: np.ndarray, extractor: features_lib.FeatureExtractor,
               recall=recall)
 
 
-def default_features(dataset: str) -> features_lib.FeatureKind:
-  return (features_lib.FeatureKind.DIGITS if dataset == digits_lib.NAME
-          else features_lib.FeatureKind.INCEPTION)
+def default_features(dataset: str) -> datasets.FeatureKind:
+  return datasets.describe(dataset).features
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,37 +176,35 @@ def default_features(dataset: str) -> features_lib.FeatureKind:
 # ------------------------------------------------------------------------------------------
 
 
-def _write_json(path: str, results: dict[str, Any]) -> dict[str, Any]:
+def _write_json(path: epath.Path, results: dict[str, Any]) -> dict[str, Any]:
   """Merges `results` into the JSON at `path`; entries of another checkpoint are dropped."""
   merged: dict[str, Any] = {}
-  if os.path.exists(path):
+  if path.exists():
     try:
-      with open(path) as f:
-        merged = json.load(f)
+      merged = workdir_lib.read_json(path)
     except (OSError, json.JSONDecodeError):
       merged = {}
     if merged.get('step') != results.get('step'):
       merged = {}
   merged.update(results)
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(merged, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  workdir_lib.write_json(path, merged)
   return merged
 
 
-def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None = None,
+def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = None,
              features: str | None = None, inception_weights: str | None = None,
-             sampler: str = 'ddim', steps: int | None = 100, eta: float = 0.0,
-             batch_size: int | None = None, seed: int = 0,
+             sampler: sampling.SamplerConfig = sampling.SamplerConfig('ddim', steps=100),
+             batch_size: int | None = None, seed: int = 0, data_dir=None,
              progress: bool = True) -> dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir`; merges the results into WORKDIR/eval.json.
 
   num_samples: samples for FID / IS / precision-recall (0: skip).
   bpd_examples: test examples for bits/dim (None: the whole split; 0: skip).
-  features: 'digits' | 'inception' (default: 'digits' on the digits dataset, else
-    'inception', which needs `inception_weights`).
-  sampler, steps, eta: how the samples are drawn (`sampling.SamplerConfig`).
+  features: 'digits' | 'inception' (default: the dataset's, `datasets.describe`; inception
+    needs `inception_weights`).
+  sampler: how the samples are drawn.
+  data_dir: where the dataset is (default: the spec's); needed for bits/dim and for
+    computing the reference statistics.
   Returns the merged results. Arguments are checked before any heavy work.
   """
   if not isinstance(num_samples, int) or num_samples < 0:
@@ -197,25 +214,24 @@ def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None 
                      f'{num_samples}')
   if bpd_examples is not None and bpd_examples < 0:
     raise ValueError(f'--bpd_examples must be >= 0, got {bpd_examples}')
-  sampler_cfg = sampling.SamplerConfig.create(sampler, steps=steps, eta=float(eta))
   wd = trained_model.read_workdir(workdir)
-  if steps is not None and not 1 <= steps <= wd.num_timesteps:
-    raise ValueError(f'--steps must be in [1, {wd.num_timesteps}] (the model\'s T), '
-                     f'got {steps}')
-  test_size = wd.info.num_examples.get('test', 0)
+  sampler.check_steps(wd.num_timesteps)
+  spec = wd.spec
+  data_dir = spec.data.data_dir if data_dir is None else str(data_dir)
+  info = data_info(spec, data_dir) if (num_samples or bpd_examples != 0) else None
+  test_size = info.num_examples.get('test', 0) if info else 0
   if bpd_examples and bpd_examples > test_size:
     raise ValueError(f'--bpd_examples must be at most {test_size} (the test split), got '
                      f'{bpd_examples}')
   extractor = reference = None
   t0 = time.time()
   if num_samples:
-    kind = (default_features(wd.info.name) if features is None
-            else features_lib.FeatureKind.parse(features))
-    extractor = features_lib.make_extractor(kind, dataset=wd.info.name,
-                                            data_dir=wd.config.data.data_dir,
+    kind = (default_features(spec.data.dataset) if features is None
+            else datasets.FeatureKind.parse(features))
+    extractor = features_lib.make_extractor(kind, dataset=spec.data.dataset,
+                                            data_dir=data_dir,
                                             inception_weights=inception_weights)
-    reference = features_lib.reference_stats(extractor, wd.info.name,
-                                             wd.config.data.data_dir, 'train')
+    reference = features_lib.reference_stats(extractor, spec.data.dataset, data_dir, 'train')
   t_ref = time.time() - t0
 
   trained = trained_model.load_ema_params(wd)
@@ -224,11 +240,12 @@ def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None 
   results: dict[str, Any] = dict(step=trained.step)
   if bpd_examples != 0 and test_size:
     t = time.time()
-    results.update(bpd_on_split(trained, bpd_rng, num_examples=bpd_examples, progress=progress))
+    results.update(bpd_on_split(trained, bpd_rng, info=info, data_dir=data_dir,
+                                num_examples=bpd_examples, progress=progress))
     results['bpd_seconds'] = time.time() - t
   if num_samples:
     t = time.time()
-    images, _ = trained_model.generate(trained, sampler_cfg, num_samples=num_samples,
+    images, _ = trained_model.generate(trained, sampler, num_samples=num_samples,
                                        rng=sample_rng, batch_size=batch_size,
                                        progress=progress)
     t_sample = time.time() - t
@@ -236,13 +253,10 @@ def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None 
     results.update(quality)
     results.update(
         fid_num_samples=num_samples, fid_features=extractor.name,
-        fid_reference=f'{wd.info.name} train ({reference.num_examples} examples)',
-        fid_sampler=sampler_cfg.kind.value,
-        fid_sampler_steps=sampler_cfg.steps or wd.num_timesteps,
-        fid_sampler_eta=sampler_cfg.eta, sample_seconds=t_sample,
-        reference_seconds=t_ref)
+        fid_reference=f'{spec.data.dataset} train ({reference.num_examples} examples)',
+        fid_sampler=sampler.to_dict(), sample_seconds=t_sample, reference_seconds=t_ref)
   if jax.process_index() == 0:
-    return _write_json(os.path.join(trained.workdir, 'eval.json'), results)
+    return _write_json(trained.workdir / 'eval.json', results)
   return results
 
 
@@ -251,43 +265,39 @@ def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None 
 # ------------------------------------------------------------------------------------------
 
 
-def make_periodic_eval(config: ml_collections.ConfigDict, *, model, diffusion, step_cfg,
-                       info: input_pipeline.ImageDatasetInfo, mesh: jax.sharding.Mesh
+def make_periodic_eval(spec: ExperimentSpec, *, model, diffusion, mesh: jax.sharding.Mesh
                        ) -> Callable[[Any, int], dict[str, float]]:
-  """The evaluation `train.py` runs every `config.eval.every_steps` steps.
+  """The evaluation `train.py` runs every `spec.eval.every_steps` steps.
 
   Returns `fn(ema_params, step) -> {'eval/bpd': ..., 'eval/fid': ..., ...}`: bits/dim on
-  the first `config.eval.bpd_examples` test examples, and FID / IS / precision / recall of
-  `config.eval.num_samples` DDIM samples (`config.eval.sample_steps` steps) with the digits
-  features on digits, or the Inception network when `config.eval.inception_weights` is set
-  (otherwise no sample metrics). The feature network and reference statistics are prepared
-  here, once.
+  the first `spec.eval.bpd_examples` test examples, and FID / IS / precision / recall of
+  `spec.eval.num_samples` samples drawn with `spec.eval.sampler`, on the dataset's default
+  features (`datasets.describe`); Inception features only when `spec.eval.inception_weights`
+  is set (otherwise no sample metrics). The feature network and reference statistics are
+  prepared here, once.
   """
-  ev = config.eval
-  data_dir = config.data.data_dir
-  num_classes = step_cfg.num_classes
-  base = trained_model.TrainedModel(
-      workdir='', step=0, config=config, info=info, model=model, diffusion=diffusion,
-      mean_type=step_cfg.mean_type, var_type=step_cfg.var_type, ema_params=None, mesh=mesh)
+  ev = spec.eval
+  data_dir = spec.data.data_dir
+  info = data_info(spec, data_dir)
+  base = trained_model.TrainedModel(workdir=None, step=0, spec=spec, model=model,
+                                    diffusion=diffusion, ema_params=None, mesh=mesh)
   n_dev = mesh.devices.size
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x6576616C)  # 'eval'
+  rng = jax.random.fold_in(jax.random.PRNGKey(spec.seed), 0x6576616C)  # 'eval'
 
   extractor = reference = sample_run = None
   num_samples = -(-int(ev.num_samples) // n_dev) * n_dev if ev.num_samples else 0
-  weights = ev.get('inception_weights')
-  if num_samples and (info.name == digits_lib.NAME or weights):
-    kind = default_features(info.name)
+  kind = default_features(info.name)
+  if num_samples and (kind is datasets.FeatureKind.DIGITS or ev.inception_weights):
     extractor = features_lib.make_extractor(kind, dataset=info.name, data_dir=data_dir,
-                                            inception_weights=weights)
+                                            inception_weights=ev.inception_weights)
     reference = features_lib.reference_stats(extractor, info.name, data_dir, 'train')
-    sampler_cfg = sampling.SamplerConfig.create('ddim', steps=int(ev.sample_steps))
-    sample_run = trained_model.make_sampler(base, sampler_cfg)
+    sample_run = trained_model.make_sampler(base, ev.sampler)
 
   test_size = info.num_examples.get('test', 0)
   bpd_n = min(int(ev.bpd_examples), test_size)
   bpd_batch = trained_model.default_batch_size(bpd_n, n_dev, DEFAULT_BPD_BATCH) if bpd_n else 0
-  bpd_run = (make_bpd_fn(model, diffusion, mean_type=step_cfg.mean_type,
-                         var_type=step_cfg.var_type, num_classes=num_classes, mesh=mesh)
+  bpd_run = (make_bpd_fn(model, diffusion, parameterization=spec.parameterization,
+                         num_classes=spec.num_classes, mesh=mesh)
              if bpd_n else None)
 
   def periodic_eval(ema_params, step: int) -> dict[str, float]:
@@ -302,7 +312,7 @@ def make_periodic_eval(config: ml_collections.ConfigDict, *, model, diffusion, s
                                  mesh)['bpd']
     if sample_run is not None:
       trained = dataclasses.replace(base, ema_params=ema_params, step=step)
-      images, _ = trained_model.generate(trained, sampler_cfg, num_samples=num_samples,
+      images, _ = trained_model.generate(trained, ev.sampler, num_samples=num_samples,
                                          rng=jax.random.fold_in(key, 1), run=sample_run)
       out.update({f'eval/{k}': v for k, v in
                   sample_quality(images, extractor, reference).items()})
@@ -326,11 +336,12 @@ def _main():
                       'digits dataset, else inception.')
   flags.DEFINE_string('inception_weights', None, 'The FID Inception-v3 weights (.npz, '
                       'format in diffusion_jax/models/inception.py).')
-  flags.DEFINE_string('sampler', 'ddim', 'ddpm or ddim, for the FID samples.')
+  flags.DEFINE_string('sampler', 'ddim', 'The sampler of the FID samples (see sample.py).')
   flags.DEFINE_integer('steps', 100, 'Sampling steps for the FID samples (max: T).')
   flags.DEFINE_float('eta', 0.0, 'DDIM η.')
   flags.DEFINE_integer('batch_size', None, 'Samples per call, a multiple of the device count.')
   flags.DEFINE_integer('seed', 0, 'Random seed.')
+  flags.DEFINE_string('data_dir', None, "Where the dataset is; default: the workdir's spec.")
   flags.mark_flags_as_required(['workdir'])
   FLAGS = flags.FLAGS
 
@@ -338,11 +349,12 @@ def _main():
     from diffusion_jax import cli  # pylint: disable=g-import-not-at-top
     cli.start(argv)
     try:
+      sampler = sampling.SamplerConfig(FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta)
       results = evaluate(FLAGS.workdir, num_samples=FLAGS.num_samples,
                          bpd_examples=FLAGS.bpd_examples, features=FLAGS.features,
-                         inception_weights=FLAGS.inception_weights, sampler=FLAGS.sampler,
-                         steps=FLAGS.steps, eta=FLAGS.eta, batch_size=FLAGS.batch_size,
-                         seed=FLAGS.seed)
+                         inception_weights=FLAGS.inception_weights, sampler=sampler,
+                         batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                         data_dir=FLAGS.data_dir)
     except (ValueError, FileNotFoundError) as e:
       cli.exit_with_error(e)
     print(json.dumps(results, indent=2, sort_keys=True))

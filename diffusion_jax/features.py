@@ -18,7 +18,6 @@ precision/recall, in `DATA_DIR/diffusion_jax/reference_<extractor>_<dataset>_<sp
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import os
 from typing import Any, Callable, Protocol
@@ -30,6 +29,7 @@ import tensorflow_datasets as tfds
 from flax import traverse_util
 
 from diffusion_jax import fid
+from diffusion_jax.data import datasets
 from diffusion_jax.data import digits as digits_lib
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.models import digits_classifier
@@ -40,17 +40,7 @@ from diffusion_jax.models import inception
 MAX_PR_REFERENCE = 10_000
 
 
-class FeatureKind(enum.Enum):
-  DIGITS = 'digits'
-  INCEPTION = 'inception'
-
-  @classmethod
-  def parse(cls, value: str) -> 'FeatureKind':
-    try:
-      return cls(value)
-    except ValueError:
-      allowed = ', '.join(k.value for k in cls)
-      raise ValueError(f'unknown features {value!r}; allowed: {allowed}') from None
+FeatureKind = datasets.FeatureKind
 
 
 class FeatureExtractor(Protocol):
@@ -180,9 +170,9 @@ def inception_extractor(weights_path, *, batch_size: int = 50) -> JaxExtractor:
 def make_extractor(kind: str | FeatureKind, *, dataset: str, data_dir,
                    inception_weights=None) -> FeatureExtractor:
   """The extractor of `kind` ('digits' | 'inception') for `dataset`; errors are one line."""
-  kind = FeatureKind.parse(kind) if isinstance(kind, str) else kind
+  kind = FeatureKind.parse(kind)
   if kind is FeatureKind.DIGITS:
-    if dataset != digits_lib.NAME:
+    if datasets.describe(dataset).features is not FeatureKind.DIGITS:
       raise ValueError(f"features 'digits' work on the digits dataset only, not {dataset!r}; "
                        'use --features=inception --inception_weights=PATH')
     return digits_extractor(data_dir)[0]

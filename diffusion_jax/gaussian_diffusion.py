@@ -14,6 +14,7 @@ All functions are pure and jit/vmap/grad-safe; the string options are static (bi
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from typing import Any, Callable
@@ -87,6 +88,29 @@ class LossType(_Option):
   @classmethod
   def _what(cls):
     return 'loss_type'
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameterization:
+  """What a model's output means: its mean type and variance type, parsed once.
+
+  Hashable, so it can be a static argument or part of a frozen spec; strings are accepted
+  (`Parameterization('v', 'learned_range')`) and parsed on construction. The functions below
+  take its two fields: `p_mean_variance(d, out, x_t, t, **param.as_kwargs())`.
+  """
+  mean_type: MeanType = MeanType.EPS
+  var_type: VarType = VarType.FIXED_LARGE
+
+  def __post_init__(self):
+    object.__setattr__(self, 'mean_type', MeanType.parse(self.mean_type))
+    object.__setattr__(self, 'var_type', VarType.parse(self.var_type))
+
+  def out_channels(self, channels: int) -> int:
+    """The model's output channels for `channels` image channels (twice for learned Σ)."""
+    return channels * (2 if self.var_type.is_learned else 1)
+
+  def as_kwargs(self) -> dict[str, Any]:
+    return dict(mean_type=self.mean_type, var_type=self.var_type)
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,8 +314,19 @@ def _pred_xstart(d, mean_output, x_t, t, mean_type: MeanType) -> Array:
   return predict_start_from_prev(d, x_t, t, mean_output)
 
 
-def _p_mean_variance(d, model_output, x_t, t, mean_type: MeanType, var_type: VarType,
-                     clip_denoised: bool) -> dict[str, Array]:
+def p_mean_variance(d: GaussianDiffusion, model_output: Array, x_t: Array, t: Array, *,
+                    mean_type: str | MeanType, var_type: str | VarType,
+                    clip_denoised: bool = True) -> dict[str, Array]:
+  """p_θ(x_{t-1} | x_t) from a model output.
+
+  Args:
+    model_output: `[B, ..., C]`, or `[B, ..., 2C]` for learned variances (the last C channels
+      are the variance output).
+    x_t: `[B, ..., C]`; t: int32 `[B]`.
+  Returns:
+    dict with `mean`, `variance`, `log_variance` and `pred_xstart`, each like x_t.
+  """
+  mean_type, var_type = MeanType.parse(mean_type), VarType.parse(var_type)
   mean_output, var_output = split_model_output(model_output, x_t, var_type)
   variance, log_variance = _model_variance(d, var_output, x_t, t, var_type)
   pred_xstart = _pred_xstart(d, mean_output, x_t, t, mean_type)
@@ -306,20 +341,6 @@ def _p_mean_variance(d, model_output, x_t, t, mean_type: MeanType, var_type: Var
   return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart)
 
 
-def p_mean_variance(d: GaussianDiffusion, model_output: Array, x_t: Array, t: Array, *,
-                    mean_type: str | MeanType, var_type: str | VarType,
-                    clip_denoised: bool = True) -> dict[str, Array]:
-  """p_θ(x_{t-1} | x_t) from a model output.
-
-  Args:
-    model_output: `[B, ..., C]`, or `[B, ..., 2C]` for learned variances (the last C channels
-      are the variance output).
-    x_t: `[B, ..., C]`; t: int32 `[B]`.
-  Returns:
-    dict with `mean`, `variance`, `log_variance` and `pred_xstart`, each like x_t.
-  """
-  return _p_mean_variance(d, model_output, x_t, t, MeanType.parse(mean_type),
-                          VarType.parse(var_type), clip_denoised)
 
 
 # ------------------------------------------------------------------------------------------
@@ -379,7 +400,8 @@ def _vb_terms_bpd(d, model_output, x_start, x_t, t, mean_type, var_type, clip_de
   Returns (vb [B], model dict of p_mean_variance).
   """
   true_mean, _, true_log_variance = q_posterior_mean_variance(d, x_start, x_t, t)
-  out = _p_mean_variance(d, model_output, x_t, t, mean_type, var_type, clip_denoised)
+  out = p_mean_variance(d, model_output, x_t, t, mean_type=mean_type, var_type=var_type,
+                        clip_denoised=clip_denoised)
   kl = mean_flat(normal_kl(true_mean, true_log_variance, out['mean'], out['log_variance']))
   decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
       x_start, means=out['mean'], log_scales=0.5 * out['log_variance']))
@@ -403,12 +425,14 @@ def snr(d: GaussianDiffusion, t: Array) -> Array:
   return ab / (1.0 - ab)
 
 
-def min_snr_weight(d: GaussianDiffusion, t: Array, gamma: float, mean_type: MeanType) -> Array:
+def min_snr_weight(d: GaussianDiffusion, t: Array, gamma: float,
+                   mean_type: str | MeanType) -> Array:
   """Min-SNR-γ loss weights `[B]` (Hang et al. 2023), expressed for each prediction target.
 
   The weight is min(SNR, γ) on the x₀-MSE; for ε and v targets it is divided by the factor
   that converts their MSE into the x₀-MSE (SNR and SNR + 1).
   """
+  mean_type = MeanType.parse(mean_type)
   s = snr(d, t)
   clipped = jnp.minimum(s, gamma)
   if mean_type is MeanType.EPS:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.gaussian_diffusion import (
-    Array, DenoiseFn, GaussianDiffusion, MeanType, VarType, _p_mean_variance, _pred_xstart,
+    Array, DenoiseFn, GaussianDiffusion, MeanType, VarType, _pred_xstart, p_mean_variance,
     predict_noise_from_start)
 
 
@@ -74,13 +74,10 @@ def p_sample(d: GaussianDiffusion, denoise_fn: DenoiseFn, x_t: Array, t: Array, 
 
   Returns (x_{t−1}, pred_xstart), each like x_t.
   """
-  return _p_sample(d, denoise_fn, x_t, t, rng, MeanType.parse(mean_type),
-                   VarType.parse(var_type), clip_denoised)
-
-
-def _p_sample(d, denoise_fn, x_t, t, rng, mean_type, var_type, clip_denoised):
+  mean_type, var_type = MeanType.parse(mean_type), VarType.parse(var_type)
   model_output = denoise_fn(x_t, jnp.take(d.timestep_map, t))
-  out = _p_mean_variance(d, model_output, x_t, t, mean_type, var_type, clip_denoised)
+  out = p_mean_variance(d, model_output, x_t, t, mean_type=mean_type, var_type=var_type,
+                        clip_denoised=clip_denoised)
   noise = jax.random.normal(rng, x_t.shape, x_t.dtype)
   nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
   x_prev = out['mean'] + nonzero * jnp.exp(0.5 * out['log_variance']) * noise
@@ -97,9 +94,9 @@ def _ancestral_scan(d, denoise_fn, shape, rng, mean_type, var_type, clip_denoise
 
   def step(carry, i):
     x, chain, preds = carry
-    x_prev, pred_xstart = _p_sample(d, denoise_fn, x, _full_t(i, shape[0]),
-                                    jax.random.fold_in(loop_rng, i), mean_type, var_type,
-                                    clip_denoised)
+    x_prev, pred_xstart = p_sample(d, denoise_fn, x, _full_t(i, shape[0]),
+                                   jax.random.fold_in(loop_rng, i), mean_type=mean_type,
+                                   var_type=var_type, clip_denoised=clip_denoised)
     if num_saved:
       slot = jnp.asarray(save_slots)[i]
       chain, preds = jax.lax.cond(

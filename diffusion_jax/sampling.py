@@ -15,9 +15,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import parallel
 from diffusion_jax import samplers
 
-AXIS = 'data'
+AXIS = parallel.AXIS
 
 
 class SamplerKind(enum.Enum):
@@ -27,21 +28,49 @@ class SamplerKind(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-  """How to sample; strings are parsed by `SamplerConfig.create`."""
+  """How to sample: the one parsed value that sample.py, the training-time grid and the
+  evaluation read. Strings are parsed on construction (`SamplerConfig('ddim', steps=50)`)."""
   kind: SamplerKind = SamplerKind.DDPM
   steps: int | None = None        # None: all T steps
   eta: float = 0.0                # DDIM only
   clip_denoised: bool = True
   guidance_scale: float = 0.0     # classifier-free guidance weight w (0: none)
 
+  def __post_init__(self):
+    if not isinstance(self.kind, SamplerKind):
+      try:
+        object.__setattr__(self, 'kind', SamplerKind(self.kind))
+      except ValueError:
+        allowed = ', '.join(k.value for k in SamplerKind)
+        raise ValueError(f'unknown sampler {self.kind!r}; allowed: {allowed}') from None
+    if self.steps is not None and (isinstance(self.steps, bool) or int(self.steps) != self.steps
+                                   or self.steps < 1):
+      raise ValueError(f'sampler steps must be a positive integer (or None: all T), got '
+                       f'{self.steps!r}')
+    if self.eta < 0:
+      raise ValueError(f'eta must be >= 0, got {self.eta}')
+    if self.eta and self.kind is not SamplerKind.DDIM:
+      raise ValueError(f'eta applies to the ddim sampler only, not {self.kind.value!r}')
+    if self.guidance_scale < 0:
+      raise ValueError(f'guidance_scale must be >= 0, got {self.guidance_scale}')
+
   @classmethod
-  def create(cls, kind: str = 'ddpm', **kwargs) -> 'SamplerConfig':
-    try:
-      parsed = SamplerKind(kind)
-    except ValueError:
-      allowed = ', '.join(k.value for k in SamplerKind)
-      raise ValueError(f'unknown sampler {kind!r}; allowed: {allowed}') from None
-    return cls(kind=parsed, **kwargs)
+  def create(cls, kind: str | SamplerKind = 'ddpm', **kwargs) -> 'SamplerConfig':
+    return cls(kind=kind, **kwargs)
+
+  def check_steps(self, num_timesteps: int) -> None:
+    """Raises a one-line ValueError unless the steps fit a process of T = `num_timesteps`."""
+    if self.steps is not None and self.steps > num_timesteps:
+      raise ValueError(f'sampler steps must be in [1, {num_timesteps}] (the model\'s T), got '
+                       f'{self.steps}')
+
+  def to_dict(self) -> dict:
+    return dict(kind=self.kind.value, steps=self.steps, eta=self.eta,
+                clip_denoised=self.clip_denoised, guidance_scale=self.guidance_scale)
+
+  @classmethod
+  def from_dict(cls, d) -> 'SamplerConfig':
+    return cls(**d)
 
 
 def make_denoise_fn(model: nn.Module, params, labels: jax.Array | None = None, *,
@@ -70,12 +99,15 @@ def make_denoise_fn(model: nn.Module, params, labels: jax.Array | None = None, *
   return guided
 
 
-def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *, mean_type: gd.MeanType,
-              var_type: gd.VarType, sampler: SamplerConfig, num_classes: int | None = None):
+def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *,
+              parameterization: gd.Parameterization, sampler: SamplerConfig,
+              num_classes: int | None = None):
   """`fn(params, rng, labels, x_shape) -> images [B, H, W, C]` in [-1, 1] on one device.
 
   Respacing happens here, on the host, once.
   """
+  sampler.check_steps(diffusion.num_timesteps)
+  mean_type, var_type = parameterization.mean_type, parameterization.var_type
   steps = sampler.steps or diffusion.num_timesteps
   d = diffusion
   if sampler.kind is SamplerKind.DDPM and steps != diffusion.num_timesteps:

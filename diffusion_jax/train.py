@@ -1,137 +1,78 @@
 """Training: `train_and_evaluate(config, workdir)` runs a DDPM end to end.
 
-One loop in sections: mesh, input, model and optimizer, state and sharding, update step,
+One loop in sections: spec, mesh, input, model and optimizer, state and sharding, update step,
 checkpoint, logging, loop. Data-parallel over every device of every process; re-running the
 same command resumes from the latest checkpoint in `workdir/checkpoints`, bit-identically.
+The config is parsed once into an `ExperimentSpec` (spec.py), written to the workdir at the
+first start and compared with the stored one at every restart (workdir.py).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
+import io
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_jax import checkpointing
-from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import evaluate
+from diffusion_jax import parallel
 from diffusion_jax import sampling
-from diffusion_jax import schedules
 from diffusion_jax import timestep_sampler
 from diffusion_jax import train_step as step_lib
-from diffusion_jax.data import digits as digits_lib
+from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.data import datasets
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.images import save_png
-from diffusion_jax.models.unet import UNetConfig
-from diffusion_jax.train_state import OptimizerConfig, TrainState
+from diffusion_jax.spec import ExperimentSpec
+from diffusion_jax.train_state import TrainState
 
-AXIS = step_lib.AXIS
+AXIS = parallel.AXIS
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; nothing after the last good checkpoint is saved."""
 
 
-# ------------------------------------------------------------------------------------------
-# Building blocks, shared with sample.py and evaluation.
-# ------------------------------------------------------------------------------------------
-
-
-def make_diffusion(diffusion_cfg) -> gd.GaussianDiffusion:
-  betas = schedules.get_beta_schedule(
-      diffusion_cfg.schedule, diffusion_cfg.num_timesteps, beta_start=diffusion_cfg.beta_start,
-      beta_end=diffusion_cfg.beta_end, zero_terminal_snr=diffusion_cfg.zero_terminal_snr)
-  return gd.GaussianDiffusion.from_betas(betas)
-
-
-_MODEL_KEYS_NOT_FOR_UNET = ('class_conditional',)
-_DTYPES = ('float32', 'bfloat16')
-
-
-def model_config(config: ml_collections.ConfigDict,
-                 info: input_pipeline.ImageDatasetInfo) -> UNetConfig:
-  """The typed U-Net config: out_ch from the data and variance type, classes from the data."""
-  var_type = gd.VarType.parse(config.diffusion.var_type)
-  fields = {k: v for k, v in config.model.to_dict().items() if k not in _MODEL_KEYS_NOT_FOR_UNET}
-  channels = info.image_shape[-1]
-  fields['out_ch'] = channels * (2 if var_type.is_learned else 1)
-  if config.model.class_conditional:
-    if not info.num_classes:
-      raise ValueError(f'model.class_conditional=True but dataset {info.name!r} has no labels')
-    fields['num_classes'] = info.num_classes
-  dtype = config.training.compute_dtype
-  if dtype not in _DTYPES:
-    raise ValueError(f'unknown training.compute_dtype {dtype!r}; allowed: {", ".join(_DTYPES)}')
-  fields['dtype'] = dtype
-  return UNetConfig.from_dict(fields)
-
-
-def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
-  return OptimizerConfig(**config.optimizer.to_dict())
-
-
-def init_params(model, image_shape, rng):
-  """Initial U-Net parameters for images `image_shape` (H, W, C)."""
-  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-  return model.init({'params': rng}, x, t, y=y, train=False)['params']
-
-
-def init_state_fn(model, image_shape, tx, diffusion: gd.GaussianDiffusion,
-                  step_cfg: step_lib.StepConfig, init_rng, state_rng):
+def init_state_fn(spec: ExperimentSpec, tx, init_rng, state_rng):
   """`init_state() -> TrainState`: fresh parameters (EMA = params), optimizer state, rng.
 
-  `jax.eval_shape(init_state)` is the shape of every checkpoint of this config.
+  `jax.eval_shape(init_state)` is the shape of every checkpoint of this spec.
   """
   def init_state():
-    params = init_params(model, image_shape, init_rng)
-    history = (timestep_sampler.LossHistory.create(diffusion.num_timesteps)
-               if step_cfg.importance_sampling else None)
+    params = spec.init_params(init_rng)
+    history = (timestep_sampler.LossHistory.create(spec.diffusion.num_timesteps)
+               if step_lib.StepConfig.from_spec(spec).importance_sampling else None)
     return TrainState.create(params, tx, state_rng, history)
   return init_state
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over every device of every process, axis 'data'."""
-  return jax.make_mesh((jax.device_count(),), (AXIS,),
-                       axis_types=(jax.sharding.AxisType.Explicit,))
+def check_devices(spec: ExperimentSpec) -> None:
+  """Raises a one-line ValueError when the batch does not divide over the devices."""
+  b, n, a = spec.training.batch_size, jax.device_count(), spec.training.grad_accum_steps
+  if b % n:
+    raise ValueError(f'training.batch_size={b} is not divisible by the {n} devices; use a '
+                     f'multiple of {n}')
+  if (b // n) % a:
+    raise ValueError(f'per-device batch {b // n} is not divisible by '
+                     f'training.grad_accum_steps={a}')
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: --workdir must be a training workdir')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the fields that would otherwise fail deep inside the run."""
-  t = config.training
-  for name in ('batch_size', 'num_train_steps', 'log_every_steps', 'checkpoint_every_steps'):
-    value = t[name]
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f'training.{name} must be a positive integer, got {value!r}')
-  n = jax.device_count()
-  if t.batch_size % n:
-    raise ValueError(f'training.batch_size={t.batch_size} is not divisible by the '
-                     f'{n} devices; use a multiple of {n}')
-  if (t.batch_size // n) % t.grad_accum_steps:
-    raise ValueError(f'per-device batch {t.batch_size // n} is not divisible by '
-                     f'training.grad_accum_steps={t.grad_accum_steps}')
+def prepare_dataset(config: ml_collections.ConfigDict) -> input_pipeline.ImageDatasetInfo:
+  """Prepares a dataset that is built locally (once, by process 0) and returns its facts."""
+  description = datasets.describe(config.data.dataset)
+  if description.prepared_locally:
+    if jax.process_index() == 0:
+      description.prepare(config.data.data_dir)
+    multihost_utils.sync_global_devices('dataset prepared')
+  return input_pipeline.dataset_info(config.data.dataset, config.data.data_dir)
 
 
 # ------------------------------------------------------------------------------------------
@@ -139,12 +80,40 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+class _EpathEventFile:
+  """A TensorBoard event file written through epath, for workdirs that are not local: the
+  whole file is rewritten at each flush (objects in a bucket cannot be appended to)."""
+
+  def __init__(self, path: str):
+    self._path, self._buffer = epath.Path(path), io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    self._path.write_bytes(self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFiles:
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
 class _Writer:
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, logdir: epath.Path, enabled: bool):
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'))
+      if workdir_lib.is_remote(logdir):
+        from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+        record_writer.register_writer_factory(str(logdir).split(':')[0], _EpathEventFiles())
+      self._tb = SummaryWriter(logdir=str(logdir))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if self._tb:
@@ -171,67 +140,71 @@ def _format_eta(seconds: float) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState:
   """Trains for `config.training.num_train_steps`, resuming from `workdir` if it can.
 
-  Returns the final state (replicated over the mesh).
+  `workdir` is a local path or a URL that etils.epath reaches (gs://...). A restart whose
+  config changes the model or the objective raises `workdir.SpecMismatchError` before
+  anything is written. Returns the final state (replicated over the mesh).
   """
   config = ml_collections.ConfigDict(config.to_dict())  # never mutate the caller's config
-  validate_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = workdir_lib.as_path(workdir)
   is_chief = jax.process_index() == 0
-  if is_chief:
-    os.makedirs(workdir, exist_ok=True)
+
+  # ---- Spec: the config parsed once, checked against the workdir's. ----------------------
+  workdir_lib.check_dataset(workdir, config.data.dataset)
+  info = prepare_dataset(config)
+  spec = ExperimentSpec.from_config(config, info)
+  check_devices(spec)
+  changes = workdir_lib.check_resume(workdir, spec)  # every process; nothing written yet
+  run = spec.run
 
   # ---- Mesh. ------------------------------------------------------------------------------
-  mesh = make_mesh()
+  mesh = parallel.make_mesh()
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(AXIS))
 
   # ---- Input. -----------------------------------------------------------------------------
-  if config.data.dataset == digits_lib.NAME:
-    # Prepared once, by process 0, before anyone reads it.
-    if is_chief:
-      digits_lib.prepare_digits(config.data.data_dir)
-    multihost_utils.sync_global_devices('digits prepared')
-  info = input_pipeline.dataset_info(config.data.dataset, config.data.data_dir)
   train_iter = input_pipeline.create_train_iterator(
-      config.data.dataset, config.data.data_dir, global_batch_size=config.training.batch_size,
-      seed=config.seed, random_flip=config.data.random_flip,
+      spec.data.dataset, spec.data.data_dir, global_batch_size=spec.training.batch_size,
+      seed=spec.seed, random_flip=spec.data.random_flip,
       process_index=jax.process_index(), process_count=jax.process_count())
 
   # ---- Model, diffusion and optimizer. -----------------------------------------------------
-  unet_cfg = model_config(config, info)
-  model = unet_cfg.make()
-  diffusion = make_diffusion(config.diffusion)
-  step_cfg = step_lib.step_config_from(config.diffusion, config.training, unet_cfg.num_classes)
-  opt_cfg = optimizer_config(config)
-  tx = opt_cfg.make()
+  model = spec.model.make()
+  diffusion = spec.diffusion.make()
+  step_cfg = step_lib.StepConfig.from_spec(spec)
+  tx = spec.optimizer.make()
 
   # ---- State and sharding. ----------------------------------------------------------------
-  rng = jax.random.PRNGKey(config.seed)
+  rng = jax.random.PRNGKey(spec.seed)
   init_rng, state_rng, sample_rng = jax.random.split(rng, 3)
 
-  init_state = init_state_fn(model, info.image_shape, tx, diffusion, step_cfg, init_rng,
-                             state_rng)
+  init_state = init_state_fn(spec, tx, init_rng, state_rng)
   abstract_state = checkpointing.abstract_like(jax.eval_shape(init_state), replicated)
-  manager = checkpointing.make_manager(workdir, keep=config.training.keep_checkpoints)
+  manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(workdir),
+                                       keep=run.keep_checkpoints)
   latest = manager.latest_step()
   if latest is not None:
     state = checkpointing.restore(manager, latest, abstract_state, train_iter)
     logging.info('Resumed from checkpoint %d in %s', latest, manager.directory)
   else:
     state = jax.jit(init_state, out_shardings=replicated)()
+  step = int(jax.device_get(state.step))
   if is_chief:
-    save_config(config, workdir)
+    workdir_lib.record_start(workdir, spec, config, changes, step)
+    if changes:
+      logging.info('Resumed with changed settings: %s',
+                   ', '.join(f'{n} {o!r} -> {v!r}' for n, o, v in changes))
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info('U-Net: %s parameters; %d devices on %d processes; global batch %d',
                  f'{num_params:,}', jax.device_count(), jax.process_count(),
-                 config.training.batch_size)
+                 spec.training.batch_size)
 
   # ---- Update step. -----------------------------------------------------------------------
   step_fn = functools.partial(step_lib.train_step, model=model, diffusion=diffusion, tx=tx,
-                              learning_rate_fn=opt_cfg.learning_rate_schedule(), cfg=step_cfg)
+                              learning_rate_fn=spec.optimizer.learning_rate_schedule(),
+                              cfg=step_cfg)
   update = step_lib.data_parallel_step(step_fn, mesh)
 
   def global_batch(local):
@@ -239,31 +212,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local)
 
   # ---- Samples during training. -----------------------------------------------------------
-  sample_every = config.training.sample_every_steps
+  sample_every = run.sample_every_steps
   if sample_every:
-    n = -(-config.training.num_samples // jax.device_count()) * jax.device_count()
-    sampler_cfg = sampling.SamplerConfig.create('ddim', steps=config.training.sample_steps)
+    n = -(-run.num_samples // jax.device_count()) * jax.device_count()
     sample_run = sampling.data_parallel_sampler(
-        sampling.sample_fn(model, diffusion, mean_type=step_cfg.mean_type,
-                           var_type=step_cfg.var_type, sampler=sampler_cfg,
-                           num_classes=unet_cfg.num_classes),
-        mesh, info.image_shape)
-    sample_labels = np.arange(n) % max(info.num_classes, 1)
+        sampling.sample_fn(model, diffusion, parameterization=spec.parameterization,
+                           sampler=run.sampler, num_classes=spec.num_classes),
+        mesh, spec.data.image_shape)
+    sample_labels = np.arange(n) % max(spec.data.num_classes, 1)
 
   # ---- Evaluation during training (bits/dim, FID). ----------------------------------------
-  eval_every = config.eval.every_steps
+  eval_every = spec.eval.every_steps
   if eval_every:
-    # Imported here: evaluate imports this module.
-    from diffusion_jax import evaluate  # pylint: disable=g-import-not-at-top
-    periodic_eval = evaluate.make_periodic_eval(config, model=model, diffusion=diffusion,
-                                                step_cfg=step_cfg, info=info, mesh=mesh)
+    periodic_eval = evaluate.make_periodic_eval(spec, model=model, diffusion=diffusion,
+                                                mesh=mesh)
 
   # ---- Loop. ------------------------------------------------------------------------------
-  writer = _Writer(workdir, enabled=is_chief)
-  total = config.training.num_train_steps
-  log_every = config.training.log_every_steps
-  ckpt_every = config.training.checkpoint_every_steps
-  step = int(jax.device_get(state.step))
+  writer = _Writer(workdir / 'tensorboard', enabled=is_chief)
+  total, log_every = run.num_train_steps, run.log_every_steps
+  ckpt_every = run.checkpoint_every_steps
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked on the host
   last_time, last_step, start_time, start_step = time.time(), step, time.time(), step
 
@@ -285,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     last_time, last_step = now, s
     values = {k: float(np.mean([mm[k] for _, mm in fetched])) for k in m}
     values.update(steps_per_sec=steps_per_sec,
-                  images_per_sec=steps_per_sec * config.training.batch_size)
+                  images_per_sec=steps_per_sec * spec.training.batch_size)
     writer.scalars(s, values)
     if is_chief:
       rate = (s - start_step) / max(now - start_time, 1e-9)
@@ -311,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                               sample_labels))
         if is_chief:
           grid = sampling.make_grid(np.asarray(jax.device_get(images)))
-          save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), grid)
+          save_png(workdir / 'samples' / f'step_{step:08d}.png', grid)
           writer.image(step, 'samples', grid)
       if eval_every and step % eval_every == 0:
         eval_metrics = periodic_eval(state.ema_params, step)

@@ -25,17 +25,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import gaussian_diffusion as gd
 from diffusion_jax import timestep_sampler
+from diffusion_jax.parallel import AXIS
+from diffusion_jax.spec import ExperimentSpec, TimestepSampling
 from diffusion_jax.train_state import TrainState, ema_update
 
-AXIS = 'data'
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """The step's fixed settings, strings already resolved."""
+  """The step's fixed settings, parsed (build it with `from_spec`)."""
   loss_type: gd.LossType = gd.LossType.MSE
-  mean_type: gd.MeanType = gd.MeanType.EPS
-  var_type: gd.VarType = gd.VarType.FIXED_LARGE
+  parameterization: gd.Parameterization = gd.Parameterization()
   snr_gamma: float | None = None
   importance_sampling: bool = False
   ema_decay: float = 0.9999
@@ -44,6 +44,7 @@ class StepConfig:
   num_classes: int | None = None   # class-conditional: label `num_classes` is the null label
 
   def __post_init__(self):
+    object.__setattr__(self, 'loss_type', gd.LossType.parse(self.loss_type))
     if self.grad_accum_steps < 1:
       raise ValueError(f'grad_accum_steps must be >= 1, got {self.grad_accum_steps}')
     if not 0.0 <= self.ema_decay <= 1.0:
@@ -51,25 +52,14 @@ class StepConfig:
     if not 0.0 <= self.label_dropout < 1.0:
       raise ValueError(f'label_dropout must be in [0, 1), got {self.label_dropout}')
 
-
-_TIMESTEP_SAMPLERS = ('uniform', 'importance')
-
-
-def step_config_from(diffusion_cfg, training_cfg, num_classes: int | None) -> StepConfig:
-  """Resolves the config's strings into a `StepConfig` (the one place they are parsed)."""
-  if diffusion_cfg.timestep_sampler not in _TIMESTEP_SAMPLERS:
-    raise ValueError(f'unknown timestep_sampler {diffusion_cfg.timestep_sampler!r}; '
-                     f'allowed: {", ".join(_TIMESTEP_SAMPLERS)}')
-  return StepConfig(
-      loss_type=gd.LossType.parse(diffusion_cfg.loss_type),
-      mean_type=gd.MeanType.parse(diffusion_cfg.mean_type),
-      var_type=gd.VarType.parse(diffusion_cfg.var_type),
-      snr_gamma=diffusion_cfg.snr_gamma,
-      importance_sampling=diffusion_cfg.timestep_sampler == 'importance',
-      ema_decay=float(training_cfg.ema_decay),
-      grad_accum_steps=int(training_cfg.grad_accum_steps),
-      label_dropout=float(training_cfg.label_dropout) if num_classes else 0.0,
-      num_classes=num_classes)
+  @classmethod
+  def from_spec(cls, spec: ExperimentSpec) -> 'StepConfig':
+    d, t = spec.diffusion, spec.training
+    return cls(loss_type=d.loss_type, parameterization=d.parameterization,
+               snr_gamma=d.snr_gamma,
+               importance_sampling=d.timestep_sampling is TimestepSampling.IMPORTANCE,
+               ema_decay=t.ema_decay, grad_accum_steps=t.grad_accum_steps,
+               label_dropout=t.label_dropout, num_classes=spec.num_classes)
 
 
 def _per_example_randomness(rng, state, global_index, shape, diffusion, cfg: StepConfig):
@@ -121,8 +111,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
                          rngs={'dropout': jax.random.fold_in(dropout_rng, micro['index'])})
     terms = gd.training_loss_terms(
         diffusion, denoise, micro['image'], micro['t'], micro['noise'],
-        loss_type=cfg.loss_type, mean_type=cfg.mean_type, var_type=cfg.var_type,
-        snr_gamma=cfg.snr_gamma)
+        loss_type=cfg.loss_type, **cfg.parameterization.as_kwargs(), snr_gamma=cfg.snr_gamma)
     return jnp.mean(terms['loss'] * micro['weights']), terms
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

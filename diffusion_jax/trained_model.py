@@ -1,8 +1,12 @@
 """A trained model from a workdir: restore its EMA parameters, sample from it, write samples.
 
     trained = load_ema_params('/tmp/digits')                  # latest checkpoint
-    images, labels = generate(trained, SamplerConfig.create('ddim', steps=50),
+    images, labels = generate(trained, SamplerConfig('ddim', steps=50),
                               num_samples=64, rng=jax.random.PRNGKey(0))
+
+A workdir stands alone here: its `spec.json` (the experiment spec) gives the model, the
+process and the image shape, and only the checkpoint's `ema` item is restored. No dataset,
+no optimizer, nothing of the training code.
 
 `sample_to_dir` is what `sample.py` runs: samples, a grid, and optionally the progressive
 chain and a DDIM-latent interpolation, written to one folder. Sampling is data-parallel
@@ -13,25 +17,24 @@ device j of it `fold_in(., j)`, so samples depend on the seed, batch size and de
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_jax import checkpointing
 from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import parallel
 from diffusion_jax import samplers
 from diffusion_jax import sampling
-from diffusion_jax import train
-from diffusion_jax import train_step as step_lib
-from diffusion_jax.data import input_pipeline
+from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.images import save_png
+from diffusion_jax.spec import ExperimentSpec
 
 DEFAULT_MAX_BATCH = 256
 
@@ -44,91 +47,96 @@ DEFAULT_MAX_BATCH = 256
 @dataclasses.dataclass(frozen=True)
 class WorkdirInfo:
   """What a workdir holds, read without restoring anything."""
-  workdir: str
-  config: ml_collections.ConfigDict
-  info: input_pipeline.ImageDatasetInfo
+  workdir: epath.Path
+  spec: ExperimentSpec
   step: int                              # the checkpoint that will be restored
 
   @property
   def num_classes(self) -> int | None:
     """Classes of a class-conditional model; None for an unconditional one."""
-    return self.info.num_classes if self.config.model.class_conditional else None
+    return self.spec.num_classes
 
   @property
   def num_timesteps(self) -> int:
-    return int(self.config.diffusion.num_timesteps)
+    return self.spec.diffusion.num_timesteps
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
   """A U-Net with its EMA parameters (replicated over `mesh`) and its diffusion process."""
-  workdir: str
+  workdir: epath.Path | None
   step: int
-  config: ml_collections.ConfigDict
-  info: input_pipeline.ImageDatasetInfo
+  spec: ExperimentSpec
   model: Any                             # diffusion_jax.models.UNet
   diffusion: gd.GaussianDiffusion
-  mean_type: gd.MeanType
-  var_type: gd.VarType
   ema_params: Any
   mesh: jax.sharding.Mesh
 
   @property
   def num_classes(self) -> int | None:
-    return self.model.num_classes or None
+    return self.spec.num_classes
+
+  @property
+  def parameterization(self) -> gd.Parameterization:
+    return self.spec.parameterization
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.spec.data.image_shape
+
+  @classmethod
+  def from_spec(cls, spec: ExperimentSpec, ema_params, mesh: jax.sharding.Mesh, *,
+                step: int = 0, workdir: epath.Path | None = None) -> 'TrainedModel':
+    return cls(workdir=workdir, step=step, spec=spec, model=spec.model.make(),
+               diffusion=spec.diffusion.make(), ema_params=ema_params, mesh=mesh)
 
 
-def read_workdir(workdir: str, step: int | None = None) -> WorkdirInfo:
-  """The config, dataset info and checkpoint step of a training workdir (nothing restored).
+def checkpoint_steps(workdir) -> list[int]:
+  """The finished checkpoints of `workdir`, oldest first (orbax writes into a temporary
+  folder and renames it, so unfinished ones have no plain step name)."""
+  ckpt_dir = workdir_lib.checkpoint_dir(workdir)
+  if not ckpt_dir.exists():
+    return []
+  return sorted(int(p.name) for p in ckpt_dir.iterdir()
+                if p.name.isdigit() and (p / 'ema').exists())
+
+
+def read_workdir(workdir, step: int | None = None) -> WorkdirInfo:
+  """The spec and checkpoint step of a training workdir (nothing restored).
 
   Raises FileNotFoundError when `workdir` is not a training workdir or has no checkpoint
   (or not checkpoint `step`).
   """
-  workdir = os.path.abspath(workdir)
-  config = train.load_config(workdir)
-  ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  # Finished checkpoints only: orbax writes into a temporary folder and renames it.
-  steps = sorted(int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())
-                 if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, 'state')))
+  path = workdir_lib.as_path(workdir)
+  spec = workdir_lib.read_spec(path)
+  steps = checkpoint_steps(path)
+  ckpt_dir = workdir_lib.checkpoint_dir(path)
   if not steps:
-    raise FileNotFoundError(f'no checkpoint in {checkpointing.checkpoint_dir(workdir)}: '
-                            'train first (python train.py --workdir ...)')
+    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: train first '
+                            '(python train.py --workdir ...)')
   if step is None:
     step = steps[-1]
   elif step not in steps:
-    raise FileNotFoundError(f'no checkpoint {step} in {checkpointing.checkpoint_dir(workdir)}'
-                            f'; it has {steps}')
-  info = input_pipeline.dataset_info(config.data.dataset, config.data.data_dir)
-  return WorkdirInfo(workdir=workdir, config=config, info=info, step=int(step))
+    raise FileNotFoundError(f'no checkpoint {step} in {ckpt_dir}; it has {steps}')
+  return WorkdirInfo(workdir=path, spec=spec, step=int(step))
 
 
-def load_ema_params(workdir: str | WorkdirInfo, *, step: int | None = None,
+def load_ema_params(workdir, *, step: int | None = None,
                     mesh: jax.sharding.Mesh | None = None) -> TrainedModel:
-  """Restores the EMA parameters of checkpoint `step` (default: the latest) of `workdir`.
-
-  The whole training state is restored (into the shapes `train.init_state_fn` gives), then
-  all but the EMA parameters are dropped. `mesh` defaults to `train.make_mesh()`.
-  """
+  """Restores the EMA parameters of checkpoint `step` (default: the latest) of `workdir`,
+  replicated over `mesh` (default: every device). Only the checkpoint's `ema` item is read."""
   wd = workdir if isinstance(workdir, WorkdirInfo) else read_workdir(workdir, step)
-  config, info = wd.config, wd.info
-  mesh = mesh or train.make_mesh()
-  unet_cfg = train.model_config(config, info)
-  model = unet_cfg.make()
-  diffusion = train.make_diffusion(config.diffusion)
-  step_cfg = step_lib.step_config_from(config.diffusion, config.training, unet_cfg.num_classes)
-  init_state = train.init_state_fn(model, info.image_shape, train.optimizer_config(config).make(),
-                                   diffusion, step_cfg, jax.random.PRNGKey(0),
-                                   jax.random.PRNGKey(0))
+  mesh = mesh or parallel.make_mesh()
   replicated = NamedSharding(mesh, P())
-  abstract_state = checkpointing.abstract_like(jax.eval_shape(init_state), replicated)
-  manager = checkpointing.make_manager(wd.workdir, keep=None, read_only=True)
+  abstract = checkpointing.abstract_like(
+      jax.eval_shape(wd.spec.init_params, jax.random.PRNGKey(0)), replicated)
+  manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(wd.workdir), keep=None,
+                                       read_only=True)
   try:
-    state = checkpointing.restore(manager, wd.step, abstract_state)
+    ema_params = checkpointing.restore_ema(manager, wd.step, abstract)
   finally:
     manager.close()
-  return TrainedModel(workdir=wd.workdir, step=wd.step, config=config, info=info, model=model,
-                      diffusion=diffusion, mean_type=step_cfg.mean_type,
-                      var_type=step_cfg.var_type, ema_params=state.ema_params, mesh=mesh)
+  return TrainedModel.from_spec(wd.spec, ema_params, mesh, step=wd.step, workdir=wd.workdir)
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,10 +165,10 @@ def default_labels(num_samples: int, num_classes: int | None) -> np.ndarray:
 
 def make_sampler(trained: TrainedModel, sampler: sampling.SamplerConfig):
   """`run(params, rng, labels [B]) -> images [B, H, W, C]` in [-1, 1], data-parallel."""
-  fn = sampling.sample_fn(trained.model, trained.diffusion, mean_type=trained.mean_type,
-                          var_type=trained.var_type, sampler=sampler,
+  fn = sampling.sample_fn(trained.model, trained.diffusion,
+                          parameterization=trained.parameterization, sampler=sampler,
                           num_classes=trained.num_classes)
-  return sampling.data_parallel_sampler(fn, trained.mesh, trained.info.image_shape)
+  return sampling.data_parallel_sampler(fn, trained.mesh, trained.image_shape)
 
 
 def generate(trained: TrainedModel, sampler: sampling.SamplerConfig, *, num_samples: int,
@@ -219,13 +227,13 @@ def progressive(trained: TrainedModel, sampler: sampling.SamplerConfig, rng: jax
   saves = np.unique(np.round(np.linspace(d.num_timesteps - 1, 0, num_frames)).astype(int))
   saves = saves[::-1]  # T−1 first
   labels = jnp.asarray(labels, jnp.int32)
-  shape = (labels.shape[0],) + tuple(trained.info.image_shape)
+  shape = (labels.shape[0],) + tuple(trained.image_shape)
 
   @jax.jit
   def chain(params, rng, labels):
     _, x_t, x0 = samplers.p_sample_loop_progressive(
         d, _denoise_fn(trained, params, labels, sampler), shape, rng,
-        mean_type=trained.mean_type, var_type=trained.var_type, save_timesteps=saves,
+        **trained.parameterization.as_kwargs(), save_timesteps=saves,
         clip_denoised=sampler.clip_denoised)
     return x_t, x0
 
@@ -264,12 +272,13 @@ def interpolate(trained: TrainedModel, sampler: sampling.SamplerConfig, x_a: np.
     enc_labels = jnp.full((2,), label, jnp.int32)
     z = samplers.ddim_reverse_sample_loop(
         d, _denoise_fn(trained, params, enc_labels, sampler), x, num_steps=steps,
-        mean_type=trained.mean_type, clip_denoised=sampler.clip_denoised)
+        mean_type=trained.parameterization.mean_type, clip_denoised=sampler.clip_denoised)
     zs = slerp(z[0], z[1], jnp.linspace(0.0, 1.0, num))  # [num, H, W, C]
     dec_labels = jnp.full((num,), label, jnp.int32)
     return samplers.ddim_sample_loop(
         d, _denoise_fn(trained, params, dec_labels, sampler), zs.shape,
-        jax.random.PRNGKey(0), num_steps=steps, eta=0.0, mean_type=trained.mean_type,
+        jax.random.PRNGKey(0), num_steps=steps, eta=0.0,
+        mean_type=trained.parameterization.mean_type,
         clip_denoised=sampler.clip_denoised, x_init=zs)
 
   return sampling.to_uint8(run(jax.device_get(trained.ema_params), x))
@@ -291,24 +300,23 @@ def _strip_grid(rows: list[np.ndarray], pad: int = 1) -> np.ndarray:
   return sampling.make_grid(flat, ncol=rows[0].shape[0], pad=pad)
 
 
-def _validate_output(output: str, overwrite: bool) -> None:
+def _validate_output(output: epath.Path, overwrite: bool) -> None:
+  if output.exists() and not output.is_dir():
+    raise FileExistsError(f'--output {output} exists and is not a directory')
   taken = [n for n in ('samples.npz', 'grid.png', 'progressive.png', 'interpolation.png')
-           if os.path.exists(os.path.join(output, n))]
+           if (output / n).exists()]
   if taken and not overwrite:
     raise FileExistsError(f'{output} already holds {", ".join(taken)}: pass --overwrite or '
                           'another --output')
-  if os.path.exists(output) and not os.path.isdir(output):
-    raise FileExistsError(f'--output {output} exists and is not a directory')
 
 
-def sample_to_dir(workdir: str, *, num_samples: int, sampler: str = 'ddpm',
-                  steps: int | None = None, eta: float = 0.0, batch_size: int | None = None,
-                  seed: int = 0, output: str | None = None, guidance_scale: float = 0.0,
+def sample_to_dir(workdir, *, num_samples: int, sampler: sampling.SamplerConfig,
+                  batch_size: int | None = None, seed: int = 0, output=None,
                   label: int | None = None, progressive_chain: bool = False,
                   interpolation: bool = False, overwrite: bool = False,
                   progress: bool = True) -> dict[str, Any]:
   """Samples from the latest checkpoint of `workdir` and writes, into `output`
-  (default `WORKDIR/samples_<sampler>_<steps>`):
+  (default `WORKDIR/samples_<sampler>_<steps>`; local or remote):
 
     samples.npz        images uint8 [N, H, W, C]; labels int32 [N] (class-conditional only)
     grid.png           the samples, in a square grid (small images enlarged for viewing)
@@ -323,14 +331,7 @@ def sample_to_dir(workdir: str, *, num_samples: int, sampler: str = 'ddpm',
   """
   if not isinstance(num_samples, int) or num_samples <= 0:
     raise ValueError(f'--num_samples must be a positive integer, got {num_samples!r}')
-  if eta < 0:
-    raise ValueError(f'--eta must be >= 0, got {eta}')
-  if guidance_scale < 0:
-    raise ValueError(f'--guidance_scale must be >= 0, got {guidance_scale}')
-  cfg = sampling.SamplerConfig.create(sampler, steps=steps, eta=float(eta),
-                                      guidance_scale=float(guidance_scale))
-  if eta and cfg.kind is not sampling.SamplerKind.DDIM:
-    raise ValueError('--eta applies to --sampler ddim only')
+  cfg = sampler
   if progressive_chain and cfg.kind is not sampling.SamplerKind.DDPM:
     raise ValueError('--progressive shows the ancestral chain: use it with --sampler ddpm')
   if interpolation and num_samples < 2:
@@ -340,19 +341,19 @@ def sample_to_dir(workdir: str, *, num_samples: int, sampler: str = 'ddpm',
     raise ValueError(f'--batch_size={batch_size} must be a positive multiple of the {n_dev} '
                      f'devices')
   wd = read_workdir(workdir)
-  if steps is not None and not 1 <= steps <= wd.num_timesteps:
+  if cfg.steps is not None and not 1 <= cfg.steps <= wd.num_timesteps:
     raise ValueError(f'--steps must be in [1, {wd.num_timesteps}] (the model\'s T), '
-                     f'got {steps}')
+                     f'got {cfg.steps}')
   if label is not None:
     if not wd.num_classes:
       raise ValueError('--label needs a class-conditional model; this one is unconditional')
     if not 0 <= label < wd.num_classes:
       raise ValueError(f'--label must be in [0, {wd.num_classes}), got {label}')
-  if guidance_scale and not wd.num_classes:
+  if cfg.guidance_scale and not wd.num_classes:
     raise ValueError('--guidance_scale needs a class-conditional model (labels); this one is '
                      'unconditional')
-  output = os.path.abspath(output or os.path.join(
-      wd.workdir, f'samples_{cfg.kind.value}_{steps or wd.num_timesteps}'))
+  output = (workdir_lib.as_path(output) if output is not None else
+            wd.workdir / f'samples_{cfg.kind.value}_{cfg.steps or wd.num_timesteps}')
   _validate_output(output, overwrite)
 
   t0 = time.time()
@@ -365,30 +366,32 @@ def sample_to_dir(workdir: str, *, num_samples: int, sampler: str = 'ddpm',
   images, labels = generate(trained, cfg, num_samples=num_samples, rng=sample_rng,
                             batch_size=batch_size, labels=labels, progress=progress)
   t2 = time.time()
-  result: dict[str, Any] = dict(step=trained.step, output=output, num_samples=num_samples,
-                                restore_seconds=t1 - t0, sample_seconds=t2 - t1)
+  result: dict[str, Any] = dict(step=trained.step, output=str(output),
+                                num_samples=num_samples, restore_seconds=t1 - t0,
+                                sample_seconds=t2 - t1)
   if jax.process_index() != 0:
     return result
-  os.makedirs(output, exist_ok=True)
+  output.mkdir(parents=True, exist_ok=True)
   arrays = dict(images=images)
   if trained.num_classes:
     arrays['labels'] = labels
-  np.savez(os.path.join(output, 'samples.npz'), **arrays)
+  with (output / 'samples.npz').open('wb') as f:
+    np.savez(f, **arrays)
   scale = view_scale(min(images.shape[1:3]))
-  save_png(os.path.join(output, 'grid.png'), sampling.make_grid(images), scale)
-  result['samples'] = os.path.join(output, 'samples.npz')
-  result['grid'] = os.path.join(output, 'grid.png')
+  save_png(output / 'grid.png', sampling.make_grid(images), scale)
+  result['samples'] = str(output / 'samples.npz')
+  result['grid'] = str(output / 'grid.png')
   if progressive_chain:
     k = min(4, num_samples)
     x_t, x0, _ = progressive(trained, cfg, chain_rng, labels[:k])  # [F, k, H, W, C] each
     rows = []
     for i in range(k):
       rows += [x_t[:, i], x0[:, i]]
-    result['progressive'] = os.path.join(output, 'progressive.png')
-    save_png(result['progressive'], _strip_grid(rows), scale)
+    result['progressive'] = str(output / 'progressive.png')
+    save_png(output / 'progressive.png', _strip_grid(rows), scale)
   if interpolation:
     strip = interpolate(trained, cfg, images[0], images[1], label=int(labels[0]))
-    result['interpolation'] = os.path.join(output, 'interpolation.png')
-    save_png(result['interpolation'], _strip_grid([strip]), scale)
+    result['interpolation'] = str(output / 'interpolation.png')
+    save_png(output / 'interpolation.png', _strip_grid([strip]), scale)
   result['total_seconds'] = time.time() - t0
   return result

@@ -1,8 +1,8 @@
 """sample.py and `python -m diffusion_jax.evaluate` on tiny checkpointed workdirs.
 
 The workdirs hold a checkpoint of the tiny config's training state in the trainer's format
-(the shapes of `train.init_state_fn`, `checkpointing.save`, `config.json`) with random
-NumPy parameters: writing one costs a second where a training step's compile costs a
+(the spec's shapes, `checkpointing.save`, `spec.json` and `config.json`) with random NumPy
+parameters: writing one costs a second where a training step's compile costs a
 minute on a busy 2-core machine. The CLIs run in child processes with eight fake devices and a
 shared persistent compilation cache; argument checks run in-process (they fail before
 anything is compiled).
@@ -22,10 +22,12 @@ from configs import tiny
 from diffusion_jax import checkpointing
 from diffusion_jax import evaluate
 from diffusion_jax import features
-from diffusion_jax import train
-from diffusion_jax import train_step as step_lib
 from diffusion_jax import trained_model
+from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.data import input_pipeline
+from diffusion_jax.sampling import SamplerConfig
+from diffusion_jax.spec import ExperimentSpec
+from diffusion_jax.train_state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 16
@@ -45,26 +47,26 @@ def _random_params(abstract, rng):
   return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
-def _make_workdir(workdir, data_dir, class_conditional):
-  """A workdir as training leaves it after step 2: config.json and checkpoints/2."""
+def _tiny_spec(data_dir, class_conditional=False):
   config = tiny.get_config()
   config.data.data_dir = data_dir
   config.model.class_conditional = class_conditional
   info = input_pipeline.dataset_info(config.data.dataset, data_dir)
-  unet_cfg = train.model_config(config, info)
-  model, diffusion = unet_cfg.make(), train.make_diffusion(config.diffusion)
-  step_cfg = step_lib.step_config_from(config.diffusion, config.training, unet_cfg.num_classes)
-  init = train.init_state_fn(model, info.image_shape, train.optimizer_config(config).make(),
-                             diffusion, step_cfg, jax.random.PRNGKey(1), jax.random.PRNGKey(2))
-  abstract = jax.eval_shape(init)
+  return config, ExperimentSpec.from_config(config, info)
+
+
+def _make_workdir(workdir, data_dir, class_conditional):
+  """A workdir as training leaves it after step 2: spec.json, config.json, checkpoints/2."""
+  config, spec = _tiny_spec(data_dir, class_conditional)
+  abstract = jax.eval_shape(lambda: TrainState.create(
+      spec.init_params(jax.random.PRNGKey(1)), spec.optimizer.make(), jax.random.PRNGKey(2)))
   state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
   rng = np.random.default_rng(int(class_conditional))
   state = state.replace(params=_random_params(abstract.params, rng),
                         ema_params=_random_params(abstract.ema_params, rng),
                         step=np.int32(2))
-  os.makedirs(workdir)
-  train.save_config(config, workdir)
-  manager = checkpointing.make_manager(workdir)
+  workdir_lib.record_start(workdir, spec, config, None, 0)
+  manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(workdir))
   checkpointing.save(manager, 2, state)
   manager.wait_until_finished()
   manager.close()
@@ -149,35 +151,39 @@ def test_class_conditional_sampling_returns_the_requested_label(env, tmp_path):
 def test_sample_cli_bad_input_is_one_error_line(env, tmp_path):
   _fails(_sample(env, env['uncond'], '--num_samples=4', '--label=3',
                  f'--output={tmp_path}/x'), '--label', 'unconditional')
-  _fails(_sample(env, str(tmp_path / 'nowhere'), '--num_samples=4'), 'config.json')
+  _fails(_sample(env, str(tmp_path / 'nowhere'), '--num_samples=4'), 'spec.json')
+  _fails(_sample(env, env['uncond'], '--num_samples=4', '--sampler=magic'),
+         "unknown sampler 'magic'")
   assert not os.path.exists(tmp_path / 'x')
 
 
 def test_sample_to_dir_checks_every_argument_before_restoring(env, tmp_path):
   uncond, cond = env['uncond'], env['cond']
   empty = str(tmp_path / 'empty')
-  os.makedirs(empty)
-  train.save_config(tiny.get_config(), empty)
-  cases = [
-      (dict(workdir=empty), FileNotFoundError, 'no checkpoint'),
-      (dict(num_samples=0), ValueError, '--num_samples'),
-      (dict(sampler='euler'), ValueError, "allowed: ddpm, ddim"),
-      (dict(steps=101), ValueError, '--steps must be in [1, 100]'),
-      (dict(batch_size=12), ValueError, 'multiple of the 8 devices'),
-      (dict(label=3), ValueError, 'unconditional'),
-      (dict(guidance_scale=2.0), ValueError, 'class-conditional'),
-      (dict(workdir=cond, label=10), ValueError, '--label must be in [0, 10)'),
-      (dict(workdir=cond, label=-1), ValueError, '--label must be in [0, 10)'),
-      (dict(sampler='ddim', progressive_chain=True), ValueError, '--sampler ddpm'),
-      (dict(eta=0.5), ValueError, 'ddim only'),
-      (dict(num_samples=1, interpolation=True), ValueError, '--num_samples >= 2'),
+  config, spec = _tiny_spec(env['data_dir'])
+  workdir_lib.record_start(empty, spec, config, None, 0)
+  cases = [  # (sample_to_dir arguments, SamplerConfig arguments, error, fragment)
+      (dict(workdir=empty), {}, FileNotFoundError, 'no checkpoint'),
+      (dict(num_samples=0), {}, ValueError, '--num_samples'),
+      ({}, dict(kind='magic'), ValueError, "unknown sampler 'magic'; allowed: ddpm, ddim"),
+      ({}, dict(steps=101), ValueError, '--steps must be in [1, 100]'),
+      ({}, dict(steps=0), ValueError, 'positive integer'),
+      (dict(batch_size=12), {}, ValueError, 'multiple of the 8 devices'),
+      (dict(label=3), {}, ValueError, 'unconditional'),
+      ({}, dict(guidance_scale=2.0), ValueError, 'class-conditional'),
+      (dict(workdir=cond, label=10), {}, ValueError, '--label must be in [0, 10)'),
+      (dict(workdir=cond, label=-1), {}, ValueError, '--label must be in [0, 10)'),
+      (dict(progressive_chain=True), dict(kind='ddim'), ValueError, '--sampler ddpm'),
+      ({}, dict(eta=0.5), ValueError, 'ddim sampler only'),
+      (dict(num_samples=1, interpolation=True), {}, ValueError, '--num_samples >= 2'),
   ]
-  for overrides, error, fragment in cases:
+  for overrides, sampler, error, fragment in cases:
     kwargs = dict(workdir=uncond, num_samples=4, output=str(tmp_path / 'out'))
     kwargs.update(overrides)
     with pytest.raises(error) as e:
+      kwargs['sampler'] = SamplerConfig(**sampler)
       trained_model.sample_to_dir(kwargs.pop('workdir'), **kwargs)
-    assert fragment in str(e.value), (overrides, str(e.value))
+    assert fragment in str(e.value), (overrides, sampler, str(e.value))
     assert '\n' not in str(e.value)
   assert not os.path.exists(tmp_path / 'out')
 
@@ -216,7 +222,7 @@ def test_evaluate_cli_writes_eval_json(env):
     assert np.isfinite(results[k]), k
   assert results['bpd'] > results['bpd_prior'] > 0 and results['fid'] > 0
   assert 1.0 <= results['inception_score'] <= 10.0
-  assert results['fid_num_samples'] == N and results['fid_sampler'] == 'ddim'
+  assert results['fid_num_samples'] == N and results['fid_sampler']['kind'] == 'ddim'
   # The digits classifier and the reference statistics are cached in the data_dir.
   cached = os.listdir(features.cache_dir(env['data_dir']))
   assert any(n.startswith('digits_classifier_') for n in cached)
@@ -239,13 +245,14 @@ def test_evaluate_cli_bad_input(env):
 
 @pytest.mark.slow
 def test_periodic_eval_during_training(env):
-  # What train.py calls every config.eval.every_steps steps, on the tiny model.
+  # What train.py calls every spec.eval.every_steps steps, on the tiny model.
+  import dataclasses  # pylint: disable=g-import-not-at-top
   trained = trained_model.load_ema_params(env['uncond'])
-  config = trained.config
-  config.eval.num_samples, config.eval.bpd_examples, config.eval.sample_steps = 8, 8, 2
-  step_cfg = step_lib.step_config_from(config.diffusion, config.training, None)
-  fn = evaluate.make_periodic_eval(config, model=trained.model, diffusion=trained.diffusion,
-                                   step_cfg=step_cfg, info=trained.info, mesh=trained.mesh)
+  spec = trained.spec
+  spec = dataclasses.replace(spec, eval=dataclasses.replace(
+      spec.eval, num_samples=8, bpd_examples=8, sampler=SamplerConfig('ddim', steps=2)))
+  fn = evaluate.make_periodic_eval(spec, model=trained.model, diffusion=trained.diffusion,
+                                   mesh=trained.mesh)
   metrics = fn(trained.ema_params, 2)
   assert set(metrics) == {'eval/bpd', 'eval/fid', 'eval/inception_score',
                           'eval/inception_score_std', 'eval/precision', 'eval/recall'}

@@ -52,8 +52,8 @@ def _setup(mean_type='eps', var_type='fixedlarge', loss_type='mse', *, importanc
                      dropout=0.0, out_ch=2 if var.is_learned else 1,
                      num_classes=num_classes).make()
   diffusion = gd.GaussianDiffusion.from_betas(schedules.get_beta_schedule('linear', T))
-  cfg = step_lib.StepConfig(loss_type=gd.LossType.parse(loss_type),
-                            mean_type=gd.MeanType.parse(mean_type), var_type=var,
+  cfg = step_lib.StepConfig(loss_type=loss_type,
+                            parameterization=gd.Parameterization(mean_type, var_type),
                             importance_sampling=importance, ema_decay=ema_decay,
                             grad_accum_steps=accum, num_classes=num_classes,
                             label_dropout=0.2 if num_classes else 0.0)
@@ -158,16 +158,30 @@ def test_gradient_accumulation_matches_one_batch():
   _assert_trees_close(new1.params, new2.params, atol=5e-7)
 
 
-def test_step_config_rejects_unknown_strings():
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  d = ml_collections.ConfigDict(dict(loss_type='mse', mean_type='eps', var_type='fixedlarge',
-                                     snr_gamma=None, timestep_sampler='lottery'))
-  t = ml_collections.ConfigDict(dict(ema_decay=0.9, grad_accum_steps=1, label_dropout=0.1))
-  with pytest.raises(ValueError, match="'lottery'.*uniform, importance"):
-    step_lib.step_config_from(d, t, None)
-  d.timestep_sampler, d.mean_type = 'uniform', 'noise'
-  with pytest.raises(ValueError, match="'noise'.*'eps'"):
-    step_lib.step_config_from(d, t, None)
+@pytest.mark.parametrize('field,value,fragment', [
+    ('diffusion.timestep_sampler', 'lottery', "'lottery'; allowed: 'uniform', 'importance'"),
+    ('diffusion.mean_type', 'noise', "'noise'; allowed: 'eps'"),
+    ('diffusion.var_type', 'big', "'big'; allowed: 'fixedsmall'"),
+    ('diffusion.loss_type', 'l1', "'l1'; allowed: 'mse'"),
+    ('diffusion.schedule', 'wavy', "'wavy'"),
+    ('training.compute_dtype', 'float16', "'float16'; allowed: float32, bfloat16"),
+    ('training.ema_decay', 1.0, 'ema_decay must be in [0, 1), got 1.0'),
+    ('training.sampler', 'magic', "unknown sampler 'magic'"),
+])
+def test_spec_parses_every_string_once_and_rejects_bad_values(field, value, fragment):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.spec import ExperimentSpec  # pylint: disable=g-import-not-at-top
+  info = input_pipeline.ImageDatasetInfo('digits', (8, 8, 1), 10, {'train': 1500})
+  config = tiny.get_config()
+  spec = ExperimentSpec.from_config(config, info)
+  assert spec.parameterization == gd.Parameterization(gd.MeanType.EPS, gd.VarType.FIXED_LARGE)
+  assert ExperimentSpec.from_json(spec.to_json()) == spec
+  group, name = field.split('.')
+  config[group][name] = value
+  with pytest.raises(ValueError) as e:
+    ExperimentSpec.from_config(config, info)
+  assert fragment in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
 # ------------------------------------------------------------------------------------------
@@ -194,7 +208,8 @@ def _run(env, cmd, **kwargs):
 def _restore(workdir, step):
   path = os.path.join(workdir, 'checkpoints', str(step))
   with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(path, 'state'))
+    state = dict(state=ckptr.restore(os.path.join(path, 'state')),
+                 ema=ckptr.restore(os.path.join(path, 'ema')))
   data = {os.path.basename(f): open(f).read() for f in glob.glob(os.path.join(path, 'data', 'process_*'))}
   return state, data
 
@@ -239,7 +254,7 @@ def test_resume_after_sigkill_is_bit_identical(env, unbroken):
   for (path, a), (_, b) in zip(flat_want, flat_got):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
                                   err_msg=jax.tree_util.keystr(path))
-  assert int(got['step']) == 8
+  assert int(got['state']['step']) == 8
   assert want_data == got_data and want_data
 
 
@@ -302,7 +317,7 @@ def test_unknown_dataset(env, tmp_path):
 def test_checkpoint_of_another_model_shape(env, unbroken):
   before = sorted(os.listdir(os.path.join(unbroken, 'checkpoints')))
   result = _run(env, _train_cmd(env, unbroken, *RESUME, '--config.model.ch=64'))
-  _assert_fails(result, 'shape', 'another model')
+  _assert_fails(result, 'model.ch 32 -> 64', 'new --workdir')
   assert sorted(os.listdir(os.path.join(unbroken, 'checkpoints'))) == before
 
 

@@ -56,7 +56,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from diffusion_jax.data import digits as digits_lib
+from diffusion_jax.data import datasets
 
 Batch = dict[str, np.ndarray]
 
@@ -84,8 +84,9 @@ def _builder(dataset: str, data_dir: str | os.PathLike[str] | None):
     raise ValueError(f'dataset must be a non-empty TFDS name, got {dataset!r}.')
   data_dir = None if data_dir is None else os.fspath(data_dir)
   where = data_dir if data_dir is not None else 'the default TFDS data_dir'
-  if dataset == digits_lib.NAME:
-    digits_lib.prepare_digits(data_dir)
+  description = datasets.describe(dataset)
+  if description.prepared_locally:
+    description.prepare(data_dir)
   try:
     builder = tfds.builder(dataset, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
@@ -97,8 +98,7 @@ def _builder(dataset: str, data_dir: str | os.PathLike[str] | None):
     raise FileNotFoundError(
         f'Dataset {dataset!r} is not prepared in {where}; prepare it with'
         f' `tfds build --file_format=array_record {dataset}'
-        f' --data_dir={data_dir or "DIR"}` (only {digits_lib.NAME!r} is'
-        ' prepared automatically).'
+        f' --data_dir={data_dir or "DIR"}`.'
     )
   return builder
 

@@ -1,0 +1,363 @@
+"""The experiment spec: one frozen, typed description of a run, built once from its config.
+
+    spec = ExperimentSpec.from_config(config, dataset_info)   # strings parsed here, once
+    model = spec.model.make()                                  # the U-Net
+    diffusion = spec.diffusion.make()                          # the GaussianDiffusion
+
+Training writes it to `WORKDIR/spec.json` (see `workdir.py`) and sampling and evaluation read
+it back from there alone: the spec holds the dataset facts they need (image shape, classes),
+so a workdir samples without its dataset. Nothing below the spec rebuilds it from strings.
+
+Fields in `RESUMABLE` (the run's length and cadence, its sample grid and periodic evaluation,
+where the data lives, the optimizer's and EMA's settings) may change when a run is resumed;
+any other difference from the stored spec means another model or objective, and
+`differences` names it. No IO here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import sampling
+from diffusion_jax import schedules
+from diffusion_jax.data import input_pipeline
+from diffusion_jax.models.unet import UNetConfig
+from diffusion_jax.train_state import OptimizerConfig
+
+# U-Net fields that come from the data, the variance type and the compute dtype, not from
+# `config.model`.
+DERIVED_MODEL_FIELDS = ('out_ch', 'num_classes', 'dtype', 'param_dtype')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
+def default_model_fields() -> dict[str, Any]:
+  """The U-Net fields a config sets, with UNetConfig's defaults (the paper's CIFAR-10
+  model); fields that default to None are typed placeholders, so a flag can set them."""
+  hints = typing.get_type_hints(UNetConfig)
+  out = {}
+  for k, v in UNetConfig().to_dict().items():
+    if k in DERIVED_MODEL_FIELDS:
+      continue
+    if v is None:
+      (kind,) = [a for a in typing.get_args(hints[k]) if a is not type(None)]
+      v = ml_collections.config_dict.placeholder(kind)
+    out[k] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+class TimestepSampling(enum.Enum):
+  UNIFORM = 'uniform'
+  IMPORTANCE = 'importance'  # by the L_vlb history (Nichol & Dhariwal 2021)
+
+
+def _parse(enum_cls, value, what: str):
+  if isinstance(value, enum_cls):
+    return value
+  try:
+    return enum_cls(value)
+  except ValueError:
+    allowed = ', '.join(repr(m.value) for m in enum_cls)
+    raise ValueError(f'unknown {what} {value!r}; allowed: {allowed}') from None
+
+
+def _positive_int(value, name: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f'{name} must be a positive integer, got {value!r}')
+  return int(value)
+
+
+def _non_negative_int(value, name: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f'{name} must be a non-negative integer, got {value!r}')
+  return int(value)
+
+
+# ------------------------------------------------------------------------------------------
+# The parts.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  dataset: str                        # TFDS name
+  image_shape: tuple[int, int, int]   # (H, W, C)
+  num_classes: int                    # the dataset's classes (0: no labels)
+  data_dir: str | None                # where the TFDS data lives (None: TFDS's default)
+  random_flip: bool
+
+  def __post_init__(self):
+    object.__setattr__(self, 'image_shape', tuple(int(d) for d in self.image_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSpec:
+  """The forward process and the training objective."""
+  schedule: str
+  num_timesteps: int
+  beta_start: float
+  beta_end: float
+  zero_terminal_snr: bool
+  parameterization: gd.Parameterization
+  loss_type: gd.LossType
+  snr_gamma: float | None
+  timestep_sampling: TimestepSampling
+
+  def __post_init__(self):
+    object.__setattr__(self, 'loss_type', gd.LossType.parse(self.loss_type))
+    object.__setattr__(self, 'timestep_sampling',
+                       _parse(TimestepSampling, self.timestep_sampling, 'timestep_sampler'))
+    if self.snr_gamma is not None:
+      if self.parameterization.mean_type is gd.MeanType.XPREV:
+        raise ValueError('snr_gamma (min-SNR weighting) is defined for mean_type eps, v and '
+                         "xstart, not 'xprev'")
+      if not self.snr_gamma > 0:
+        raise ValueError(f'snr_gamma must be > 0 (or None), got {self.snr_gamma}')
+    self.betas()  # validates the schedule's name, T and end points
+
+  def betas(self) -> np.ndarray:
+    return schedules.get_beta_schedule(
+        self.schedule, self.num_timesteps, beta_start=self.beta_start, beta_end=self.beta_end,
+        zero_terminal_snr=self.zero_terminal_snr)
+
+  def make(self) -> gd.GaussianDiffusion:
+    return gd.GaussianDiffusion.from_betas(self.betas())
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+  """Settings of the update step that shape what is learned."""
+  batch_size: int            # global, over all devices and processes
+  ema_decay: float
+  grad_accum_steps: int
+  label_dropout: float       # class-conditional: p(null label) for classifier-free guidance
+
+  def __post_init__(self):
+    _positive_int(self.batch_size, 'training.batch_size')
+    _positive_int(self.grad_accum_steps, 'training.grad_accum_steps')
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f'training.ema_decay must be in [0, 1), got {self.ema_decay}')
+    if not 0.0 <= self.label_dropout < 1.0:
+      raise ValueError(f'training.label_dropout must be in [0, 1), got {self.label_dropout}')
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """The run's length and cadence and its sample grid: free to change on resume."""
+  num_train_steps: int
+  log_every_steps: int
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+  sample_every_steps: int            # 0: no sample grids
+  num_samples: int
+  sampler: sampling.SamplerConfig    # for the grid
+
+  def __post_init__(self):
+    for name in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
+                 'keep_checkpoints', 'num_samples'):
+      _positive_int(getattr(self, name), f'training.{name}')
+    _non_negative_int(self.sample_every_steps, 'training.sample_every_steps')
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  """Evaluation during training (free to change on resume)."""
+  every_steps: int                   # 0: none
+  num_samples: int                   # for FID; 0: none
+  bpd_examples: int                  # test examples for bits/dim; 0: none
+  sampler: sampling.SamplerConfig
+  inception_weights: str | None
+
+  def __post_init__(self):
+    for name in ('every_steps', 'num_samples', 'bpd_examples'):
+      _non_negative_int(getattr(self, name), f'eval.{name}')
+
+
+# ------------------------------------------------------------------------------------------
+# The spec.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSpec:
+  seed: int
+  data: DataSpec
+  model: UNetConfig
+  diffusion: DiffusionSpec
+  optimizer: OptimizerConfig
+  training: TrainingSpec
+  run: RunSpec
+  eval: EvalSpec
+
+  @property
+  def num_classes(self) -> int | None:
+    """Classes of a class-conditional model (label `num_classes` is the null label); None for
+    an unconditional one."""
+    return self.model.num_classes
+
+  @property
+  def parameterization(self) -> gd.Parameterization:
+    return self.diffusion.parameterization
+
+  # ---- Building from a config. ----------------------------------------------------------
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  info: input_pipeline.ImageDatasetInfo) -> 'ExperimentSpec':
+    """Parses and checks every field of `config` (one-line ValueErrors); `info` gives the
+    dataset facts (from `input_pipeline.dataset_info`)."""
+    c = config
+    param = gd.Parameterization(c.diffusion.mean_type, c.diffusion.var_type)
+    dtype = c.training.compute_dtype
+    if dtype not in COMPUTE_DTYPES:
+      raise ValueError(f'unknown training.compute_dtype {dtype!r}; allowed: '
+                       f'{", ".join(COMPUTE_DTYPES)}')
+    fields = {k: v for k, v in c.model.to_dict().items() if k != 'class_conditional'}
+    derived = sorted(set(fields) & set(DERIVED_MODEL_FIELDS))
+    if derived:
+      raise ValueError(f'model.{derived[0]} is derived (from the data, diffusion.var_type and '
+                       'training.compute_dtype); remove it from the config')
+    num_classes = None
+    if c.model.class_conditional:
+      if not info.num_classes:
+        raise ValueError(f'model.class_conditional=True but dataset {info.name!r} has no '
+                         'labels')
+      num_classes = info.num_classes
+    model = UNetConfig.from_dict({**fields, 'out_ch': param.out_channels(info.image_shape[-1]),
+                                  'num_classes': num_classes, 'dtype': dtype})
+    d = c.diffusion
+    diffusion = DiffusionSpec(
+        schedule=d.schedule, num_timesteps=_positive_int(d.num_timesteps,
+                                                         'diffusion.num_timesteps'),
+        beta_start=float(d.beta_start), beta_end=float(d.beta_end),
+        zero_terminal_snr=bool(d.zero_terminal_snr), parameterization=param,
+        loss_type=d.loss_type,
+        snr_gamma=None if d.snr_gamma is None else float(d.snr_gamma),
+        timestep_sampling=d.timestep_sampler)
+    t = c.training
+    training = TrainingSpec(
+        batch_size=t.batch_size, ema_decay=float(t.ema_decay),
+        grad_accum_steps=t.grad_accum_steps,
+        label_dropout=float(t.label_dropout) if num_classes else 0.0)
+    run = RunSpec(
+        num_train_steps=t.num_train_steps, log_every_steps=t.log_every_steps,
+        checkpoint_every_steps=t.checkpoint_every_steps, keep_checkpoints=t.keep_checkpoints,
+        sample_every_steps=t.sample_every_steps, num_samples=t.num_samples,
+        sampler=sampling.SamplerConfig.create(t.get('sampler', 'ddim'), steps=t.sample_steps))
+    e = c.eval
+    evaluation = EvalSpec(
+        every_steps=e.every_steps, num_samples=e.num_samples, bpd_examples=e.bpd_examples,
+        sampler=sampling.SamplerConfig.create(e.get('sampler', 'ddim'), steps=e.sample_steps),
+        inception_weights=e.get('inception_weights'))
+    data = DataSpec(dataset=info.name, image_shape=info.image_shape,
+                    num_classes=info.num_classes,
+                    data_dir=None if c.data.data_dir is None else str(c.data.data_dir),
+                    random_flip=bool(c.data.random_flip))
+    for s in (run.sampler, evaluation.sampler):
+      s.check_steps(diffusion.num_timesteps)
+    return cls(seed=int(c.seed), data=data, model=model, diffusion=diffusion,
+               optimizer=OptimizerConfig(**c.optimizer.to_dict()), training=training, run=run,
+               eval=evaluation)
+
+  # ---- Building the objects it describes. -----------------------------------------------
+
+  def init_params(self, rng: jax.Array):
+    """Fresh U-Net parameters (`jax.eval_shape` of this is every checkpoint's shape)."""
+    model = self.model.make()
+    x = jnp.zeros((1,) + self.data.image_shape, jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if self.num_classes else None
+    return model.init({'params': rng}, x, t, y=y, train=False)['params']
+
+  # ---- JSON. ----------------------------------------------------------------------------
+
+  def to_json(self) -> dict[str, Any]:
+    return _to_json(self)
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> 'ExperimentSpec':
+    """The inverse of `to_json`; raises ValueError for a spec this version cannot read."""
+    try:
+      diff = dict(d['diffusion'])
+      diff['parameterization'] = gd.Parameterization(**diff['parameterization'])
+      run, ev = dict(d['run']), dict(d['eval'])
+      run['sampler'] = sampling.SamplerConfig.from_dict(run['sampler'])
+      ev['sampler'] = sampling.SamplerConfig.from_dict(ev['sampler'])
+      return cls(seed=int(d['seed']), data=DataSpec(**d['data']),
+                 model=UNetConfig.from_dict(d['model']), diffusion=DiffusionSpec(**diff),
+                 optimizer=OptimizerConfig(**d['optimizer']),
+                 training=TrainingSpec(**d['training']), run=RunSpec(**run),
+                 eval=EvalSpec(**ev))
+    except (KeyError, TypeError) as e:
+      raise ValueError(f'not an experiment spec of this version ({type(e).__name__}: {e})'
+                       ) from None
+
+
+def _to_json(x):
+  if dataclasses.is_dataclass(x) and not isinstance(x, type):
+    if hasattr(x, 'to_dict'):
+      return _to_json(x.to_dict())
+    return {f.name: _to_json(getattr(x, f.name)) for f in dataclasses.fields(x)}
+  if isinstance(x, enum.Enum):
+    return x.value
+  if isinstance(x, (tuple, list)):
+    return [_to_json(v) for v in x]
+  if isinstance(x, dict):
+    return {k: _to_json(v) for k, v in x.items()}
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
+
+
+# ------------------------------------------------------------------------------------------
+# Comparing specs on resume.
+# ------------------------------------------------------------------------------------------
+
+# Dotted prefixes of the fields that may differ from the stored spec when a run resumes: how
+# long and how it is logged, sampled and evaluated, where the data lives, and how it is
+# optimised (a changed learning rate or EMA decay is a common, deliberate step; an optimizer
+# whose state has another structure is refused when its checkpoint is restored). Everything
+# else defines the model or the objective. The batch size is not here: the saved data
+# position counts batches, so another batch size would resume elsewhere in the stream.
+RESUMABLE = ('run.', 'eval.', 'data.data_dir', 'optimizer.', 'training.ema_decay',
+             'training.grad_accum_steps')
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def differences(old: ExperimentSpec | Mapping[str, Any], new: ExperimentSpec | Mapping[str, Any]
+                ) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+  """(fixed, resumable): the fields that differ, each (dotted name, old value, new value).
+
+  `fixed` are those that define the model or the objective (a resume must refuse them);
+  `resumable` those in `RESUMABLE`.
+  """
+  a = _flatten(old.to_json() if isinstance(old, ExperimentSpec) else old)
+  b = _flatten(new.to_json() if isinstance(new, ExperimentSpec) else new)
+  fixed, resumable = [], []
+  for name in sorted(set(a) | set(b)):
+    if a.get(name, '<absent>') != b.get(name, '<absent>'):
+      row = (name, a.get(name, '<absent>'), b.get(name, '<absent>'))
+      (resumable if name.startswith(RESUMABLE) else fixed).append(row)
+  return fixed, resumable
+
+
+def describe_differences(rows: list[tuple[str, Any, Any]]) -> str:
+  """'diffusion.parameterization.mean_type 'eps' -> 'v', model.ch 32 -> 64'."""
+  return ', '.join(f'{name} {old!r} -> {new!r}' for name, old, new in rows)
