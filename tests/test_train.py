@@ -336,3 +336,65 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, unbroken,
 def test_checkpoint_of_another_optimizer(env, unbroken):
   result = _run(env, _train_cmd(env, unbroken, *RESUME, '--config.optimizer.grad_clip=0'))
   _assert_fails(result, 'checkpoint 8', 'does not fit', 'new --workdir')
+
+
+# ------------------------------------------------------------------------------------------
+# Restarts compare experiment specs.
+# ------------------------------------------------------------------------------------------
+
+
+def _snapshot(workdir):
+  """Every file under `workdir` with its bytes."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, workdir)] = f.read()
+  return out
+
+
+@pytest.mark.parametrize('override,fragment', [
+    ('--config.model.ch=64', 'model.ch 32 -> 64'),
+    ('--config.diffusion.mean_type=v', "diffusion.parameterization.mean_type 'eps' -> 'v'"),
+    ('--config.diffusion.schedule=cosine', "diffusion.schedule 'linear' -> 'cosine'"),
+    ('--config.diffusion.num_timesteps=200', 'diffusion.num_timesteps 100 -> 200'),
+    ('--config.diffusion.loss_type=hybrid', "diffusion.loss_type 'mse' -> 'hybrid'"),
+    ('--config.data.dataset=mnist', "data.dataset 'digits' -> 'mnist'"),
+    ('--config.training.batch_size=32', 'training.batch_size 16 -> 32'),
+])
+def test_restart_with_another_model_or_objective_is_refused(env, unbroken, override, fragment):
+  before = _snapshot(unbroken)
+  result = _run(env, _train_cmd(env, unbroken, *RESUME, override))
+  assert result.returncode == 1, result.stderr[-3000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert fragment in errors[0] and 'new --workdir' in errors[0], errors[0]
+  assert _snapshot(unbroken) == before
+
+
+def test_restart_with_resumable_changes_goes_on_and_records_them(env, unbroken, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'longer')
+  shutil.copytree(unbroken, workdir)
+  with open(os.path.join(workdir, 'spec.json')) as f:
+    old = json.load(f)
+  result = _run(env, _train_cmd(env, workdir, '--config.training.num_train_steps=9',
+                                '--config.training.checkpoint_every_steps=9',
+                                '--config.training.log_every_steps=1',
+                                '--config.optimizer.learning_rate=5e-4'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resumed from checkpoint 8' in result.stderr
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '9', 'ema'))
+  with open(os.path.join(workdir, 'spec.json')) as f:
+    new = json.load(f)
+  assert new['run']['num_train_steps'] == 9 and new['optimizer']['learning_rate'] == 5e-4
+  assert {k: v for k, v in new.items() if k not in ('run', 'optimizer')} == {
+      k: v for k, v in old.items() if k not in ('run', 'optimizer')}
+  with open(os.path.join(workdir, 'spec_changes.jsonl')) as f:
+    (line,) = [json.loads(l) for l in f]
+  assert line['resumed_at_step'] == 8
+  assert line['changes'] == {'run.num_train_steps': [8, 9],
+                             'run.checkpoint_every_steps': [4, 9],
+                             'optimizer.learning_rate': [1e-3, 5e-4]}

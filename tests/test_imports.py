@@ -1,0 +1,90 @@
+"""The module graph: no import cycles, math modules free of IO, and sampling and evaluation
+that never load the training code (each module imported in a fresh process)."""
+
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / 'diffusion_jax'
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = list(path.relative_to(ROOT).with_suffix('').parts)
+  if parts[-1] == '__init__':
+    parts.pop()
+  return '.'.join(parts)
+
+
+MODULES = sorted(_module_name(p) for p in PACKAGE.rglob('*.py'))
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  """The package's modules that `path` imports, at module level or inside functions."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      # `from pkg import sub` imports the module pkg.sub; `from mod import name`, mod.
+      subs = [f'{node.module}.{a.name}' for a in node.names]
+      names = [n for n in subs if n in MODULES] or [node.module]
+    else:
+      continue
+    found.update(n for n in names if n in MODULES)
+  return found
+
+
+def test_the_package_has_no_import_cycle():
+  graph = {_module_name(p): _imports(p) - {_module_name(p)} for p in PACKAGE.rglob('*.py')}
+  assert 'diffusion_jax.train' in graph and graph['diffusion_jax.trained_model']
+  state = {}
+
+  def visit(m, stack):
+    state[m] = 'open'
+    for n in sorted(graph.get(m, ())):
+      if n == 'diffusion_jax':
+        continue  # the package's __init__ re-exports the math; every module loads it
+      if state.get(n) == 'open':
+        cycle = stack[stack.index(n):] + [n]
+        pytest.fail('import cycle: ' + ' -> '.join(cycle))
+      if n not in state:
+        visit(n, stack + [n])
+    state[m] = 'done'
+
+  for m in sorted(graph):
+    if m not in state:
+      visit(m, [m])
+
+
+def _loaded_by(modules: str) -> set[str]:
+  code = f'import sys, {modules}; print(" ".join(sorted(sys.modules)))'
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu'),
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return set(out.stdout.split())
+
+
+INFERENCE = ['diffusion_jax.trained_model', 'diffusion_jax.sampling', 'diffusion_jax.evaluate',
+             'diffusion_jax.spec', 'diffusion_jax.workdir', 'diffusion_jax.features']
+MATH = ['diffusion_jax.gaussian_diffusion', 'diffusion_jax.schedules', 'diffusion_jax.samplers',
+        'diffusion_jax.timestep_sampler']
+
+
+@pytest.mark.parametrize('module', INFERENCE)
+def test_sampling_and_evaluation_never_load_the_trainer(module):
+  loaded = _loaded_by(module)
+  assert module in loaded
+  assert 'diffusion_jax.train' not in loaded and 'diffusion_jax.train_step' not in loaded
+
+
+def test_math_modules_load_no_io():
+  loaded = _loaded_by(', '.join(MATH))  # one process: what the math needs, together
+  io = {m.split('.')[0] for m in loaded} & {'orbax', 'tensorflow_datasets', 'grain', 'PIL',
+                                            'tensorboardX', 'ml_collections'}
+  assert set(MATH) <= loaded and not io, f'the math modules load {sorted(io)}'
