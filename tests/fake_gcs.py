@@ -455,12 +455,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     pass
 
 
+def clear_filesystem_caches():
+  """Drops the gcsfs instances that fsspec and etils keep, so the next `gs://` use builds a new
+  one from the current environment and `fsspec.config.conf`."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  import gcsfs  # pylint: disable=g-import-not-at-top
+  from etils.epath import backend  # pylint: disable=g-import-not-at-top
+  gcsfs.core.GCSFileSystem.clear_instance_cache()
+  fsspec.get_filesystem_class('gs').clear_instance_cache()
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
 def activate(server: FakeGcsServer, environ=os.environ):
   """Points this process's GCS clients at `server`; returns a function that undoes it."""
   saved = {k: environ.get(k) for k in server.env()}
   environ.update(server.env())
   import fsspec  # pylint: disable=g-import-not-at-top
-  from etils.epath import backend  # pylint: disable=g-import-not-at-top
   saved_conf = {p: dict(fsspec.config.conf[p]) if p in fsspec.config.conf else None
                 for p in ('gcs', 'gs')}
   fsspec.config.conf.setdefault('gcs', {})['token'] = 'anon'
@@ -470,15 +480,10 @@ def activate(server: FakeGcsServer, environ=os.environ):
     for p in ('gs', 'gcs'):
       fsspec.register_implementation(p, gcsfs.core.GCSFileSystem, clobber=True)
 
-  def clear_caches():
-    gcsfs.core.GCSFileSystem.clear_instance_cache()
-    fsspec.get_filesystem_class('gs').clear_instance_cache()
-    backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
-
-  clear_caches()
+  clear_filesystem_caches()
 
   def deactivate():
-    clear_caches()
+    clear_filesystem_caches()
     for p in ('gs', 'gcs'):
       fsspec.register_implementation(p, saved_cls, clobber=True)
     for p, conf in saved_conf.items():

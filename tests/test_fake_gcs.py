@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import fsspec
 import tensorstore as ts
 from etils import epath
+from orbax.checkpoint._src.path import gcs_utils
 
 try:
   from tests import fake_gcs as fake_gcs_lib
@@ -181,6 +183,27 @@ def test_tensorstore_matches_its_memory_driver(fake_gcs, fake_gcs_server):
   _assert_only_gcs_api(fake_gcs_server)
 
 
+def test_gcsfs_listing_cache_hides_other_writers(fake_gcs, fake_gcs_server):
+  """Pins a gcsfs behaviour that the library must allow for: once a process has listed a
+  folder, gcsfs answers `exists`/`iterdir` under it from its listing cache, so objects written
+  there by another client (TensorStore, another process or host) stay invisible, until the
+  cache is off (`use_listings_cache=False`, e.g. FSSPEC_GCS_USE_LISTINGS_CACHE=false)."""
+  root = epath.Path(fake_gcs) / 'listed'
+  kv = ts.KvStore.open({'driver': 'gcs', 'bucket': 'test-bucket', 'path': 'listed/'}).result()
+  (root / 'a').write_text('a')
+  assert [p.name for p in root.iterdir()] == ['a']
+  kv.write('b', b'b').result()
+  assert fake_gcs_server.names() == ['listed/a', 'listed/b']
+  assert [p.name for p in root.iterdir()] == ['a'] and not (root / 'b').exists()  # stale
+
+  fsspec.config.conf['gcs']['use_listings_cache'] = False  # restored by the fixture
+  fake_gcs_lib.clear_filesystem_caches()
+  assert sorted(p.name for p in root.iterdir()) == ['a', 'b']
+  kv.write('c', b'c').result()
+  assert sorted(p.name for p in root.iterdir()) == ['a', 'b', 'c']
+  assert (root / 'c').read_text() == 'c'
+
+
 def _make_manager(directory):
   options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True)
   return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data'))
@@ -204,6 +227,7 @@ def test_orbax_checkpoint_manager(fake_gcs, fake_gcs_server, empty_cwd):
   dataset = grain.MapDataset.range(100).shuffle(seed=seed % 1000).to_iter_dataset()
   iterator = iter(dataset)
 
+  gcs_utils.get_bucket.cache_clear()  # orbax keeps the bucket object for the process
   manager = _make_manager(directory)
   for step in (1, 2, 3):
     for _ in range(step):
@@ -227,6 +251,11 @@ def test_orbax_checkpoint_manager(fake_gcs, fake_gcs_server, empty_cwd):
   ts_uploads = [t for m, t, agent in fake_gcs_server.log
                 if m == 'POST' and agent.startswith('tensorstore/') and '/upload/' in t]
   assert ts_uploads
+  # orbax asks google-cloud-storage whether the bucket has a hierarchical namespace.
+  assert [a for m, t, a in fake_gcs_server.log
+          if m == 'GET' and t.startswith('/storage/v1/b/test-bucket?')
+          and a.startswith('gcloud-python/')]
+  assert not gcs_utils.is_hierarchical_namespace_enabled(directory)
 
   manager = _make_manager(directory)
   assert manager.latest_step() == 3 and manager.all_steps() == [2, 3]
@@ -268,4 +297,5 @@ def test_child_process(fake_gcs, fake_gcs_server, empty_cwd):
                        text=True, timeout=120, check=True)
   assert out.stdout.strip() == 'parent', out.stderr
   assert fake_gcs_server.objects[('test-bucket', 'shared/from_child.txt')].data == b'child'
+  assert (root / 'from_child.txt').read_text() == 'child'
   _assert_nothing_local(empty_cwd)
