@@ -23,24 +23,25 @@ API subset (https://cloud.google.com/storage/docs/json_api/v1), object names per
                                                   bytes=a-b, a-, -n answered with 206); also
                                                   under /download/storage/v1/ (gcsfs reads there)
   DELETE /storage/v1/b/B/o/O                      204
-  POST   /storage/v1/b/B/o/O/rewriteTo/b/B2/o/O2  copy in one call (done: true); copyTo likewise
+  POST   /storage/v1/b/B/o/O/rewriteTo/b/B2/o/O2  copy in one call (done: true)
   POST   /storage/v1/b/B/o/O/moveTo/o/O2          rename within a bucket
   POST   /upload/storage/v1/b/B/o                 uploadType=media | multipart | resumable; the
                                                   resumable session takes its chunks by POST or
                                                   PUT with Content-Range and answers 308 until the
-                                                  last one; DELETE on the session cancels it (499)
-  POST   /batch/storage/v1                        multipart/mixed batch of DELETEs (gcsfs rm)
+                                                  last one
 Preconditions `ifGenerationMatch` (0 means "does not exist") and `ifGenerationNotMatch` are honoured
 on reads (412 / 304), uploads and deletes (412). Every write gets a new, increasing generation.
-Not implemented (501): compose, PATCH, ACLs, object versions, bucket create/list, XML API.
+Not implemented (501): batch requests (gcsfs batches deletes only against storage.googleapis.com),
+copyTo, compose, PATCH, cancelling an upload session, ACLs, object versions, bucket create/list,
+chunked request bodies (411), the XML API.
 
 Use: the `fake_gcs` fixture in conftest.py yields `'gs://test-bucket'` with the environment set,
 or by hand:
 
     server = FakeGcsServer().start()
-    os.environ.update(server.env())   # before the first GCS use in this process (see below)
-    ...
-    server.stop()
+    deactivate = activate(server)   # before the first GCS use in this process (see below)
+    ...                             # or `with serving() as server:`
+    deactivate(); server.stop()
 
 Child processes: `server.env()` holds everything a child needs (the fsspec token and gcsfs switch
 included, as `FSSPEC_GCS_TOKEN` and `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`), so pass it in the
@@ -52,6 +53,10 @@ In-process caveats, handled by `activate()`:
   since TensorStore may cache opened drivers with their URL.
 - fsspec reads `FSSPEC_*` variables only at import, so `activate()` also writes the token into
   `fsspec.config.conf`, and clears fsspec's and etils' cached filesystem instances.
+- gcsfs caches folder listings per filesystem instance: after a process has listed a folder,
+  objects that another client (TensorStore, another process) writes there stay invisible to
+  its `exists`/`iterdir` (real GCS behaves the same way under gcsfs; see
+  test_fake_gcs.py). `use_listings_cache=False` in fsspec's config turns the cache off.
 - gcsfs >= 2026 by default picks its "extended" filesystem, which asks a gRPC storage-control
   API for the bucket type; this server has no gRPC, so `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`
   must be set before gcsfs is imported (`activate()` also re-registers the plain class if it was).
@@ -190,7 +195,7 @@ class FakeGcsServer:
   # ----- the API -----
 
   def handle(self, method, target, headers, body):
-    """One request -> (status, headers, body). Also used for the parts of a batch."""
+    """One request -> (status, headers, body)."""
     self.log.append((method, target, headers.get('User-Agent', '')))
     parsed = urllib.parse.urlsplit(target)
     q = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items()}
@@ -311,11 +316,9 @@ class FakeGcsServer:
     del self.objects[(bucket, name)]
     return 204, {}, b''
 
-  def rewrite(self, bucket, name, verb, dst_bucket, dst_name, q, headers, body):
+  def rewrite(self, bucket, name, dst_bucket, dst_name, q, headers, body):
     src = self._get(bucket, name)
     _, _, out = self._put(dst_bucket, dst_name, src.data, q, src.content_type, src.metadata)
-    if verb == 'copyTo':
-      return 200, {'Content-Type': 'application/json'}, out
     size = str(len(src.data))
     return _json(200, {'kind': 'storage#rewriteResponse', 'done': True, 'objectSize': size,
                        'totalBytesRewritten': size, 'resource': json.loads(out)})
@@ -376,31 +379,6 @@ class FakeGcsServer:
     have = len(up['data'])
     return 308, ({'Range': f'bytes=0-{have - 1}'} if have else {}), b''
 
-  def cancel_upload(self, bucket, q, headers, body):
-    if self._uploads.pop(q.get('upload_id', ''), None) is None:
-      raise HttpError(404, 'no such upload session')
-    return 499, {}, b''
-
-  def batch(self, q, headers, body):
-    boundary = 'fake_gcs_batch_boundary'
-    chunks = []
-    for i, (_, part) in enumerate(_multipart(headers.get('Content-Type'), body)):
-      head, sub_body = _split_part(b'\n' + part + b'\n')
-      lines = head.splitlines()
-      method, target, _ = lines[0].split(' ', 2)
-      sub_headers = dict(l.split(':', 1) for l in lines[1:] if ':' in l)
-      sub_headers = {k.strip(): v.strip() for k, v in sub_headers.items()}
-      if method != 'DELETE':
-        status, _, payload = _json(501, {'error': {'code': 501, 'message': 'batch: DELETE only'}})
-      else:
-        status, _, payload = self.handle(method, target, sub_headers, sub_body)
-      phrase = http.HTTPStatus(status).phrase
-      chunks.append(f'--{boundary}\r\nContent-Type: application/http\r\n'
-                    f'Content-ID: <response-{i + 1}>\r\n\r\nHTTP/1.1 {status} {phrase}\r\n'
-                    f'Content-Length: {len(payload)}\r\n\r\n'.encode() + payload + b'\r\n')
-    out = b''.join(chunks) + f'--{boundary}--\r\n'.encode()
-    return 200, {'Content-Type': f'multipart/mixed; boundary={boundary}'}, out
-
 
 _NAME = r'([^/]+)'
 _ROUTES = [
@@ -408,17 +386,16 @@ _ROUTES = [
     (rf'/storage/v1/b/{_NAME}/o', {'GET'}, FakeGcsServer.list_objects),
     (rf'(?:/download)?/storage/v1/b/{_NAME}/o/{_NAME}', {'GET'}, FakeGcsServer.get_object),
     (rf'/storage/v1/b/{_NAME}/o/{_NAME}', {'DELETE'}, FakeGcsServer.delete_object),
-    (rf'/storage/v1/b/{_NAME}/o/{_NAME}/(rewriteTo|copyTo)/b/{_NAME}/o/{_NAME}', {'POST'},
+    (rf'/storage/v1/b/{_NAME}/o/{_NAME}/rewriteTo/b/{_NAME}/o/{_NAME}', {'POST'},
      FakeGcsServer.rewrite),
     (rf'/storage/v1/b/{_NAME}/o/{_NAME}/moveTo/o/{_NAME}', {'POST'}, FakeGcsServer.move),
     (rf'/upload/storage/v1/b/{_NAME}/o', {'POST', 'PUT'}, FakeGcsServer.upload),
-    (rf'/upload/storage/v1/b/{_NAME}/o', {'DELETE'}, FakeGcsServer.cancel_upload),
-    (r'/batch/storage/v1', {'POST'}, FakeGcsServer.batch),
 ]
 
 
 class _Server(http.server.ThreadingHTTPServer):
   daemon_threads = True
+  request_queue_size = 128  # TensorStore opens up to 32 connections at once
 
   def handle_error(self, request, client_address):
     if not isinstance(sys.exc_info()[1], ConnectionError):  # a client hung up: not our error
@@ -430,17 +407,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   disable_nagle_algorithm = True  # headers and body leave at once (no 40 ms delayed-ACK stall)
 
   def _serve(self):
-    if 'chunked' in self.headers.get('Transfer-Encoding', ''):
-      body = bytearray()
-      while (size := int(self.rfile.readline().split(b';')[0], 16)):
-        body += self.rfile.read(size)
-        self.rfile.readline()
-      while self.rfile.readline() not in (b'\r\n', b'\n', b''):  # trailers
-        pass
-    else:
-      body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
+    if self.headers.get('Transfer-Encoding'):  # neither client streams an upload
+      self.send_error(411, 'the fake GCS server needs Content-Length')
+      return
+    body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
     status, headers, payload = self.server.fake.handle(self.command, self.path, self.headers,
-                                                       bytes(body))
+                                                       body)
     self.send_response(status)
     for k, v in headers.items():
       self.send_header(k, v)

@@ -1,11 +1,19 @@
 """The fake GCS server (tests/fake_gcs.py) is faithful enough for our clients: epath (gcsfs),
 TensorStore's gcs driver and an orbax CheckpointManager all work on `gs://test-bucket`, the bytes
-live only in the server's memory, and no local directory appears under any name."""
+live only in the server's memory, and no local directory appears under any name.
+
+What orbax 0.12.8 does on gs:// (seen here): no `*.orbax-checkpoint-tmp` folder and no rename.
+It writes straight into `ckpt/<step>/` and commits with `commit_success.txt` markers (one per
+step, one per item); the arrays go through TensorStore (OCDBT, conditional uploads), the
+metadata files through epath/gcsfs; it asks google-cloud-storage once per bucket whether the
+bucket has a hierarchical namespace; max_to_keep deletes the objects of old steps.
+"""
 
 import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import grain
@@ -114,6 +122,9 @@ def test_listing_pages_and_exclusive_create(fake_gcs, fake_gcs_server):
   with pytest.raises(FileExistsError):
     fs.pipe(f'{fake_gcs}/once', b'2', mode='create')
   assert fake_gcs_server.objects[('test-bucket', 'once')].data == b'1'
+  fs.cp_file(f'{fake_gcs}/once', f'{fake_gcs}/twice')  # objects.rewrite
+  once, twice = (fake_gcs_server.objects[('test-bucket', n)] for n in ('once', 'twice'))
+  assert twice.data == b'1' and twice.generation > once.generation
 
 
 def test_list_protocol_directly(fake_gcs_server):
@@ -124,7 +135,7 @@ def test_list_protocol_directly(fake_gcs_server):
     fake_gcs_server.objects[('test-bucket', name)] = fake_gcs_lib.Blob(b'', i + 1, 't', 0.0)
   try:
     pages, token = [], None
-    while True:
+    for _ in range(10):  # a server that ignored pageToken would repeat forever
       url = f'{fake_gcs_server.url}/storage/v1/b/test-bucket/o?prefix=d/&delimiter=/&maxResults=2'
       with urllib.request.urlopen(url + (f'&pageToken={token}' if token else '')) as r:
         page = json.load(r)
@@ -132,7 +143,11 @@ def test_list_protocol_directly(fake_gcs_server):
       token = page.get('nextPageToken')
       if token is None:
         break
-    assert pages == [(['d/a'], ['d/b/']), (['d/c'], ['d/e/'])]
+    assert token is None and pages == [(['d/a'], ['d/b/']), (['d/c'], ['d/e/'])]
+    with pytest.raises(urllib.error.HTTPError) as e:  # what the fake lacks, it says
+      urllib.request.urlopen(urllib.request.Request(
+          f'{fake_gcs_server.url}/storage/v1/b/test-bucket/o/d%2Fa/compose', method='POST'))
+    assert e.value.code == 501
   finally:
     fake_gcs_server.reset()
 
