@@ -3,8 +3,9 @@
 The server speaks the subset of the GCS JSON API that our two GCS clients use, over plain HTTP on
 127.0.0.1, and holds every object in memory (nothing is written to disk):
 
-- gcsfs (through fsspec, which `etils.epath` uses for `gs://` when TensorFlow is absent): it reads
-  `STORAGE_EMULATOR_HOST`; anonymous access comes from fsspec's configuration (`token='anon'`).
+- gcsfs (through fsspec, which `etils.epath` uses for `gs://` when TensorFlow is absent or
+  `EPATH_USE_TF=false`): it reads `STORAGE_EMULATOR_HOST`; anonymous access comes from fsspec's
+  configuration (`token='anon'`).
 - TensorStore's `gcs` kvstore driver (orbax writes array data with it): `TENSORSTORE_GCS_HTTP_URL`
   points it here and `GOOGLE_AUTH_TOKEN_FOR_TESTING` gives it a fixed bearer token, so it never
   looks for credentials.
@@ -173,6 +174,7 @@ class FakeGcsServer:
     host = self.url.removeprefix('http://')
     return {
         'STORAGE_EMULATOR_HOST': self.url,  # gcsfs, google-cloud-storage
+        'EPATH_USE_TF': 'false',  # epath takes fsspec (gcsfs) for gs:// even if TF is installed
         'FSSPEC_GCS_TOKEN': 'anon',  # fsspec config for gcsfs, read when fsspec is imported
         'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',  # plain GCSFileSystem, no gRPC
         'TENSORSTORE_GCS_HTTP_URL': self.url,

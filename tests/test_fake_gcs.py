@@ -66,6 +66,7 @@ def _assert_only_gcs_api(server):
 def test_epath_operations(fake_gcs, fake_gcs_server, empty_cwd):
   rng = np.random.default_rng(_fresh_seed())
   root = epath.Path(fake_gcs) / 'run'
+  assert root._backend is epath.backend.fsspec_backend  # pylint: disable=protected-access
   assert not root.exists()
   root.mkdir()  # GCS has no directories: a no-op that must not fail
   (root / 'config.json').write_text('{"lr": 0.001}')
