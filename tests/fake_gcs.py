@@ -111,15 +111,12 @@ def _json(status, obj, headers=None):
 
 
 def _split_part(part):
-  """A MIME part without its delimiter line breaks -> (headers text, body bytes)."""
-  if part.startswith(b'\r\n'):
-    part = part[2:]
-  elif part.startswith(b'\n'):
-    part = part[1:]
-  if part.endswith(b'\r\n'):
-    part = part[:-2]
-  elif part.endswith(b'\n'):
-    part = part[:-1]
+  """A MIME part between two delimiters -> (headers text, body bytes). The line break that
+  follows the boundary (CRLF, or LF as gcsfs writes) also precedes the next one: not body."""
+  eol = b'\r\n' if part.startswith(b'\r\n') else b'\n'
+  part = part[len(eol):]
+  if part.endswith(eol):
+    part = part[:-len(eol)]
   m = re.search(rb'\r?\n\r?\n', part)
   if m is None:
     return part.decode('latin-1'), b''

@@ -123,6 +123,8 @@ def test_listing_pages_and_exclusive_create(fake_gcs, fake_gcs_server):
   with pytest.raises(FileExistsError):
     fs.pipe(f'{fake_gcs}/once', b'2', mode='create')
   assert fake_gcs_server.objects[('test-bucket', 'once')].data == b'1'
+  fs.pipe(f'{fake_gcs}/crlf', b'\r\n--\r\nends in CR\r')  # a multipart upload's body is exact
+  assert fake_gcs_server.objects[('test-bucket', 'crlf')].data == b'\r\n--\r\nends in CR\r'
   fs.cp_file(f'{fake_gcs}/once', f'{fake_gcs}/twice')  # objects.rewrite
   once, twice = (fake_gcs_server.objects[('test-bucket', n)] for n in ('once', 'twice'))
   assert twice.data == b'1' and twice.generation > once.generation
