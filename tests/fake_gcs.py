@@ -34,7 +34,8 @@ Preconditions `ifGenerationMatch` (0 means "does not exist") and `ifGenerationNo
 on reads (412 / 304), uploads and deletes (412). Every write gets a new, increasing generation.
 Not implemented (501): batch requests (gcsfs batches deletes only against storage.googleapis.com),
 copyTo, compose, PATCH, cancelling an upload session, ACLs, object versions, bucket create/list,
-chunked request bodies (411), the XML API.
+chunked request bodies (411), the XML API; query parameters that would change the answer
+(`generation`, `ifMetagenerationMatch`, `matchGlob`, ...) are refused with 501, not ignored.
 
 Use: the `fake_gcs` fixture in conftest.py yields `'gs://test-bucket'` with the environment set,
 or by hand:
@@ -200,6 +201,8 @@ class FakeGcsServer:
     q = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items()}
     path = parsed.path
     try:
+      if unsupported := sorted(set(q) & _UNSUPPORTED_PARAMS):
+        raise HttpError(501, f'query parameters {unsupported} are not implemented by the fake')
       with self._lock:
         for pattern, methods, fn in _ROUTES:
           m = re.fullmatch(pattern, path)
@@ -379,6 +382,11 @@ class FakeGcsServer:
     return 308, ({'Range': f'bytes=0-{have - 1}'} if have else {}), b''
 
 
+# Parameters that would change the answer and that the fake does not implement: refused, not
+# silently ignored.
+_UNSUPPORTED_PARAMS = {'generation', 'sourceGeneration', 'versions', 'ifMetagenerationMatch',
+                       'ifMetagenerationNotMatch', 'ifSourceGenerationMatch',
+                       'ifSourceGenerationNotMatch', 'matchGlob', 'includeFoldersAsPrefixes'}
 _NAME = r'([^/]+)'
 _ROUTES = [
     (rf'/storage/v1/b/{_NAME}', {'GET'}, FakeGcsServer.get_bucket),

@@ -151,6 +151,9 @@ def test_list_protocol_directly(fake_gcs_server):
       urllib.request.urlopen(urllib.request.Request(
           f'{fake_gcs_server.url}/storage/v1/b/test-bucket/o/d%2Fa/compose', method='POST'))
     assert e.value.code == 501
+    with pytest.raises(urllib.error.HTTPError) as e:
+      urllib.request.urlopen(f'{fake_gcs_server.url}/storage/v1/b/test-bucket/o/x?generation=1')
+    assert e.value.code == 501
   finally:
     fake_gcs_server.reset()
 
@@ -300,14 +303,17 @@ def test_orbax_checkpoint_manager(fake_gcs, fake_gcs_server, empty_cwd):
 CHILD = r'''
 import sys
 from etils import epath
+import tensorstore as ts
 root = epath.Path(sys.argv[1])
 print((root / 'from_parent.txt').read_text())
 (root / 'from_child.txt').write_text('child')
+kv = ts.KvStore.open({'driver': 'gcs', 'bucket': 'test-bucket', 'path': 'shared/'}).result()
+kv.write('from_child.ts', b'tensorstore').result()
 '''
 
 
 def test_child_process(fake_gcs, fake_gcs_server, empty_cwd):
-  """A child process given `server.env()` reaches the same bucket."""
+  """A child process given `server.env()` reaches the same bucket with gcsfs and TensorStore."""
   root = epath.Path(fake_gcs) / 'shared'
   (root / 'from_parent.txt').write_text('parent')
   env = {**os.environ, **fake_gcs_server.env()}
@@ -316,4 +322,6 @@ def test_child_process(fake_gcs, fake_gcs_server, empty_cwd):
   assert out.stdout.strip() == 'parent', out.stderr
   assert fake_gcs_server.objects[('test-bucket', 'shared/from_child.txt')].data == b'child'
   assert (root / 'from_child.txt').read_text() == 'child'
+  assert fake_gcs_server.objects[('test-bucket', 'shared/from_child.ts')].data == b'tensorstore'
+  _assert_only_gcs_api(fake_gcs_server)
   _assert_nothing_local(empty_cwd)
