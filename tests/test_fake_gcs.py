@@ -16,13 +16,13 @@ import sys
 import urllib.error
 import urllib.request
 
+import fsspec
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import fsspec
 import tensorstore as ts
 from etils import epath
 from orbax.checkpoint._src.path import gcs_utils
@@ -32,8 +32,7 @@ try:
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
   import fake_gcs as fake_gcs_lib
 
-API_PREFIXES = ('/storage/v1/', '/upload/storage/v1/', '/download/storage/v1/',
-                '/batch/storage/v1')
+API_PREFIXES = ('/storage/v1/', '/upload/storage/v1/', '/download/storage/v1/')
 
 
 def _fresh_seed():
