@@ -296,8 +296,10 @@ def predictor_corrector(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=N
   `snr`, then one ancestral step to t_{i+1}; N·(1 + corrector_steps) evaluations.
 
   With β_i = 1 − (α_i/α_{i+1})² (the discrete step from t_{i+1} to t_i):
-    corrector: ε_L = 2(1 − β_i)(snr‖z‖/‖s‖)² per example; x ← x + ε_L s + √(2ε_L) z;
+    corrector: ε_L = 2(1 − β_i)(snr·mean‖z‖/mean‖s‖)², x ← x + ε_L s + √(2ε_L) z;
     predictor: x ← (x + β_i s)/√(1 − β_i) + √β_i z.
+  As in Song et al.'s code, the norms are per example and averaged over the batch, so one
+  step size serves the batch (per-example ratios are erratic for small inputs).
   """
   _need_rng(rng, 'pc')
   la = _log_alphas(sched)
@@ -313,8 +315,8 @@ def predictor_corrector(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=N
     for k in range(corrector_steps):
       s = score(x, i)
       z = jax.random.normal(jax.random.fold_in(key, k + 1), x.shape, x.dtype)
-      ratio = snr * _per_example_norm(z) / _per_example_norm(s)
-      eps_l = _b(2.0 * (1.0 - beta) * jnp.square(ratio), x)
+      ratio = snr * jnp.mean(_per_example_norm(z)) / jnp.mean(_per_example_norm(s))
+      eps_l = 2.0 * (1.0 - beta) * jnp.square(ratio)
       x = x + eps_l * s + jnp.sqrt(2.0 * eps_l) * z
     s = score(x, i)
     z = jax.random.normal(jax.random.fold_in(key, 0), x.shape, x.dtype)
