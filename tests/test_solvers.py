@@ -64,13 +64,14 @@ def normal_quantiles(shape):
 # ------------------------------------------------------------------------------------------
 
 # (solver, options, step counts, expected order). DPM-Solver++ runs without lowering the final
-# steps' order (which would cap 3M at order 2 below 10 steps). 2M's and 3M's ranges start where
-# their errors are asymptotic (with 5 steps λ-steps are ~2 long).
+# steps' order (which would cap 3M at order 2 below 10 steps). The ranges start where the errors
+# are asymptotic (below 20 steps 2M's and 3M's λ-steps are longer than 0.5) and are kept short
+# because every step count is one compile.
 ORDER_CASES = [
-    ('euler', {}, (5, 10, 20, 40), 1.0),
+    ('euler', {}, (5, 10, 20), 1.0),
     ('heun', {}, (10, 20, 40), 2.0),
-    ('dpmpp_2m', {'lower_order_final': False}, (10, 20, 40, 80), 2.0),
-    ('dpmpp_3m', {'lower_order_final': False}, (20, 40, 80, 160), 3.0),
+    ('dpmpp_2m', {'lower_order_final': False}, (20, 40, 80), 2.0),
+    ('dpmpp_3m', {'lower_order_final': False}, (20, 40, 80), 3.0),
 ]
 
 
@@ -140,7 +141,7 @@ def _numpy_dpmpp(lam, x, order, lower_order_final):
 
 
 @pytest.mark.parametrize('kind,order', [('dpmpp_2m', 2), ('dpmpp_3m', 3)])
-@pytest.mark.parametrize('num_steps,lower_order_final', [(6, True), (12, True), (6, False)])
+@pytest.mark.parametrize('num_steps,lower_order_final', [(6, True), (12, False)])
 def test_dpmpp_matches_numpy_float64(kind, order, num_steps, lower_order_final):
   with jax.enable_x64(True):
     p = _process()
@@ -218,7 +219,7 @@ def test_adaptive_ode_is_accurate_and_counts_evaluations():
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('kind', ['heun', 'pc'])
+@pytest.mark.parametrize('kind', ['heun'])
 def test_mean_types_give_the_same_samples(kind):
   seed = _seed()
   p = _process()
