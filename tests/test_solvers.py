@@ -187,7 +187,10 @@ def test_sde_and_pc_recover_std_at_1000_steps(kind):
   out = jax.jit(functools.partial(sv.solve, kind, den))(
       x_t, sv.step_schedule(p, 1000, 'time_uniform'), k_run)
   mean, std = float(jnp.mean(out.x0)), float(jnp.std(out.x0))
-  print(f'{kind}, 1000 steps: mean {mean:.4f} std {std:.4f} (seed {seed})')
+  # Langevin at signal-to-noise r has step ε ≈ 2r²v on a Gaussian of variance v, whose
+  # stationary std is √v/√(1 − ε/(2v)): a bias of (1 − r²)^(-1/2) − 1 = +1.3% at r = 0.16.
+  print(f'{kind}, 1000 steps: mean {mean:.4f} std {std:.4f} (seed {seed}); with the '
+        f'corrector\'s expected bias the std would be {S / np.sqrt(1 - 0.16 ** 2):.4f}')
   assert std == pytest.approx(S, rel=0.02), seed
   assert mean == pytest.approx(MU, abs=0.03), seed
 
@@ -266,7 +269,8 @@ def test_classifier_free_guidance_composes():
   got = ct.make_denoiser(p, guided, 'eps')(x, t)[0]
   want = ((1 + w) * ct.make_denoiser(p, cond, 'eps')(x, t)[0]
           - w * ct.make_denoiser(p, uncond, 'eps')(x, t)[0])
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # At t = 1, x̂₀ = (x − σε)/α amplifies float32 rounding by 1/α ≈ 156.
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   sched = sv.step_schedule(p, 3)
   assert np.all(np.isfinite(sv.solve('dpmpp_2m', ct.make_denoiser(p, guided, 'eps'),
                                      x, sched).x0))
