@@ -120,11 +120,6 @@ def _bt(t: Array, x: Array) -> Array:
   return jnp.full((x.shape[0],), t, dtype=x.dtype)
 
 
-def _b(c: Array, x: Array) -> Array:
-  """A `[B]` per-example scalar shaped to broadcast against `x` `[B, ...]`."""
-  return c.reshape(c.shape + (1,) * (x.ndim - 1))
-
-
 def _log_alphas(sched: StepSchedule) -> Array:
   return sched.process.log_alpha_t(sched.t)
 
