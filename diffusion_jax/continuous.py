@@ -1,0 +1,252 @@
+"""The continuous-time (VP-SDE) view of a discrete `GaussianDiffusion`.
+
+A discrete process with T steps and ᾱ_n (n = 0..T−1) is read as a VP-SDE on t ∈ [1/T, 1]
+by DPM-Solver's interpolation for discrete-time models (Lu et al. 2022, app. D):
+
+  * node n sits at t_n = (n + 1)/T, with log α(t_n) = ½ log ᾱ_n;
+  * log α(t) is piecewise linear in t between the nodes (so α has a kink at every node);
+  * σ(t) = √(1 − α(t)²), λ(t) = log α(t) − log σ(t) (half the log-SNR), decreasing in t;
+  * the model is called at its timestep T·t − 1, which maps t_n to n (between nodes it is
+    fractional: the U-Net's sinusoidal embedding takes real timesteps).
+
+The forward SDE dx = f(t) x dt + g(t) dw has f = d log α/dt and g² = dσ²/dt − 2 f σ², which
+for α² + σ² = 1 is g² = −2f (the β(t) of Song et al. 2021); both are piecewise constant here.
+Given a score s(x, t) = ∇ log p_t(x) = −ε/σ:
+  reverse SDE   dx = [f x − g² s] dt + g dw̄     (t running from 1 down)
+  PF-ODE        dx/dt = f x − ½ g² s.
+
+`make_denoiser` wraps a model's `denoise_fn(x_t, timestep) -> output` (ε, x₀ or v) once into
+`denoiser(x, t) -> (x0_hat, eps_hat)` at continuous times, which every solver in
+`diffusion_jax.solvers` uses. Classifier-free guidance lives inside `denoise_fn` (the guided
+mean output is a fixed linear combination, so it converts like any other output).
+
+Pure and jit/vmap-safe; no IO. Times `t` are float `[B]` (or scalars) in [1/T, 1]; values
+outside are clamped to that interval.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.gaussian_diffusion import Array, DenoiseFn, GaussianDiffusion, MeanType
+
+# ᾱ below this is clamped (a zero-terminal-SNR schedule has ᾱ_{T-1} = 0, where λ = −∞).
+MIN_ALPHA_BAR = 1e-10
+
+# (x, t [B]) -> (x0_hat, eps_hat), each like x.
+Denoiser = Callable[[Array, Array], tuple[Array, Array]]
+
+CONTINUOUS_MEAN_TYPES = (MeanType.EPS, MeanType.XSTART, MeanType.V)
+
+
+@flax.struct.dataclass
+class VPProcess:
+  """log α at the T nodes t_n = (n+1)/T of a discrete process; a pytree.
+
+  Build with `VPProcess.from_diffusion(d)`. The arrays take JAX's default float dtype
+  (float64 under `jax.enable_x64`), computed from the betas in float64.
+  """
+  t_nodes: Array      # [T] (n + 1)/T, increasing
+  log_alpha: Array    # [T] ½ log ᾱ_n, decreasing
+
+  @property
+  def num_timesteps(self) -> int:
+    return self.t_nodes.shape[0]
+
+  @property
+  def t_min(self) -> float:
+    return 1.0 / self.num_timesteps
+
+  @classmethod
+  def from_diffusion(cls, d: GaussianDiffusion) -> 'VPProcess':
+    """The continuous view of the full process `d` (host-side: `d` must be concrete)."""
+    t = d.num_timesteps
+    if t < 2:
+      raise ValueError(f'the continuous-time view needs at least 2 timesteps, got {t}')
+    tmap = np.asarray(d.timestep_map)
+    if not np.array_equal(tmap, np.arange(t)):
+      raise ValueError('continuous-time solvers take the full process, not a respaced one '
+                       f'(timestep_map is not arange({t})); pass the un-respaced diffusion')
+    betas = np.asarray(d.betas, np.float64)
+    log_ab = np.cumsum(np.log1p(-np.minimum(betas, 1.0)))
+    log_ab = np.maximum(log_ab, np.log(MIN_ALPHA_BAR))
+    nodes = np.arange(1, t + 1, dtype=np.float64) / t
+    return cls(t_nodes=jnp.asarray(nodes), log_alpha=jnp.asarray(0.5 * log_ab))
+
+  # ----- the marginal coefficients -----------------------------------------------------
+
+  def _clamp(self, t: Array) -> Array:
+    return jnp.clip(t, self.t_nodes[0], self.t_nodes[-1])
+
+  def log_alpha_t(self, t: Array) -> Array:
+    """log α(t), piecewise linear in t."""
+    return jnp.interp(self._clamp(t), self.t_nodes, self.log_alpha)
+
+  def alpha(self, t: Array) -> Array:
+    return jnp.exp(self.log_alpha_t(t))
+
+  def log_sigma_t(self, t: Array) -> Array:
+    return log_sigma_from_log_alpha(self.log_alpha_t(t))
+
+  def sigma(self, t: Array) -> Array:
+    return jnp.exp(self.log_sigma_t(t))
+
+  def lam(self, t: Array) -> Array:
+    """λ(t) = log α − log σ (half the log-SNR), decreasing in t."""
+    la = self.log_alpha_t(t)
+    return la - log_sigma_from_log_alpha(la)
+
+  def t_of_lambda(self, lam: Array) -> Array:
+    """The inverse of `lam` on [1/T, 1] (exact for the piecewise-linear log α)."""
+    la = log_alpha_from_lambda(lam)
+    # log α decreases along the nodes; interp needs increasing abscissae.
+    return jnp.interp(la, self.log_alpha[::-1], self.t_nodes[::-1])
+
+  def lambda_min(self) -> Array:
+    return self.lam(self.t_nodes[-1])
+
+  def lambda_max(self) -> Array:
+    return self.lam(self.t_nodes[0])
+
+  # ----- the SDE coefficients ----------------------------------------------------------
+
+  def _segment(self, t: Array) -> Array:
+    idx = jnp.searchsorted(self.t_nodes, self._clamp(t), side='right') - 1
+    return jnp.clip(idx, 0, self.num_timesteps - 2)
+
+  def f(self, t: Array) -> Array:
+    """f(t) = d log α/dt, constant on each [t_n, t_{n+1}) (the right segment at a node)."""
+    i = self._segment(t)
+    return ((self.log_alpha[i + 1] - self.log_alpha[i])
+            / (self.t_nodes[i + 1] - self.t_nodes[i]))
+
+  def g2(self, t: Array) -> Array:
+    """g²(t) = dσ²/dt − 2 f σ² = −2 f(t) (since α² + σ² = 1); β(t) of Song et al."""
+    return -2.0 * self.f(t)
+
+  def model_timestep(self, t: Array) -> Array:
+    """The model's (real-valued) timestep T·t − 1: t_n ↦ n."""
+    return self.num_timesteps * self._clamp(t) - 1.0
+
+
+def log_sigma_from_log_alpha(log_alpha: Array) -> Array:
+  """log √(1 − α²) = ½ log(−expm1(2 log α)): accurate for α near 1 and near 0."""
+  return 0.5 * jnp.log(-jnp.expm1(2.0 * log_alpha))
+
+
+def log_alpha_from_lambda(lam: Array) -> Array:
+  """α² = sigmoid(2λ), so log α = −½ softplus(−2λ)."""
+  return -0.5 * jax.nn.softplus(-2.0 * lam)
+
+
+def log_sigma_from_lambda(lam: Array) -> Array:
+  """σ² = sigmoid(−2λ), so log σ = −½ softplus(2λ)."""
+  return -0.5 * jax.nn.softplus(2.0 * lam)
+
+
+# ------------------------------------------------------------------------------------------
+# Parametrisations: x = α x₀ + σ ε, v = α ε − σ x₀, score = −ε/σ. α, σ broadcast against x.
+# ------------------------------------------------------------------------------------------
+
+
+def x0_from_eps(x, eps, alpha, sigma):
+  return (x - sigma * eps) / alpha
+
+
+def eps_from_x0(x, x0, alpha, sigma):
+  return (x - alpha * x0) / sigma
+
+
+def x0_from_v(x, v, alpha, sigma):
+  return alpha * x - sigma * v
+
+
+def eps_from_v(x, v, alpha, sigma):
+  return sigma * x + alpha * v
+
+
+def v_from_x0_eps(x0, eps, alpha, sigma):
+  return alpha * eps - sigma * x0
+
+
+def score_from_eps(eps, sigma):
+  return -eps / sigma
+
+
+def eps_from_score(score, sigma):
+  return -sigma * score
+
+
+# ------------------------------------------------------------------------------------------
+# Drifts of the VP-SDE.
+# ------------------------------------------------------------------------------------------
+
+
+def _bcast(c: Array, x: Array) -> Array:
+  """A scalar or `[B]` coefficient shaped to broadcast against `x` `[B, ...]`."""
+  c = jnp.asarray(c)
+  return c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
+
+
+def reverse_sde_drift(process: VPProcess, x: Array, t: Array, score: Array) -> Array:
+  """f(t) x − g²(t) s: the drift of the reverse-time SDE (dt < 0)."""
+  return _bcast(process.f(t), x) * x - _bcast(process.g2(t), x) * score
+
+
+def reverse_sde_diffusion(process: VPProcess, t: Array) -> Array:
+  """g(t), the diffusion coefficient of both the forward and the reverse SDE."""
+  return jnp.sqrt(process.g2(t))
+
+
+def pf_ode_drift(process: VPProcess, x: Array, t: Array, score: Array) -> Array:
+  """f(t) x − ½ g²(t) s: the probability-flow ODE dx/dt."""
+  return _bcast(process.f(t), x) * x - 0.5 * _bcast(process.g2(t), x) * score
+
+
+# ------------------------------------------------------------------------------------------
+# The model wrapper.
+# ------------------------------------------------------------------------------------------
+
+
+def parse_continuous_mean_type(mean_type) -> MeanType:
+  """A `MeanType` that the ODE/SDE solvers can use (eps, xstart or v)."""
+  mt = MeanType.parse(mean_type)
+  if mt not in CONTINUOUS_MEAN_TYPES:
+    allowed = ', '.join(repr(m.value) for m in CONTINUOUS_MEAN_TYPES)
+    raise ValueError(f'mean_type {mt.value!r} has no continuous-time (ODE/SDE) meaning; '
+                     f'allowed with these solvers: {allowed}')
+  return mt
+
+
+def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type) -> Denoiser:
+  """`denoiser(x [B, ..., C], t [B]) -> (x0_hat, eps_hat)` at continuous times t.
+
+  Calls `denoise_fn(x, T·t − 1)` once, keeps the first C output channels (a learned
+  variance's channels are ignored) and converts ε / x₀ / v to both x₀ and ε.
+  """
+  mt = parse_continuous_mean_type(mean_type)
+
+  def denoiser(x: Array, t: Array):
+    chex.assert_rank(t, 1)
+    chex.assert_equal(t.shape[0], x.shape[0])
+    c = x.shape[-1]
+    out = denoise_fn(x, process.model_timestep(t))
+    chex.assert_equal(out.shape[:-1], x.shape[:-1])
+    if out.shape[-1] not in (c, 2 * c):
+      raise ValueError(f'model output has {out.shape[-1]} channels; expected {c} or {2 * c}')
+    out = out[..., :c].astype(x.dtype)
+    alpha = _bcast(process.alpha(t), x)
+    sigma = _bcast(process.sigma(t), x)
+    if mt is MeanType.EPS:
+      return x0_from_eps(x, out, alpha, sigma), out
+    if mt is MeanType.XSTART:
+      return out, eps_from_x0(x, out, alpha, sigma)
+    return x0_from_v(x, out, alpha, sigma), eps_from_v(x, out, alpha, sigma)
+
+  return denoiser

@@ -1,0 +1,420 @@
+"""Solvers of the probability-flow ODE and the reverse SDE, k-diffusion style.
+
+Each solver is a small function `solver(denoiser, x_T, schedule, rng, **options) -> x_end`
+of a `denoiser(x, t [B]) -> (x0_hat, eps_hat)` (`continuous.make_denoiser`), the noise x_T
+`[B, ...]` and a `StepSchedule` (continuous times t_0 = 1 > t_1 > … > t_N = 1/T), and
+returns the state x at t_N. The fixed-step solvers are one `lax.scan` (one compile, jit-safe);
+step i draws its noise from `fold_in(rng, i)`.
+
+The sample (one convention for every solver): `solve` returns x₀ = x̂₀(x_{t_N}, t_N), the
+denoiser's prediction at the last time ("denoise to zero": what k-diffusion's final step to
+σ = 0 computes, and Tweedie's denoising step of Song et al.). It costs one evaluation, counted
+in `num_evaluations`.
+
+Orders: the interpolated α(t) has a kink at every node 1/T, so no solver integrates in raw t.
+Euler and Heun (Karras et al. 2022) work in σ̃ = σ/α = e^{−λ} on x̃ = x/α, where the PF-ODE is
+dx̃/dσ̃ = ε̂; DPM-Solver++ (Lu et al. 2022) and the adaptive solve work in λ. The SDE samplers
+take their coefficients from the exact α at the step ends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.continuous import (
+    Denoiser, VPProcess, log_alpha_from_lambda, log_sigma_from_lambda)
+from diffusion_jax.gaussian_diffusion import Array, _Option
+
+
+class ScheduleKind(_Option):
+  TIME_UNIFORM = 'time_uniform'  # uniform in t
+  LOGSNR = 'logsnr'              # uniform in λ (half the log-SNR)
+  KARRAS = 'karras'              # Karras et al. 2022, ρ = 7, in σ̃ = e^{−λ}
+
+  @classmethod
+  def _what(cls):
+    return 'step_schedule'
+
+
+class SolverKind(_Option):
+  EULER = 'euler'
+  HEUN = 'heun'
+  DPMPP_2M = 'dpmpp_2m'
+  DPMPP_3M = 'dpmpp_3m'
+  SDE = 'sde'   # Euler–Maruyama on the reverse SDE
+  PC = 'pc'     # ancestral predictor + Langevin corrector (Song et al. 2021)
+  ODE = 'ode'   # adaptive PF-ODE solve (diffrax)
+
+  @classmethod
+  def _what(cls):
+    return 'solver'
+
+
+# ------------------------------------------------------------------------------------------
+# Step schedules.
+# ------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class StepSchedule:
+  """The process and the N + 1 decreasing times t_0 = 1 > … > t_N = 1/T of a solve."""
+  process: VPProcess
+  t: Array  # [N + 1]
+
+  @property
+  def num_steps(self) -> int:
+    return self.t.shape[0] - 1
+
+  @property
+  def lam(self) -> Array:
+    return self.process.lam(self.t)
+
+
+def step_schedule(process: VPProcess, num_steps: int, kind: str | ScheduleKind = 'logsnr', *,
+                  rho: float = 7.0) -> StepSchedule:
+  """`num_steps` steps from t = 1 down to t = 1/T, spaced as `kind` says."""
+  kind = ScheduleKind.parse(kind)
+  big_t = process.num_timesteps
+  if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= big_t:
+    raise ValueError(f'steps must be an integer in [1, {big_t}], got {num_steps!r}')
+  u = jnp.linspace(0.0, 1.0, num_steps + 1)  # [N + 1]
+  t_max, t_min = process.t_nodes[-1], process.t_nodes[0]
+  if kind is ScheduleKind.TIME_UNIFORM:
+    t = t_max + u * (t_min - t_max)
+  else:
+    lam_lo, lam_hi = process.lam(t_max), process.lam(t_min)
+    if kind is ScheduleKind.LOGSNR:
+      lam = lam_lo + u * (lam_hi - lam_lo)
+    else:
+      s_max, s_min = jnp.exp(-lam_lo), jnp.exp(-lam_hi)
+      s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+      lam = -jnp.log(s)
+    t = process.t_of_lambda(lam)
+  t = t.at[0].set(t_max).at[-1].set(t_min)
+  return StepSchedule(process=process, t=t)
+
+
+def schedule_from_times(process: VPProcess, t) -> StepSchedule:
+  """A custom schedule: decreasing times `[N + 1]` within [1/T, 1]."""
+  t = jnp.asarray(t)
+  chex.assert_rank(t, 1)
+  if t.shape[0] < 2:
+    raise ValueError(f'a schedule needs at least 2 times, got {t.shape[0]}')
+  return StepSchedule(process=process, t=t)
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers.
+# ------------------------------------------------------------------------------------------
+
+
+def _bt(t: Array, x: Array) -> Array:
+  """A scalar time as `[B]`."""
+  return jnp.full((x.shape[0],), t, dtype=x.dtype)
+
+
+def _log_alphas(sched: StepSchedule) -> Array:
+  return sched.process.log_alpha_t(sched.t)
+
+
+def _need_rng(rng, name):
+  if rng is None:
+    raise ValueError(f'solver {name!r} draws noise and needs an rng key, got None')
+
+
+# ------------------------------------------------------------------------------------------
+# Karras et al. 2022, Alg. 1 and 2: the PF-ODE dx̃/dσ̃ = ε̂ on x̃ = x/α, σ̃ = e^{−λ}.
+# ------------------------------------------------------------------------------------------
+
+
+def euler(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None) -> Array:
+  """Euler steps in σ̃ (N evaluations); returns x at t_N."""
+  del rng
+  la = _log_alphas(sched)
+  st = jnp.exp(-sched.lam)  # σ̃ [N + 1]
+
+  def step(x, i):
+    _, eps = denoiser(x, _bt(sched.t[i], x))
+    y = x * jnp.exp(-la[i]) + (st[i + 1] - st[i]) * eps
+    return y * jnp.exp(la[i + 1]), None
+
+  x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
+  return x
+
+
+def heun(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
+         s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+         s_noise: float = 1.0) -> Array:
+  """Heun's 2nd-order steps in σ̃ (2N evaluations), with Karras' churn when `s_churn` > 0.
+
+  Churn raises σ̃_i to σ̂ = σ̃_i(1 + γ), γ = min(S_churn/N, √2 − 1) for σ̃_i in
+  [S_tmin, S_tmax], by adding noise of variance σ̂² − σ̃_i² to x̃ (σ̂ is capped at σ̃(t=1)).
+  """
+  churn = s_churn > 0
+  if churn:
+    _need_rng(rng, 'heun (with churn)')
+  n = sched.num_steps
+  process = sched.process
+  lam = sched.lam
+  la = _log_alphas(sched)
+  st = jnp.exp(-lam)
+  gamma_max = min(s_churn / n, math.sqrt(2.0) - 1.0)
+
+  def step(x, i):
+    y = x * jnp.exp(-la[i])
+    st_hat, t_hat = st[i], sched.t[i]
+    if churn:
+      in_range = (st[i] >= s_tmin) & (st[i] <= s_tmax)
+      st_hat = jnp.minimum(st[i] * (1.0 + jnp.where(in_range, gamma_max, 0.0)), st[0])
+      noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+      y = y + jnp.sqrt(jnp.maximum(st_hat ** 2 - st[i] ** 2, 0.0)) * s_noise * noise
+      t_hat = jnp.where(st_hat > st[i], process.t_of_lambda(-jnp.log(st_hat)), sched.t[i])
+    a_hat = jnp.exp(log_alpha_from_lambda(-jnp.log(st_hat)))
+    _, d = denoiser(a_hat * y, _bt(t_hat, x))
+    y_pred = y + (st[i + 1] - st_hat) * d
+    a_next = jnp.exp(la[i + 1])
+    _, d_next = denoiser(a_next * y_pred, _bt(sched.t[i + 1], x))
+    y_next = y + (st[i + 1] - st_hat) * 0.5 * (d + d_next)
+    return a_next * y_next, None
+
+  x, _ = jax.lax.scan(step, x, jnp.arange(n))
+  return x
+
+
+# ------------------------------------------------------------------------------------------
+# DPM-Solver++ (Lu et al. 2022): multistep exponential integrators of the data prediction.
+#   x_{i+1} = (σ_{i+1}/σ_i) x_i + σ_{i+1} ∫_{λ_i}^{λ_{i+1}} e^λ x̂₀(λ) dλ
+# ------------------------------------------------------------------------------------------
+
+
+def _multistep_orders(n: int, order: int, lower_order_final: bool) -> np.ndarray:
+  """The order of each of the n steps: warm-up from 1, and (DPM-Solver's rule) lowered on the
+  final steps when `lower_order_final` and n < 10."""
+  i = np.arange(n)
+  orders = np.minimum(order, i + 1)
+  if lower_order_final and n < 10:
+    orders = np.minimum(orders, n - i)
+  return orders
+
+
+def _dpmpp(denoiser, x, sched, order, lower_order_final):
+  n = sched.num_steps
+  lam = sched.lam
+  log_sig = log_sigma_from_lambda(lam)
+  alpha = jnp.exp(log_alpha_from_lambda(lam))
+  orders = jnp.asarray(_multistep_orders(n, order, lower_order_final))
+
+  def step(carry, i):
+    x, m1, m2, h1, h2 = carry  # x̂₀ at steps i−1, i−2; h1 = λ_i − λ_{i−1}, h2 = λ_{i−1} − λ_{i−2}
+    m0, _ = denoiser(x, _bt(sched.t[i], x))
+    h = lam[i + 1] - lam[i]
+    i0 = -jnp.expm1(-h)             # ∫₀ʰ e^{u−h} du
+    i1 = 1.0 - i0 / h               # ∫₀ʰ (u/h) e^{u−h} du
+    i2 = 1.0 - 2.0 * i1 / h         # ∫₀ʰ (u/h)² e^{u−h} du
+    r0 = h1 / h
+    r1 = h2 / h
+    d1_0 = (m0 - m1) / r0
+    d1_1 = (m1 - m2) / r1
+    # Order 1 (DDIM), order 2 (the paper's 2M: D = (1 + 1/(2r)) m0 − 1/(2r) m1), order 3
+    # (the exact integral of the quadratic through the last three predictions).
+    p1 = i0 * m0
+    p2 = i0 * (m0 + 0.5 * d1_0)
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    p3 = i0 * m0 + i1 * d1 + i2 * d2
+    k = orders[i]
+    pred = jnp.where(k == 1, p1, jnp.where(k == 2, p2, p3))
+    x_next = jnp.exp(log_sig[i + 1] - log_sig[i]) * x + alpha[i + 1] * pred
+    return (x_next, m0, m1, h, h1), None
+
+  one = jnp.ones((), x.dtype)
+  carry = (x, jnp.zeros_like(x), jnp.zeros_like(x), one, one)
+  (x, *_), _ = jax.lax.scan(step, carry, jnp.arange(n))
+  return x
+
+
+def dpmpp_2m(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
+             lower_order_final: bool = True) -> Array:
+  """DPM-Solver++(2M), N evaluations; returns x at t_N."""
+  del rng
+  return _dpmpp(denoiser, x, sched, 2, lower_order_final)
+
+
+def dpmpp_3m(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
+             lower_order_final: bool = True) -> Array:
+  """DPM-Solver++(3M), N evaluations; returns x at t_N."""
+  del rng
+  return _dpmpp(denoiser, x, sched, 3, lower_order_final)
+
+
+# ------------------------------------------------------------------------------------------
+# The reverse SDE (Song et al. 2021).
+# ------------------------------------------------------------------------------------------
+
+
+def euler_maruyama(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None) -> Array:
+  """Euler–Maruyama on dx = [f x − g² s] dt + g dw̄ (N evaluations); returns x at t_N.
+
+  f and g² = −2f are the step's averages, (log α_{i+1} − log α_i)/(t_{i+1} − t_i).
+  """
+  _need_rng(rng, 'sde')
+  la = _log_alphas(sched)
+  sig = jnp.exp(log_sigma_from_lambda(sched.lam))
+
+  def step(x, i):
+    dt = sched.t[i + 1] - sched.t[i]  # < 0
+    f = (la[i + 1] - la[i]) / dt
+    g2 = -2.0 * f
+    _, eps = denoiser(x, _bt(sched.t[i], x))
+    score = -eps / sig[i]
+    z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+    return x + (f * x - g2 * score) * dt + jnp.sqrt(g2 * -dt) * z, None
+
+  x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
+  return x
+
+
+def _per_example_norm(v: Array) -> Array:
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim))))  # [B]
+
+
+def predictor_corrector(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
+                        snr: float = 0.16, corrector_steps: int = 1) -> Array:
+  """Song et al. 2021 Alg. 5 (VP): at each t_i, `corrector_steps` Langevin steps at target
+  `snr`, then one ancestral step to t_{i+1}; N·(1 + corrector_steps) evaluations.
+
+  With β_i = 1 − (α_i/α_{i+1})² (the discrete step from t_{i+1} to t_i):
+    corrector: ε_L = 2(1 − β_i)(snr·mean‖z‖/mean‖s‖)², x ← x + ε_L s + √(2ε_L) z;
+    predictor: x ← (x + β_i s)/√(1 − β_i) + √β_i z.
+  As in Song et al.'s code, the norms are per example and averaged over the batch, so one
+  step size serves the batch (per-example ratios are erratic for small inputs).
+  """
+  _need_rng(rng, 'pc')
+  la = _log_alphas(sched)
+  sig = jnp.exp(log_sigma_from_lambda(sched.lam))
+
+  def score(x, i):
+    _, eps = denoiser(x, _bt(sched.t[i], x))
+    return -eps / sig[i]
+
+  def step(x, i):
+    key = jax.random.fold_in(rng, i)
+    beta = -jnp.expm1(2.0 * (la[i] - la[i + 1]))
+    for k in range(corrector_steps):
+      s = score(x, i)
+      z = jax.random.normal(jax.random.fold_in(key, k + 1), x.shape, x.dtype)
+      ratio = snr * jnp.mean(_per_example_norm(z)) / jnp.mean(_per_example_norm(s))
+      eps_l = 2.0 * (1.0 - beta) * jnp.square(ratio)
+      x = x + eps_l * s + jnp.sqrt(2.0 * eps_l) * z
+    s = score(x, i)
+    z = jax.random.normal(jax.random.fold_in(key, 0), x.shape, x.dtype)
+    x = (x + beta * s) * jnp.exp(la[i + 1] - la[i]) + jnp.sqrt(beta) * z
+    return x, None
+
+  x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
+  return x
+
+
+# ------------------------------------------------------------------------------------------
+# The adaptive PF-ODE solve: dx/dλ = α (x̂₀ − α x), with diffrax.
+# ------------------------------------------------------------------------------------------
+
+
+def pf_ode_lambda_field(denoiser: Denoiser, process: VPProcess):
+  """The PF-ODE in λ: `field(λ, x) -> dx/dλ = α(λ)(x̂₀(x, t(λ)) − α(λ) x)`."""
+  def field(lam, x):
+    alpha = jnp.exp(log_alpha_from_lambda(lam)).astype(x.dtype)
+    x0, _ = denoiser(x, _bt(process.t_of_lambda(lam), x))
+    return alpha * (x0 - alpha * x)
+  return field
+
+
+def _diffrax_solver(name: str):
+  import diffrax  # pylint: disable=g-import-not-at-top
+  solvers = {'tsit5': diffrax.Tsit5, 'dopri5': diffrax.Dopri5, 'dopri8': diffrax.Dopri8,
+             'heun': diffrax.Heun, 'bosh3': diffrax.Bosh3}
+  if name not in solvers:
+    raise ValueError(f'unknown ode method {name!r}; allowed: {", ".join(solvers)}')
+  return solvers[name]()
+
+
+def diffrax_nfe(stats: dict[str, Any], method: str = 'tsit5') -> Array:
+  """Vector-field evaluations of a diffrax solve (dt0=None, FSAL explicit RK methods):
+  (stages − 1) per attempted step plus 1 (counted against a callback in the tests)."""
+  new_per_step = {'tsit5': 6, 'dopri5': 6, 'dopri8': 12, 'heun': 1, 'bosh3': 3}[method]
+  return new_per_step * stats['num_steps'] + 1
+
+
+def ode_adaptive(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
+                 rtol: float = 1e-4, atol: float = 1e-4, method: str = 'tsit5',
+                 max_steps: int = 4096) -> tuple[Array, Array]:
+  """The PF-ODE from λ(t_0) to λ(t_N) with adaptive steps (a PID controller).
+
+  Only the schedule's ends are used. Returns (x at t_N, vector-field evaluations int32 []).
+  """
+  del rng
+  import diffrax  # pylint: disable=g-import-not-at-top
+  field = pf_ode_lambda_field(denoiser, sched.process)
+  lam = sched.lam
+  sol = diffrax.diffeqsolve(
+      diffrax.ODETerm(lambda l, y, args: field(l, y)), _diffrax_solver(method),
+      t0=lam[0], t1=lam[-1], dt0=None, y0=x,
+      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
+  return sol.ys[-1], jnp.asarray(diffrax_nfe(sol.stats, method), jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------
+# The one dispatch point.
+# ------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Solution:
+  x0: Array       # [B, ...] the sample: x̂₀(x_end, t_N)
+  x_end: Array    # [B, ...] the solver's state at t_N
+  nfe: Array      # int32 [] model evaluations, the final denoising included
+
+
+_FIXED = {
+    SolverKind.EULER: euler,
+    SolverKind.HEUN: heun,
+    SolverKind.DPMPP_2M: dpmpp_2m,
+    SolverKind.DPMPP_3M: dpmpp_3m,
+    SolverKind.SDE: euler_maruyama,
+    SolverKind.PC: predictor_corrector,
+}
+
+
+def num_evaluations(kind: str | SolverKind, num_steps: int, *, corrector_steps: int = 1) -> int:
+  """Model evaluations of a fixed-step solve with N steps, the final denoising included:
+  euler, dpmpp_2m/3m, sde: N + 1; heun: 2N + 1; pc: N(1 + corrector_steps) + 1."""
+  kind = SolverKind.parse(kind)
+  if kind is SolverKind.ODE:
+    raise ValueError("solver 'ode' is adaptive: its evaluations are in Solution.nfe")
+  per_step = {SolverKind.HEUN: 2, SolverKind.PC: 1 + corrector_steps}.get(kind, 1)
+  return per_step * num_steps + 1
+
+
+def solve(kind: str | SolverKind, denoiser: Denoiser, x_T: Array, sched: StepSchedule,
+          rng: Array | None = None, **options) -> Solution:
+  """Runs solver `kind` from x_T `[B, ...]` at t_0 = 1 over `sched`; jit-safe for fixed
+  `kind` and options (bind them with functools.partial)."""
+  kind = SolverKind.parse(kind)
+  chex.assert_rank(sched.t, 1)
+  if kind is SolverKind.ODE:
+    x_end, nfe = ode_adaptive(denoiser, x_T, sched, rng, **options)
+  else:
+    x_end = _FIXED[kind](denoiser, x_T, sched, rng, **options)
+    nfe = jnp.asarray(num_evaluations(kind, sched.num_steps,
+                                      corrector_steps=options.get('corrector_steps', 1)) - 1,
+                      jnp.int32)
+  x0, _ = denoiser(x_end, _bt(sched.t[-1], x_end))
+  return Solution(x0=x0, x_end=x_end, nfe=nfe + 1)

@@ -1,0 +1,330 @@
+"""Solvers on analytic Gaussian data: x₀ ~ N(μ, s²) per coordinate with its exact denoiser.
+
+The PF-ODE then maps x_t to α'μ + √(v'/v)(x_t − αμ), v = α²s² + σ², exactly; each solver's
+state at t_N = 1/T is compared with that map of its own x_T.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from diffusion_jax import continuous as ct
+from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import sampling
+from diffusion_jax import solvers as sv
+
+T = 1000
+MU, S = 0.3, 0.5
+
+
+def _seed():
+  return int(np.random.SeedSequence().entropy % 2**32)
+
+
+def _process():
+  return ct.VPProcess.from_diffusion(gd.GaussianDiffusion.from_betas(np.linspace(1e-4, 0.02, T)))
+
+
+def gaussian_denoise_fn(p, mean_type='eps', mu=MU, extra_channels=0):
+  """The exact model of x₀ ~ N(mu, s²) as `denoise_fn(x, model_timestep)`."""
+  def fn(x, n):
+    t = (n + 1.0) / p.num_timesteps
+    a = p.alpha(t).reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+    s = p.sigma(t).reshape(a.shape).astype(x.dtype)
+    x0 = mu + a * S ** 2 / (a ** 2 * S ** 2 + s ** 2) * (x - a * mu)
+    eps = (x - a * x0) / s
+    out = {'eps': eps, 'xstart': x0, 'v': a * eps - s * x0}[mean_type]
+    if extra_channels:
+      out = jnp.concatenate([out, 1e3 * jnp.ones(x.shape[:-1] + (extra_channels,), x.dtype)], -1)
+    return out
+  return fn
+
+
+def exact_map(p, x, t0, t1):
+  a0, s0, a1, s1 = p.alpha(t0), p.sigma(t0), p.alpha(t1), p.sigma(t1)
+  v0, v1 = a0 ** 2 * S ** 2 + s0 ** 2, a1 ** 2 * S ** 2 + s1 ** 2
+  return a1 * MU + jnp.sqrt(v1 / v0) * (x - a0 * MU)
+
+
+def normal_quantiles(shape):
+  """N(0, 1) quantiles at the midpoints of `prod(shape)` equal-mass bins, shuffled into
+  `shape`: a low-variance stand-in for x_T ~ N(0, I) when the solver is deterministic."""
+  n = int(np.prod(shape))
+  q = special.ndtri((np.arange(n) + 0.5) / n)
+  return np.random.default_rng(0).permutation(q).reshape(shape).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# Orders of convergence, in float64 so that the smallest errors sit far above round-off.
+# ------------------------------------------------------------------------------------------
+
+# (solver, options, step counts, expected order). DPM-Solver++ runs without lowering the final
+# steps' order (which would cap 3M at order 2 below 10 steps). The ranges start where the errors
+# are asymptotic (below 20 steps 2M's and 3M's λ-steps are longer than 0.5) and are kept short
+# because every step count is one compile.
+ORDER_CASES = [
+    ('euler', {}, (5, 10, 20), 1.0),
+    ('heun', {}, (10, 20, 40), 2.0),
+    ('dpmpp_2m', {'lower_order_final': False}, (20, 40, 80), 2.0),
+    ('dpmpp_3m', {'lower_order_final': False}, (20, 40, 80), 3.0),
+]
+
+
+@pytest.mark.parametrize('kind,options,steps,order', ORDER_CASES, ids=[c[0] for c in ORDER_CASES])
+def test_terminal_error_shrinks_at_the_solver_order(kind, options, steps, order):
+  with jax.enable_x64(True):
+    p = _process()
+    den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+    seed = _seed()
+    x_t = jax.random.normal(jax.random.key(seed), (4, 8), jnp.float64)
+    ref = exact_map(p, x_t, 1.0, p.t_min)
+    run = jax.jit(functools.partial(sv.solve, kind, den, **options))
+    errs = []
+    for n in steps:
+      sched = sv.step_schedule(p, n, 'karras')
+      out = run(x_t, sched)
+      errs.append(float(jnp.max(jnp.abs(out.x_end - ref)) / jnp.max(jnp.abs(ref))))
+    slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    print(f'{kind}: order {slope:.2f} over steps {steps}, relative errors '
+          + ', '.join(f'{e:.2e}' for e in errs))
+    assert abs(slope - order) < 0.35, (kind, slope, errs, seed)
+
+
+# ------------------------------------------------------------------------------------------
+# DPM-Solver++ against a float64 NumPy re-derivation.
+# ------------------------------------------------------------------------------------------
+
+
+def _numpy_dpmpp(lam, x, order, lower_order_final):
+  """DPM-Solver++ from the paper, in float64, with the exact Gaussian data prediction.
+
+  x_{i+1} = (σ_{i+1}/σ_i) x_i + σ_{i+1} ∫ e^λ P(λ) dλ over [λ_i, λ_{i+1}], P being: the
+  last prediction (1st order); the paper's 2M, whose integral is −α_{i+1}(e^{−h}−1)D with
+  D = (1 + 1/(2r)) m_i − 1/(2r) m_{i−1}; the Lagrange quadratic through the last three
+  predictions, integrated by Gauss–Legendre quadrature (3rd order).
+  """
+  alpha = np.sqrt(special.expit(2 * lam))
+  sigma = np.sqrt(special.expit(-2 * lam))
+  n = len(lam) - 1
+  nodes, weights = np.polynomial.legendre.leggauss(12)
+  ms = []
+  for i in range(n):
+    k = min(order, i + 1)
+    if lower_order_final and n < 10:
+      k = min(k, n - i)
+    a, s = alpha[i], sigma[i]
+    ms.append(MU + a * S ** 2 / (a ** 2 * S ** 2 + s ** 2) * (x - a * MU))
+    h = lam[i + 1] - lam[i]
+    if k == 1:
+      integral = alpha[i + 1] * (1 - np.exp(-h)) * ms[-1]
+    elif k == 2:
+      r = (lam[i] - lam[i - 1]) / h
+      dd = (1 + 1 / (2 * r)) * ms[-1] - 1 / (2 * r) * ms[-2]
+      integral = -alpha[i + 1] * np.expm1(-h) * dd
+    else:
+      pts = lam[i - 2:i + 1]
+      vals = ms[-3:]
+      ls = lam[i] + (nodes + 1) / 2 * h
+      integral = 0.0
+      for lq, wq in zip(ls, weights):
+        poly = sum(v * np.prod([(lq - pts[m]) / (pts[j] - pts[m]) for m in range(3) if m != j])
+                   for j, v in enumerate(vals))
+        integral = integral + wq * h / 2 * np.exp(lq) * poly
+      integral = sigma[i + 1] * integral
+    x = sigma[i + 1] / sigma[i] * x + integral
+  return x
+
+
+@pytest.mark.parametrize('kind,order', [('dpmpp_2m', 2), ('dpmpp_3m', 3)])
+@pytest.mark.parametrize('num_steps,lower_order_final', [(6, True), (12, False)])
+def test_dpmpp_matches_numpy_float64(kind, order, num_steps, lower_order_final):
+  with jax.enable_x64(True):
+    p = _process()
+    den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+    seed = _seed()
+    x_t = np.random.default_rng(seed).normal(size=(3, 4))
+    sched = sv.step_schedule(p, num_steps, 'time_uniform')
+    fn = sv.dpmpp_2m if order == 2 else sv.dpmpp_3m
+    got = fn(den, jnp.asarray(x_t), sched, lower_order_final=lower_order_final)
+    want = _numpy_dpmpp(np.asarray(sched.lam, np.float64), x_t, order, lower_order_final)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10, err_msg=f'seed {seed}')
+
+
+# ------------------------------------------------------------------------------------------
+# Distributions.
+# ------------------------------------------------------------------------------------------
+
+
+def test_dpmpp_2m_recovers_mean_and_std():
+  """At 20 steps (21 evaluations) the mean is within 1% and the std 1.3% high on this process
+  (a float64 NumPy run of the paper's 2M gives the same +1.30%); 25 steps bring both within 1%."""
+  p = _process()
+  den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+  x_t = jnp.asarray(normal_quantiles((8192, 8)))
+  run = jax.jit(functools.partial(sv.solve, 'dpmpp_2m', den))
+  for steps, std_tol in ((20, 0.015), (25, 0.01)):
+    out = run(x_t, sv.step_schedule(p, steps, 'logsnr'))
+    mean, std = float(jnp.mean(out.x0)), float(jnp.std(out.x0))
+    print(f'dpmpp_2m, {steps} steps ({int(out.nfe)} evaluations): mean {mean:.4f} '
+          f'({mean / MU - 1:+.2%}), std {std:.4f} ({std / S - 1:+.2%})')
+    assert int(out.nfe) == sv.num_evaluations('dpmpp_2m', steps) == steps + 1
+    assert mean == pytest.approx(MU, rel=0.01)
+    assert std == pytest.approx(S, rel=std_tol)
+
+
+@pytest.mark.parametrize('kind', ['sde', 'pc'])
+def test_sde_and_pc_recover_std_at_1000_steps(kind):
+  seed = _seed()
+  p = _process()
+  den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+  k_x, k_run = jax.random.split(jax.random.key(seed))
+  x_t = jax.random.normal(k_x, (16384, 8))
+  out = jax.jit(functools.partial(sv.solve, kind, den))(
+      x_t, sv.step_schedule(p, 1000, 'time_uniform'), k_run)
+  mean, std = float(jnp.mean(out.x0)), float(jnp.std(out.x0))
+  # Langevin at signal-to-noise r has step ε ≈ 2r²v on a Gaussian of variance v, whose
+  # stationary std is √v/√(1 − ε/(2v)): a bias of (1 − r²)^(-1/2) − 1 = +1.3% at r = 0.16.
+  note = (f"; the corrector's expected bias gives {S / np.sqrt(1 - 0.16 ** 2):.4f}"
+          if kind == 'pc' else '')
+  print(f'{kind}, 1000 steps: mean {mean:.4f} std {std:.4f} (seed {seed}){note}')
+  assert std == pytest.approx(S, rel=0.02), seed
+  assert mean == pytest.approx(MU, abs=0.03), seed
+
+
+def test_adaptive_ode_is_accurate_and_counts_evaluations():
+  seed = _seed()
+  p = _process()
+  calls = []
+
+  def counted(x, n):
+    jax.debug.callback(lambda: calls.append(1))
+    return gaussian_denoise_fn(p)(x, n)
+
+  den = ct.make_denoiser(p, counted, 'eps')
+  x_t = jax.random.normal(jax.random.key(seed), (4, 8))
+  ref = exact_map(p, x_t, 1.0, p.t_min)
+  sched = sv.step_schedule(p, 1)
+  out = jax.jit(functools.partial(sv.solve, 'ode', den, rtol=1e-6, atol=1e-6))(x_t, sched)
+  jax.effects_barrier()
+  rel = float(jnp.max(jnp.abs(out.x_end - ref)) / jnp.max(jnp.abs(ref)))
+  print(f'adaptive Tsit5 at rtol = atol = 1e-6: relative error {rel:.2e}, '
+        f'{int(out.nfe)} evaluations')
+  assert rel <= 1e-3, seed
+  assert int(out.nfe) == len(calls), (int(out.nfe), len(calls))
+
+
+# ------------------------------------------------------------------------------------------
+# Parametrisations, learned variance, guidance, schedules, errors.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('kind', ['heun'])
+def test_mean_types_give_the_same_samples(kind):
+  seed = _seed()
+  p = _process()
+  k_x, k_run = jax.random.split(jax.random.key(seed))
+  x_t = jax.random.normal(k_x, (3, 2, 2, 2))
+  sched = sv.step_schedule(p, 4)
+  outs = {}
+  for mt in ('eps', 'xstart', 'v'):
+    den = ct.make_denoiser(p, gaussian_denoise_fn(p, mt, extra_channels=2), mt)
+    opts = {'s_churn': 1.0} if kind == 'heun' else {}
+    outs[mt] = sv.solve(kind, den, x_t, sched, k_run, **opts).x0
+  for mt in ('xstart', 'v'):
+    np.testing.assert_allclose(outs[mt], outs['eps'], rtol=2e-4, atol=2e-4,
+                               err_msg=f'{kind} {mt} seed {seed}')
+
+
+class _GaussianLabelModel(nn.Module):
+  """The exact ε of N(μ_y, s²) data: μ_y = 0.3 for labels 0..n−1, −0.2 for the null label."""
+  num_classes: int
+  process: ct.VPProcess
+
+  @nn.compact
+  def __call__(self, x, t, y=None, train=False):
+    scale = self.param('scale', nn.initializers.ones, ())
+    mu = jnp.where(y == self.num_classes, -0.2, MU)[:, None]
+    tc = (t + 1.0) / self.process.num_timesteps
+    a = self.process.alpha(tc)[:, None]
+    s = self.process.sigma(tc)[:, None]
+    x0 = mu + a * S ** 2 / (a ** 2 * S ** 2 + s ** 2) * (x - a * mu)
+    return scale * (x - a * x0) / s
+
+
+def test_classifier_free_guidance_composes():
+  p = _process()
+  model = _GaussianLabelModel(num_classes=2, process=p)
+  params = {'scale': jnp.ones(())}
+  labels = jnp.array([0, 1, 0])
+  w = 1.5
+  guided = sampling.make_denoise_fn(model, params, labels, guidance_scale=w, num_classes=2)
+  cond = sampling.make_denoise_fn(model, params, labels)
+  uncond = sampling.make_denoise_fn(model, params, jnp.full((3,), 2))
+  x = jax.random.normal(jax.random.key(1), (3, 5))
+  t = jnp.array([0.02, 0.5, 1.0])
+  got = ct.make_denoiser(p, guided, 'eps')(x, t)[0]
+  want = ((1 + w) * ct.make_denoiser(p, cond, 'eps')(x, t)[0]
+          - w * ct.make_denoiser(p, uncond, 'eps')(x, t)[0])
+  # At t = 1, x̂₀ = (x − σε)/α amplifies float32 rounding by 1/α ≈ 156.
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  sched = sv.step_schedule(p, 3)
+  assert np.all(np.isfinite(sv.solve('dpmpp_2m', ct.make_denoiser(p, guided, 'eps'),
+                                     x, sched).x0))
+
+
+def test_step_schedules():
+  with jax.enable_x64(True):
+    p = _process()
+    n = 8
+    u = np.linspace(0, 1, n + 1)
+    lam_lo, lam_hi = float(p.lambda_min()), float(p.lambda_max())
+    for kind in sv.ScheduleKind:
+      sched = sv.step_schedule(p, n, kind.value)
+      t = np.asarray(sched.t)
+      assert t.shape == (n + 1,) and t[0] == 1.0 and t[-1] == pytest.approx(1 / T, abs=1e-15)
+      assert np.all(np.diff(t) < 0), kind
+    np.testing.assert_allclose(sv.step_schedule(p, n, 'time_uniform').t, 1 + u * (1 / T - 1))
+    np.testing.assert_allclose(sv.step_schedule(p, n, 'logsnr').lam,
+                               lam_lo + u * (lam_hi - lam_lo), rtol=1e-9, atol=1e-9)
+    s_max, s_min = np.exp(-lam_lo), np.exp(-lam_hi)
+    karras = (s_max ** (1 / 7) + u * (s_min ** (1 / 7) - s_max ** (1 / 7))) ** 7
+    np.testing.assert_allclose(np.exp(-np.asarray(sv.step_schedule(p, n, 'karras').lam)),
+                               karras, rtol=1e-9)
+
+
+def test_num_evaluations():
+  assert sv.num_evaluations('euler', 10) == 11
+  assert sv.num_evaluations('heun', 10) == 21
+  assert sv.num_evaluations('dpmpp_3m', 10) == 11
+  assert sv.num_evaluations('sde', 10) == 11
+  assert sv.num_evaluations('pc', 10) == 21
+  assert sv.num_evaluations('pc', 10, corrector_steps=2) == 31
+
+
+def test_bad_inputs_raise_one_line_errors():
+  p = _process()
+  den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+  x = jnp.zeros((2, 3))
+  cases = [
+      (lambda: sv.solve('dpm', den, x, sv.step_schedule(p, 3)),
+       r"unknown solver 'dpm'; allowed: 'euler', 'heun', 'dpmpp_2m', 'dpmpp_3m', 'sde', 'pc', 'ode'"),
+      (lambda: sv.step_schedule(p, 3, 'cosine'),
+       r"unknown step_schedule 'cosine'; allowed: 'time_uniform', 'logsnr', 'karras'"),
+      (lambda: sv.step_schedule(p, 0), r'steps must be an integer in \[1, 1000\], got 0'),
+      (lambda: sv.step_schedule(p, T + 1), r'steps must be an integer in \[1, 1000\], got 1001'),
+      (lambda: sv.step_schedule(p, 2.5), r'got 2.5'),
+      (lambda: sv.solve('sde', den, x, sv.step_schedule(p, 3)), r"'sde' draws noise"),
+      (lambda: sv.solve('heun', den, x, sv.step_schedule(p, 3), s_churn=1.0), 'needs an rng'),
+      (lambda: sv.num_evaluations('ode', 3), 'adaptive'),
+      (lambda: sv.solve('ode', den, x, sv.step_schedule(p, 3), method='rk4'),
+       "unknown ode method 'rk4'"),
+  ]
+  for fn, pattern in cases:
+    with pytest.raises(ValueError, match=pattern) as e:
+      fn()
+    assert '\n' not in str(e.value), str(e.value)
