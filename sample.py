@@ -3,6 +3,7 @@ r"""Samples from a trained DDPM: a thin entry point around
 
   python sample.py --workdir /tmp/digits --num_samples 100
   python sample.py --workdir /tmp/digits --num_samples 64 --sampler ddim --steps 50 --seed 1
+  python sample.py --workdir /tmp/digits --num_samples 1797 --sampler dpmpp_2m --steps 20
   python sample.py --workdir DIR --num_samples 100 --label 3 --guidance_scale 2
 
 Loads the EMA parameters of the latest checkpoint in DIR/checkpoints, samples data-parallel
@@ -19,9 +20,16 @@ from diffusion_jax import cli
 
 flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
 flags.DEFINE_integer('num_samples', 64, 'Number of images.')
-flags.DEFINE_string('sampler', 'ddpm', 'ddpm (ancestral) or ddim.')
-flags.DEFINE_integer('steps', None, 'Sampling steps (respaced DDPM or DDIM); default: all T.')
+flags.DEFINE_string('sampler', 'ddpm', 'ddpm (ancestral), ddim, or a solver of the continuous-'
+                    'time process: euler, heun, dpmpp_2m, dpmpp_3m (PF-ODE), sde (reverse SDE, '
+                    'Euler-Maruyama), pc (predictor-corrector), ode (adaptive PF-ODE).')
+flags.DEFINE_integer('steps', None, 'Sampling steps (not for ode); default: all T.')
 flags.DEFINE_float('eta', 0.0, 'DDIM η (0: deterministic).')
+flags.DEFINE_string('step_schedule', None, 'Solvers: time_uniform, logsnr or karras (rho 7); '
+                    'default: karras for euler/heun, logsnr for the others.')
+flags.DEFINE_float('churn', 0.0, 'Heun: S_churn (0: deterministic).')
+flags.DEFINE_float('snr', 0.16, 'pc: the Langevin corrector\'s target signal-to-noise ratio.')
+flags.DEFINE_float('rtol', 1e-3, 'ode: relative (and absolute) tolerance.')
 flags.DEFINE_integer('batch_size', None,
                      'Images per call, a multiple of the device count; default: up to 256.')
 flags.DEFINE_integer('seed', 0, 'Random seed.')
@@ -41,8 +49,9 @@ def main(argv):
   from diffusion_jax import trained_model  # pylint: disable=g-import-not-at-top
   from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
   try:
-    sampler = sampling.SamplerConfig(FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
-                                     guidance_scale=FLAGS.guidance_scale)
+    sampler = sampling.SamplerConfig(
+        FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta, guidance_scale=FLAGS.guidance_scale,
+        step_schedule=FLAGS.step_schedule, churn=FLAGS.churn, snr=FLAGS.snr, rtol=FLAGS.rtol)
     result = trained_model.sample_to_dir(
         FLAGS.workdir, num_samples=FLAGS.num_samples, sampler=sampler,
         batch_size=FLAGS.batch_size, seed=FLAGS.seed, output=FLAGS.output, label=FLAGS.label,
@@ -50,7 +59,8 @@ def main(argv):
         overwrite=FLAGS.overwrite)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     cli.exit_with_error(e)
-  print(f'checkpoint {result["step"]}: {result["num_samples"]} samples in '
+  print(f'checkpoint {result["step"]}: {result["num_samples"]} samples, {result["sampler"]}, '
+        f'{result["model_evaluations"]} model evaluations each, in '
         f'{result["sample_seconds"]:.1f} s → {result["output"]}')
 
 

@@ -250,3 +250,15 @@ def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type) -> Denoi
     return x0_from_v(x, out, alpha, sigma), eps_from_v(x, out, alpha, sigma)
 
   return denoiser
+
+
+def clip_x0(process: VPProcess, denoiser: Denoiser) -> Denoiser:
+  """`denoiser` with x̂₀ clipped to [-1, 1] and ε̂ re-derived from it (as DDIM's
+  `clip_denoised`; DPM-Solver++'s static thresholding)."""
+
+  def clipped(x: Array, t: Array):
+    x0, _ = denoiser(x, t)
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    return x0, eps_from_x0(x, x0, _bcast(process.alpha(t), x), _bcast(process.sigma(t), x))
+
+  return clipped

@@ -25,13 +25,16 @@ import time
 from typing import Any, Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from diffusion_jax import continuous
 from diffusion_jax import features as features_lib
 from diffusion_jax import fid
 from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import ode_likelihood
 from diffusion_jax import sampling
 from diffusion_jax import trained_model
 from diffusion_jax import workdir as workdir_lib
@@ -42,6 +45,7 @@ from diffusion_jax.spec import ExperimentSpec
 AXIS = sampling.AXIS
 DEFAULT_BPD_BATCH = 64        # global; calc_bpd_loop runs 8× that through the U-Net per call
 PR_NEIGHBOURS = 3
+LIKELIHOODS = ('vlb', 'ode')
 
 
 # ------------------------------------------------------------------------------------------
@@ -69,27 +73,92 @@ def make_bpd_fn(model, diffusion: gd.GaussianDiffusion, *,
                                out_specs=(P(AXIS), P(AXIS))))
 
 
-def mean_bpd(run, params, rng: jax.Array, batches: Iterable[dict[str, np.ndarray]],
-             mesh: jax.sharding.Mesh, progress: bool = False) -> dict[str, float]:
-  """Masked mean of bits/dim over eval batches ({'image', 'label', 'mask'}, this process's
-  share of each global batch, as from `input_pipeline.create_eval_iterator`)."""
+def _masked_outputs(run, params, rng: jax.Array, batches: Iterable[dict[str, np.ndarray]],
+                    mesh: jax.sharding.Mesh, progress: bool, desc: str) -> list[np.ndarray]:
+  """`run(params, rng_i, images, labels) -> (out_1 [B], ...)` over eval batches ({'image',
+  'label', 'mask'}, this process's share of each global batch, as from
+  `input_pipeline.create_eval_iterator`): each output over the real examples only, float64."""
   sharding = NamedSharding(mesh, P(AXIS))
-  totals, priors, masks = [], [], []
+  outputs, masks = [], []
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    batches = tqdm(batches, desc='bits/dim', unit='batch')
+    batches = tqdm(batches, desc=desc, unit='batch')
   for i, batch in enumerate(batches):
     glob = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
-    total, prior = run(params, jax.random.fold_in(rng, i), glob['image'], glob['label'])
-    totals.append(trained_model.to_host(total))
-    priors.append(trained_model.to_host(prior))
+    out = run(params, jax.random.fold_in(rng, i), glob['image'], glob['label'])
+    outputs.append([trained_model.to_host(o) for o in out])
     masks.append(trained_model.to_host(glob['mask']))
   mask = np.concatenate(masks).astype(bool)
-  total = np.concatenate(totals).astype(np.float64)[mask]
-  prior = np.concatenate(priors).astype(np.float64)[mask]
+  return [np.concatenate(column).astype(np.float64)[mask] for column in zip(*outputs)]
+
+
+def mean_bpd(run, params, rng: jax.Array, batches: Iterable[dict[str, np.ndarray]],
+             mesh: jax.sharding.Mesh, progress: bool = False) -> dict[str, float]:
+  """Masked mean of the variational bound's bits/dim (`make_bpd_fn`) over eval batches."""
+  total, prior = _masked_outputs(run, params, rng, batches, mesh, progress, 'bits/dim')
   return dict(bpd=float(total.mean()), bpd_prior=float(prior.mean()),
-              bpd_num_examples=int(mask.sum()))
+              bpd_num_examples=int(total.size))
+
+
+def make_ode_bpd_fn(model, diffusion: gd.GaussianDiffusion, *,
+                    parameterization: gd.Parameterization, num_classes: int | None,
+                    mesh: jax.sharding.Mesh, rtol: float = 1e-5, num_probes: int = 1):
+  """Jitted `run(params, rng, images [B, H, W, C], labels [B]) -> (bpd [B], nfe [B])`: bits/dim
+  through the probability-flow ODE (`ode_likelihood.ode_bits_per_dim`: uniform
+  dequantization, Hutchinson's trace with Rademacher probes), data-parallel."""
+  continuous.parse_continuous_mean_type(parameterization.mean_type)
+  process = continuous.VPProcess.from_diffusion(diffusion)
+
+  def per_device(params, rng, images, labels):
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
+    denoise = sampling.make_denoise_fn(model, params, labels if num_classes else None)
+    denoiser = continuous.make_denoiser(process, denoise, parameterization.mean_type)
+    bpd, nfe = ode_likelihood.ode_bits_per_dim(process, denoiser, images, rng, rtol=rtol,
+                                               atol=rtol, num_probes=num_probes)
+    return bpd, jnp.full(bpd.shape, nfe, jnp.float32)
+
+  # check_vma=False: diffrax's loop starts from unsharded constants (see data_parallel_sampler).
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
+                               out_specs=(P(AXIS), P(AXIS)), check_vma=False))
+
+
+def ode_bpd_on_split(trained: trained_model.TrainedModel, rng: jax.Array, *,
+                     info: input_pipeline.ImageDatasetInfo, data_dir=None,
+                     num_examples: int | None = None, split: str = 'test',
+                     batch_size: int | None = None, progress: bool = False
+                     ) -> dict[str, float]:
+  """PF-ODE bits/dim of the EMA model on the first `num_examples` of `split`, with its
+  standard error (over examples: dequantization and the trace estimator are both noise)."""
+  n, batch_size = _bpd_examples_and_batch(trained, info, num_examples, split, batch_size)
+  run = make_ode_bpd_fn(trained.model, trained.diffusion,
+                        parameterization=trained.parameterization,
+                        num_classes=trained.num_classes, mesh=trained.mesh)
+  batches = input_pipeline.create_eval_iterator(
+      info.name, data_dir, global_batch_size=batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      split=split if n == info.num_examples[split] else f'{split}[:{n}]')
+  bpd, nfe = _masked_outputs(run, trained.ema_params, rng, batches, trained.mesh, progress,
+                             'ODE bits/dim')
+  return dict(bpd_ode=float(bpd.mean()),
+              bpd_ode_stderr=float(bpd.std(ddof=1) / np.sqrt(bpd.size)) if bpd.size > 1 else
+              float('nan'),
+              bpd_ode_mean_evaluations=float(nfe.mean()), bpd_ode_num_examples=int(bpd.size))
+
+
+def _bpd_examples_and_batch(trained, info, num_examples, split, batch_size):
+  size = info.num_examples.get(split)
+  if size is None:
+    raise ValueError(f'dataset {info.name!r} has no split {split!r}')
+  n = size if num_examples is None else num_examples
+  if not 1 <= n <= size:
+    raise ValueError(f'--bpd_examples must be in [1, {size}] (the {split} split), got {n}')
+  n_dev = trained.mesh.devices.size
+  batch_size = batch_size or trained_model.default_batch_size(n, n_dev, DEFAULT_BPD_BATCH)
+  if batch_size % n_dev:
+    raise ValueError(f'bits/dim batch size {batch_size} must be a multiple of the {n_dev} '
+                     'devices')
+  return n, batch_size
 
 
 def data_info(spec: ExperimentSpec, data_dir=None) -> input_pipeline.ImageDatasetInfo:
@@ -118,17 +187,8 @@ def bpd_on_split(trained: trained_model.TrainedModel, rng: jax.Array, *,
 
   A class-conditional model is scored given each example's label: −log₂ p(x | y) / dims.
   """
-  size = info.num_examples.get(split)
-  if size is None:
-    raise ValueError(f'dataset {info.name!r} has no split {split!r}')
-  n = size if num_examples is None else num_examples
-  if not 1 <= n <= size:
-    raise ValueError(f'--bpd_examples must be in [1, {size}] (the {split} split), got {n}')
-  n_dev = trained.mesh.devices.size
-  batch_size = batch_size or trained_model.default_batch_size(n, n_dev, DEFAULT_BPD_BATCH)
-  if batch_size % n_dev:
-    raise ValueError(f'bits/dim batch size {batch_size} must be a multiple of the {n_dev} '
-                     'devices')
+  n, batch_size = _bpd_examples_and_batch(trained, info, num_examples, split, batch_size)
+  size = info.num_examples[split]
   run = make_bpd_fn(trained.model, trained.diffusion,
                     parameterization=trained.parameterization,
                     num_classes=trained.num_classes, mesh=trained.mesh)
@@ -195,7 +255,7 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
              features: str | None = None, inception_weights: str | None = None,
              sampler: sampling.SamplerConfig = sampling.SamplerConfig('ddim', steps=100),
              batch_size: int | None = None, seed: int = 0, data_dir=None,
-             progress: bool = True) -> dict[str, Any]:
+             likelihood: str = 'vlb', progress: bool = True) -> dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir`; merges the results into WORKDIR/eval.json.
 
   num_samples: samples for FID / IS / precision-recall (0: skip).
@@ -203,6 +263,8 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
   features: 'digits' | 'inception' (default: the dataset's, `datasets.describe`; inception
     needs `inception_weights`).
   sampler: how the samples are drawn.
+  likelihood: 'vlb' (the variational bound's bits/dim) or 'ode' (also the probability-flow
+    ODE's, beside it: `bpd_ode`, its standard error and evaluations per example).
   data_dir: where the dataset is (default: the spec's); needed for bits/dim and for
     computing the reference statistics.
   Returns the merged results. Arguments are checked before any heavy work.
@@ -214,8 +276,12 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
                      f'{num_samples}')
   if bpd_examples is not None and bpd_examples < 0:
     raise ValueError(f'--bpd_examples must be >= 0, got {bpd_examples}')
+  if likelihood not in LIKELIHOODS:
+    raise ValueError(f'unknown likelihood {likelihood!r}; allowed: {", ".join(LIKELIHOODS)}')
   wd = trained_model.read_workdir(workdir)
   sampler.check_steps(wd.num_timesteps)
+  if likelihood == 'ode':
+    continuous.parse_continuous_mean_type(wd.spec.parameterization.mean_type)
   spec = wd.spec
   data_dir = spec.data.data_dir if data_dir is None else str(data_dir)
   info = data_info(spec, data_dir) if (num_samples or bpd_examples != 0) else None
@@ -243,18 +309,25 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
     results.update(bpd_on_split(trained, bpd_rng, info=info, data_dir=data_dir,
                                 num_examples=bpd_examples, progress=progress))
     results['bpd_seconds'] = time.time() - t
+    if likelihood == 'ode':
+      t = time.time()
+      results.update(ode_bpd_on_split(trained, jax.random.fold_in(bpd_rng, 1), info=info,
+                                      data_dir=data_dir, num_examples=bpd_examples,
+                                      progress=progress))
+      results['bpd_ode_seconds'] = time.time() - t
   if num_samples:
     t = time.time()
-    images, _ = trained_model.generate(trained, sampler, num_samples=num_samples,
-                                       rng=sample_rng, batch_size=batch_size,
-                                       progress=progress)
+    images, _, nfe = trained_model.generate(trained, sampler, num_samples=num_samples,
+                                            rng=sample_rng, batch_size=batch_size,
+                                            progress=progress)
     t_sample = time.time() - t
     quality = sample_quality(images, extractor, reference)
     results.update(quality)
     results.update(
         fid_num_samples=num_samples, fid_features=extractor.name,
         fid_reference=f'{spec.data.dataset} train ({reference.num_examples} examples)',
-        fid_sampler=sampler.to_dict(), sample_seconds=t_sample, reference_seconds=t_ref)
+        fid_sampler=sampler.to_dict(), fid_model_evaluations=nfe, sample_seconds=t_sample,
+        reference_seconds=t_ref)
   if jax.process_index() == 0:
     return _write_json(trained.workdir / 'eval.json', results)
   return results
@@ -312,8 +385,8 @@ def make_periodic_eval(spec: ExperimentSpec, *, model, diffusion, mesh: jax.shar
                                  mesh)['bpd']
     if sample_run is not None:
       trained = dataclasses.replace(base, ema_params=ema_params, step=step)
-      images, _ = trained_model.generate(trained, ev.sampler, num_samples=num_samples,
-                                         rng=jax.random.fold_in(key, 1), run=sample_run)
+      images, _, _ = trained_model.generate(trained, ev.sampler, num_samples=num_samples,
+                                            rng=jax.random.fold_in(key, 1), run=sample_run)
       out.update({f'eval/{k}': v for k, v in
                   sample_quality(images, extractor, reference).items()})
     return out
@@ -342,6 +415,10 @@ def _main():
   flags.DEFINE_integer('batch_size', None, 'Samples per call, a multiple of the device count.')
   flags.DEFINE_integer('seed', 0, 'Random seed.')
   flags.DEFINE_string('data_dir', None, "Where the dataset is; default: the workdir's spec.")
+  flags.DEFINE_string('likelihood', 'vlb', "'vlb': bits/dim of the variational bound; 'ode': "
+                      'also through the probability-flow ODE, beside it.')
+  flags.DEFINE_string('step_schedule', None, 'Solvers: time_uniform, logsnr or karras.')
+  flags.DEFINE_float('rtol', 1e-3, 'The ode sampler\'s tolerance.')
   flags.mark_flags_as_required(['workdir'])
   FLAGS = flags.FLAGS
 
@@ -349,12 +426,14 @@ def _main():
     from diffusion_jax import cli  # pylint: disable=g-import-not-at-top
     cli.start(argv)
     try:
-      sampler = sampling.SamplerConfig(FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta)
+      sampler = sampling.SamplerConfig(
+          FLAGS.sampler, steps=None if FLAGS.sampler == 'ode' else FLAGS.steps, eta=FLAGS.eta,
+          step_schedule=FLAGS.step_schedule, rtol=FLAGS.rtol)
       results = evaluate(FLAGS.workdir, num_samples=FLAGS.num_samples,
                          bpd_examples=FLAGS.bpd_examples, features=FLAGS.features,
                          inception_weights=FLAGS.inception_weights, sampler=sampler,
                          batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                         data_dir=FLAGS.data_dir)
+                         data_dir=FLAGS.data_dir, likelihood=FLAGS.likelihood)
     except (ValueError, FileNotFoundError) as e:
       cli.exit_with_error(e)
     print(json.dumps(results, indent=2, sort_keys=True))

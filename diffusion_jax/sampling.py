@@ -16,25 +16,62 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import gaussian_diffusion as gd
 from diffusion_jax import parallel
+from diffusion_jax import continuous
 from diffusion_jax import samplers
+from diffusion_jax import solvers
 
 AXIS = parallel.AXIS
 
 
 class SamplerKind(enum.Enum):
-  DDPM = 'ddpm'  # ancestral; respaced when steps < T
+  """A sampler: the discrete-time chains of `samplers.py`, or a solver of the continuous-time
+  view (`solvers.py`) of the same process."""
+  DDPM = 'ddpm'          # ancestral; respaced when steps < T
   DDIM = 'ddim'
+  EULER = 'euler'        # PF-ODE, Karras et al. 2022
+  HEUN = 'heun'          # PF-ODE, 2nd order, optional churn
+  DPMPP_2M = 'dpmpp_2m'  # DPM-Solver++ 2M (Lu et al. 2022)
+  DPMPP_3M = 'dpmpp_3m'
+  SDE = 'sde'            # Euler–Maruyama on the reverse SDE
+  PC = 'pc'              # predictor–corrector (Song et al. 2021)
+  ODE = 'ode'            # adaptive PF-ODE solve (diffrax); reports its evaluations
+
+  @property
+  def solver(self) -> 'solvers.SolverKind | None':
+    """The continuous-time solver, or None for ddpm and ddim."""
+    if self in (SamplerKind.DDPM, SamplerKind.DDIM):
+      return None
+    return solvers.SolverKind.parse(self.value)
+
+
+# The step schedule each solver uses unless told otherwise: log-SNR steps for the exponential
+# integrators and the SDE samplers, Karras' ρ = 7 for the σ-space Euler and Heun.
+DEFAULT_STEP_SCHEDULE = {
+    SamplerKind.EULER: solvers.ScheduleKind.KARRAS,
+    SamplerKind.HEUN: solvers.ScheduleKind.KARRAS,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """How to sample: the one parsed value that sample.py, the training-time grid and the
-  evaluation read. Strings are parsed on construction (`SamplerConfig('ddim', steps=50)`)."""
+  evaluation read. Strings are parsed on construction (`SamplerConfig('dpmpp_2m', steps=20)`).
+
+  steps: ddpm, ddim and the fixed-step solvers (None: all T); not for 'ode'.
+  eta: DDIM only. churn: Heun's S_churn. snr: the PC corrector's target signal-to-noise.
+  step_schedule: the solvers' time steps ('time_uniform', 'logsnr', 'karras'; None: the
+    solver's default). rtol: the adaptive 'ode' solve's tolerance (rtol = atol).
+  clip_denoised: clip x̂₀ to [-1, 1] at each model evaluation (ε̂ follows from it).
+  """
   kind: SamplerKind = SamplerKind.DDPM
-  steps: int | None = None        # None: all T steps
-  eta: float = 0.0                # DDIM only
+  steps: int | None = None
+  eta: float = 0.0
   clip_denoised: bool = True
   guidance_scale: float = 0.0     # classifier-free guidance weight w (0: none)
+  step_schedule: solvers.ScheduleKind | None = None
+  churn: float = 0.0
+  snr: float = 0.16
+  rtol: float = 1e-3
 
   def __post_init__(self):
     if not isinstance(self.kind, SamplerKind):
@@ -43,20 +80,39 @@ class SamplerConfig:
       except ValueError:
         allowed = ', '.join(k.value for k in SamplerKind)
         raise ValueError(f'unknown sampler {self.kind!r}; allowed: {allowed}') from None
-    if self.steps is not None and (isinstance(self.steps, bool) or int(self.steps) != self.steps
-                                   or self.steps < 1):
-      raise ValueError(f'sampler steps must be a positive integer (or None: all T), got '
-                       f'{self.steps!r}')
+    kind = self.kind
+    if self.steps is not None:
+      if (isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1):
+        raise ValueError(f'sampler steps must be a positive integer (or None: all T), got '
+                         f'{self.steps!r}')
+      if kind is SamplerKind.ODE:
+        raise ValueError("the 'ode' sampler chooses its own steps: set rtol, not steps")
     if self.eta < 0:
       raise ValueError(f'eta must be >= 0, got {self.eta}')
-    if self.eta and self.kind is not SamplerKind.DDIM:
-      raise ValueError(f'eta applies to the ddim sampler only, not {self.kind.value!r}')
+    if self.eta and kind is not SamplerKind.DDIM:
+      raise ValueError(f'eta applies to the ddim sampler only, not {kind.value!r}')
     if self.guidance_scale < 0:
       raise ValueError(f'guidance_scale must be >= 0, got {self.guidance_scale}')
+    if self.step_schedule is not None:
+      if kind.solver is None:
+        raise ValueError(f'step_schedule applies to the solvers, not {kind.value!r}')
+      object.__setattr__(self, 'step_schedule', solvers.ScheduleKind.parse(self.step_schedule))
+    if self.churn < 0 or (self.churn and kind is not SamplerKind.HEUN):
+      raise ValueError(f'churn must be >= 0 and applies to heun only, got {self.churn} for '
+                       f'{kind.value!r}')
+    if not self.snr > 0:
+      raise ValueError(f'snr must be > 0, got {self.snr}')
+    if not 0 < self.rtol < 1:
+      raise ValueError(f'rtol must be in (0, 1), got {self.rtol}')
 
   @classmethod
   def create(cls, kind: str | SamplerKind = 'ddpm', **kwargs) -> 'SamplerConfig':
     return cls(kind=kind, **kwargs)
+
+  @property
+  def schedule(self) -> 'solvers.ScheduleKind':
+    """The solvers' step schedule, with the solver's default filled in."""
+    return self.step_schedule or DEFAULT_STEP_SCHEDULE.get(self.kind, solvers.ScheduleKind.LOGSNR)
 
   def check_steps(self, num_timesteps: int) -> None:
     """Raises a one-line ValueError unless the steps fit a process of T = `num_timesteps`."""
@@ -64,9 +120,29 @@ class SamplerConfig:
       raise ValueError(f'sampler steps must be in [1, {num_timesteps}] (the model\'s T), got '
                        f'{self.steps}')
 
+  def num_evaluations(self, num_timesteps: int) -> int | None:
+    """Model evaluations per sample (a guided one evaluates a doubled batch); None for the
+    adaptive 'ode', which reports its own."""
+    steps = self.steps or num_timesteps
+    if self.kind in (SamplerKind.DDPM, SamplerKind.DDIM):
+      return steps
+    if self.kind is SamplerKind.ODE:
+      return None
+    return solvers.num_evaluations(self.kind.solver, steps)
+
+  def describe(self) -> str:
+    """'dpmpp_2m, 20 steps (logsnr)' and the like, for logs and file names."""
+    if self.kind is SamplerKind.ODE:
+      return f'ode (rtol {self.rtol:g})'
+    steps = f'{self.steps} steps' if self.steps else 'all steps'
+    return f'{self.kind.value}, {steps}' + (f' ({self.schedule.value})' if self.kind.solver
+                                             else '')
+
   def to_dict(self) -> dict:
     return dict(kind=self.kind.value, steps=self.steps, eta=self.eta,
-                clip_denoised=self.clip_denoised, guidance_scale=self.guidance_scale)
+                clip_denoised=self.clip_denoised, guidance_scale=self.guidance_scale,
+                step_schedule=self.step_schedule.value if self.step_schedule else None,
+                churn=self.churn, snr=self.snr, rtol=self.rtol)
 
   @classmethod
   def from_dict(cls, d) -> 'SamplerConfig':
@@ -102,41 +178,70 @@ def make_denoise_fn(model: nn.Module, params, labels: jax.Array | None = None, *
 def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *,
               parameterization: gd.Parameterization, sampler: SamplerConfig,
               num_classes: int | None = None):
-  """`fn(params, rng, labels, x_shape) -> images [B, H, W, C]` in [-1, 1] on one device.
+  """`fn(params, rng, labels, x_shape) -> (images [B, H, W, C] in [-1, 1], nfe)` on one
+  device; nfe (int32 []) counts the model evaluations per sample.
 
-  Respacing happens here, on the host, once.
+  Everything fixed is resolved here, on the host, once: the respaced process of a DDPM with
+  fewer steps, or the continuous-time process and step schedule of a solver. A parameterisation
+  that a solver cannot use (`xprev` with an ODE/SDE solver) is a one-line ValueError.
   """
   sampler.check_steps(diffusion.num_timesteps)
   mean_type, var_type = parameterization.mean_type, parameterization.var_type
   steps = sampler.steps or diffusion.num_timesteps
+  kind = sampler.kind
   d = diffusion
-  if sampler.kind is SamplerKind.DDPM and steps != diffusion.num_timesteps:
+  if kind is SamplerKind.DDPM and steps != diffusion.num_timesteps:
     d = samplers.respace(diffusion, samplers.space_timesteps(diffusion.num_timesteps, steps))
+  if kind.solver is not None:
+    continuous.parse_continuous_mean_type(mean_type)
+    process = continuous.VPProcess.from_diffusion(diffusion)
+    schedule = solvers.step_schedule(process, 1 if kind is SamplerKind.ODE else steps,
+                                     sampler.schedule)
+    options = {SamplerKind.HEUN: dict(s_churn=sampler.churn),
+               SamplerKind.PC: dict(snr=sampler.snr),
+               SamplerKind.ODE: dict(rtol=sampler.rtol, atol=sampler.rtol)}.get(kind, {})
 
   def fn(params, rng, labels, x_shape):
     denoise = make_denoise_fn(model, params, labels if num_classes else None,
                               guidance_scale=sampler.guidance_scale,
                               num_classes=num_classes)
-    if sampler.kind is SamplerKind.DDIM:
-      return samplers.ddim_sample_loop(d, denoise, x_shape, rng, num_steps=steps,
-                                       eta=sampler.eta, mean_type=mean_type,
-                                       clip_denoised=sampler.clip_denoised)
-    return samplers.p_sample_loop(d, denoise, x_shape, rng, mean_type=mean_type,
+    if kind is SamplerKind.DDIM:
+      x0 = samplers.ddim_sample_loop(d, denoise, x_shape, rng, num_steps=steps,
+                                     eta=sampler.eta, mean_type=mean_type,
+                                     clip_denoised=sampler.clip_denoised)
+      return x0, jnp.asarray(steps, jnp.int32)
+    if kind is SamplerKind.DDPM:
+      x0 = samplers.p_sample_loop(d, denoise, x_shape, rng, mean_type=mean_type,
                                   var_type=var_type, clip_denoised=sampler.clip_denoised)
+      return x0, jnp.asarray(steps, jnp.int32)
+    denoiser = continuous.make_denoiser(process, denoise, mean_type)
+    if sampler.clip_denoised:
+      denoiser = continuous.clip_x0(process, denoiser)
+    init_rng, loop_rng = jax.random.split(rng)
+    x_T = jax.random.normal(init_rng, x_shape, jnp.float32)  # at t = 1
+    solution = solvers.solve(kind.solver, denoiser, x_T, schedule, loop_rng, **options)
+    x0 = solution.x0
+    if sampler.clip_denoised:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+    return x0, solution.nfe
   return fn
 
 
 def data_parallel_sampler(fn, mesh: Mesh, image_shape: tuple[int, int, int]):
-  """Jits `fn` under `shard_map`: `run(params, rng, labels [N]) -> images [N, H, W, C]`.
+  """Jits `fn` under `shard_map`: `run(params, rng, labels [N]) -> (images [N, H, W, C],
+  nfe [devices])`.
 
   N must be a multiple of the mesh size; device i samples with `fold_in(rng, i)`.
   """
   def per_device(params, rng, labels):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
-    return fn(params, rng, labels, (labels.shape[0],) + tuple(image_shape))
+    images, nfe = fn(params, rng, labels, (labels.shape[0],) + tuple(image_shape))
+    return images, jnp.reshape(nfe, (1,))
 
+  # check_vma=False: diffrax's adaptive loop (the 'ode' sampler) starts its carry from
+  # unsharded constants, which the varying-axes check would refuse; nothing here communicates.
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS)),
-                          out_specs=P(AXIS))
+                          out_specs=(P(AXIS), P(AXIS)), check_vma=False)
   jitted = jax.jit(sharded)
 
   def run(params, rng, labels):

@@ -275,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
       if sample_every and (step % sample_every == 0 or step == total):
         images = sampling.to_uint8(sample_run(state.ema_params,
                                               jax.random.fold_in(sample_rng, step),
-                                              sample_labels))
+                                              sample_labels)[0])
         if is_chief:
           grid = sampling.make_grid(np.asarray(jax.device_get(images)))
           save_png(workdir / 'samples' / f'step_{step:08d}.png', grid)

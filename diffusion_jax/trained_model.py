@@ -1,7 +1,7 @@
 """A trained model from a workdir: restore its EMA parameters, sample from it, write samples.
 
     trained = load_ema_params('/tmp/digits')                  # latest checkpoint
-    images, labels = generate(trained, SamplerConfig('ddim', steps=50),
+    images, labels, nfe = generate(trained, SamplerConfig('dpmpp_2m', steps=20),
                               num_samples=64, rng=jax.random.PRNGKey(0))
 
 A workdir stands alone here: its `spec.json` (the experiment spec) gives the model, the
@@ -173,8 +173,9 @@ def make_sampler(trained: TrainedModel, sampler: sampling.SamplerConfig):
 
 def generate(trained: TrainedModel, sampler: sampling.SamplerConfig, *, num_samples: int,
              rng: jax.Array, batch_size: int | None = None, labels=None,
-             progress: bool = False, run=None) -> tuple[np.ndarray, np.ndarray]:
-  """`num_samples` uint8 images `[N, H, W, C]` and their labels `[N]`, in batches.
+             progress: bool = False, run=None) -> tuple[np.ndarray, np.ndarray, int]:
+  """`num_samples` uint8 images `[N, H, W, C]`, their labels `[N]`, and the model
+  evaluations per sample (the most any device needed), in batches.
 
   Batch i is sampled with `fold_in(rng, i)`; the last batch is padded to the full batch
   size (one compiled shape) and cut. `labels` default to `default_labels`. `run` reuses a
@@ -195,13 +196,14 @@ def generate(trained: TrainedModel, sampler: sampling.SamplerConfig, *, num_samp
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     batches = tqdm(batches, desc=f'sampling ({batch_size}/batch)', unit='batch')
-  out = []
+  out, nfe = [], 0
   for i in batches:
     chunk = labels[i * batch_size:(i + 1) * batch_size]
     padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)])
-    images = run(trained.ema_params, jax.random.fold_in(rng, i), padded)
+    images, evaluations = run(trained.ema_params, jax.random.fold_in(rng, i), padded)
     out.append(sampling.to_uint8(to_host(images))[:len(chunk)])
-  return np.concatenate(out), labels
+    nfe = max(nfe, int(np.max(to_host(evaluations))))
+  return np.concatenate(out), labels, nfe
 
 
 def _denoise_fn(trained: TrainedModel, params, labels, sampler: sampling.SamplerConfig):
@@ -300,6 +302,12 @@ def _strip_grid(rows: list[np.ndarray], pad: int = 1) -> np.ndarray:
   return sampling.make_grid(flat, ncol=rows[0].shape[0], pad=pad)
 
 
+def _steps_name(cfg: sampling.SamplerConfig, num_timesteps: int) -> str:
+  if cfg.kind is sampling.SamplerKind.ODE:
+    return f'rtol{cfg.rtol:g}'
+  return str(cfg.steps or num_timesteps)
+
+
 def _validate_output(output: epath.Path, overwrite: bool) -> None:
   if output.exists() and not output.is_dir():
     raise FileExistsError(f'--output {output} exists and is not a directory')
@@ -332,6 +340,9 @@ def sample_to_dir(workdir, *, num_samples: int, sampler: sampling.SamplerConfig,
   if not isinstance(num_samples, int) or num_samples <= 0:
     raise ValueError(f'--num_samples must be a positive integer, got {num_samples!r}')
   cfg = sampler
+  if interpolation and cfg.kind not in (sampling.SamplerKind.DDPM, sampling.SamplerKind.DDIM):
+    raise ValueError('--interpolate goes through the DDIM latents: use it with --sampler ddim '
+                     'or ddpm')
   if progressive_chain and cfg.kind is not sampling.SamplerKind.DDPM:
     raise ValueError('--progressive shows the ancestral chain: use it with --sampler ddpm')
   if interpolation and num_samples < 2:
@@ -353,7 +364,7 @@ def sample_to_dir(workdir, *, num_samples: int, sampler: sampling.SamplerConfig,
     raise ValueError('--guidance_scale needs a class-conditional model (labels); this one is '
                      'unconditional')
   output = (workdir_lib.as_path(output) if output is not None else
-            wd.workdir / f'samples_{cfg.kind.value}_{cfg.steps or wd.num_timesteps}')
+            wd.workdir / f'samples_{cfg.kind.value}_{_steps_name(cfg, wd.num_timesteps)}')
   _validate_output(output, overwrite)
 
   t0 = time.time()
@@ -363,11 +374,12 @@ def sample_to_dir(workdir, *, num_samples: int, sampler: sampling.SamplerConfig,
   rng = jax.random.PRNGKey(seed)
   sample_rng, chain_rng = jax.random.split(rng)
   t1 = time.time()
-  images, labels = generate(trained, cfg, num_samples=num_samples, rng=sample_rng,
-                            batch_size=batch_size, labels=labels, progress=progress)
+  images, labels, nfe = generate(trained, cfg, num_samples=num_samples, rng=sample_rng,
+                                 batch_size=batch_size, labels=labels, progress=progress)
   t2 = time.time()
   result: dict[str, Any] = dict(step=trained.step, output=str(output),
-                                num_samples=num_samples, restore_seconds=t1 - t0,
+                                num_samples=num_samples, sampler=cfg.describe(),
+                                model_evaluations=nfe, restore_seconds=t1 - t0,
                                 sample_seconds=t2 - t1)
   if jax.process_index() != 0:
     return result
