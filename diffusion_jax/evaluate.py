@@ -133,18 +133,25 @@ def default_num_splits(n: int) -> int:
 
 def sample_quality(images: np.ndarray, extractor: features_lib.FeatureExtractor,
                    reference: features_lib.ReferenceStats) -> dict[str, float]:
-  """FID, Inception Score (mean, std) and precision/recall of uint8 `images [N, H, W, C]`."""
+  """FID, Inception Score (mean, std) and precision/recall of uint8 `images [N, H, W, C]`.
+
+  IS is left out when the extractor has no logits, precision/recall when the reference has
+  no features (`features_lib.protocol` records why).
+  """
   n = images.shape[0]
   if n < PR_NEIGHBOURS + 1:
     raise ValueError(f'need at least {PR_NEIGHBOURS + 1} samples for FID and '
                      f'precision/recall, got {n}')
   feats, logits = extractor.features_and_logits(images)
   mu, sigma = fid.gaussian_stats(feats)
-  is_mean, is_std = fid.inception_score(logits, default_num_splits(n))
-  precision, recall = fid.precision_recall(reference.features, feats, k=PR_NEIGHBOURS)
-  return dict(fid=fid.frechet_distance(mu, sigma, reference.mu, reference.sigma),
-              inception_score=is_mean, inception_score_std=is_std, precision=precision,
-              recall=recall)
+  out = dict(fid=fid.frechet_distance(mu, sigma, reference.mu, reference.sigma))
+  if logits is not None:
+    out['inception_score'], out['inception_score_std'] = fid.inception_score(
+        logits, default_num_splits(n))
+  if reference.features is not None:
+    out['precision'], out['recall'] = fid.precision_recall(reference.features, feats,
+                                                           k=PR_NEIGHBOURS)
+  return out
 
 
 def default_features(dataset: str) -> features_lib.FeatureKind:
@@ -178,7 +185,7 @@ def _write_json(path: str, results: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None = None,
              features: str | None = None, inception_weights: str | None = None,
-             sampler: str = 'ddim', steps: int | None = 100, eta: float = 0.0,
+             reference_stats: str | None = None, sampler: str = 'ddim', steps: int | None = 100, eta: float = 0.0,
              batch_size: int | None = None, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir`; merges the results into WORKDIR/eval.json.
@@ -187,6 +194,8 @@ def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None 
   bpd_examples: test examples for bits/dim (None: the whole split; 0: skip).
   features: 'digits' | 'inception' (default: 'digits' on the digits dataset, else
     'inception', which needs `inception_weights`).
+  reference_stats: an .npz with `mu`, `sigma` (e.g. TTUR's CIFAR-10 train statistics) to
+    compare against instead of statistics computed from the dataset's train split.
   sampler, steps, eta: how the samples are drawn (`sampling.SamplerConfig`).
   Returns the merged results. Arguments are checked before any heavy work.
   """
@@ -214,8 +223,12 @@ def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None 
     extractor = features_lib.make_extractor(kind, dataset=wd.info.name,
                                             data_dir=wd.config.data.data_dir,
                                             inception_weights=inception_weights)
-    reference = features_lib.reference_stats(extractor, wd.info.name,
-                                             wd.config.data.data_dir, 'train')
+    if reference_stats is not None:
+      reference = features_lib.load_reference_stats(reference_stats,
+                                                     extractor.num_features)
+    else:
+      reference = features_lib.reference_stats(extractor, wd.info.name,
+                                               wd.config.data.data_dir, 'train')
   t_ref = time.time() - t0
 
   trained = trained_model.load_ema_params(wd)
@@ -234,9 +247,8 @@ def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None 
     t_sample = time.time() - t
     quality = sample_quality(images, extractor, reference)
     results.update(quality)
+    results.update(features_lib.protocol(extractor, reference, num_samples))
     results.update(
-        fid_num_samples=num_samples, fid_features=extractor.name,
-        fid_reference=f'{wd.info.name} train ({reference.num_examples} examples)',
         fid_sampler=sampler_cfg.kind.value,
         fid_sampler_steps=sampler_cfg.steps or wd.num_timesteps,
         fid_sampler_eta=sampler_cfg.eta, sample_seconds=t_sample,
@@ -326,6 +338,8 @@ def _main():
                       'digits dataset, else inception.')
   flags.DEFINE_string('inception_weights', None, 'The FID Inception-v3 weights (.npz, '
                       'format in diffusion_jax/models/inception.py).')
+  flags.DEFINE_string('reference_stats', None, 'An .npz with mu and sigma of the real '
+                      'data (same network); default: computed from the train split.')
   flags.DEFINE_string('sampler', 'ddim', 'ddpm or ddim, for the FID samples.')
   flags.DEFINE_integer('steps', 100, 'Sampling steps for the FID samples (max: T).')
   flags.DEFINE_float('eta', 0.0, 'DDIM η.')
@@ -340,7 +354,8 @@ def _main():
     try:
       results = evaluate(FLAGS.workdir, num_samples=FLAGS.num_samples,
                          bpd_examples=FLAGS.bpd_examples, features=FLAGS.features,
-                         inception_weights=FLAGS.inception_weights, sampler=FLAGS.sampler,
+                         inception_weights=FLAGS.inception_weights,
+                         reference_stats=FLAGS.reference_stats, sampler=FLAGS.sampler,
                          steps=FLAGS.steps, eta=FLAGS.eta, batch_size=FLAGS.batch_size,
                          seed=FLAGS.seed)
     except (ValueError, FileNotFoundError) as e:
