@@ -41,6 +41,7 @@ from diffusion_jax.data import input_pipeline
 AXIS = sampling.AXIS
 DEFAULT_BPD_BATCH = 64        # global; calc_bpd_loop runs 8× that through the U-Net per call
 PR_NEIGHBOURS = 3
+SAMPLE_METRICS = ('fid', 'inception_score', 'inception_score_std', 'precision', 'recall')
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,7 +247,9 @@ def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None 
                                        progress=progress)
     t_sample = time.time() - t
     quality = sample_quality(images, extractor, reference)
-    results.update(quality)
+    # Skipped metrics are written as null, so that no stale value of an earlier run with
+    # other weights or statistics survives the merge into eval.json.
+    results.update({k: None for k in SAMPLE_METRICS}, **quality)
     results.update(features_lib.protocol(extractor, reference, num_samples))
     results.update(
         fid_sampler=sampler_cfg.kind.value,
