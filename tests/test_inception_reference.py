@@ -168,11 +168,19 @@ def test_features_match_the_reference_torchscript(both):
 
 
 def _scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
-  """FID in the test's own way: np.cov and scipy.linalg.sqrtm of Σ₁Σ₂ (as pytorch-fid)."""
+  """FID in the test's own way, with scipy.linalg.sqrtm, in float64.
+
+  With Σ₁ = aᵀa and Σ₂ = bᵀb (a, b the centred features over √(n − 1)), Σ₁Σ₂ = aᵀ(a bᵀ b)
+  has the non-zero eigenvalues of a bᵀ b aᵀ = M Mᵀ (M = a bᵀ, [n₁, n₂]), so
+  tr (Σ₁Σ₂)^½ = tr sqrtm(M Mᵀ): the same number as sqrtm of the 2048×2048 product (which
+  pytorch-fid takes, minutes on a CPU), from a [n₁, n₁] matrix.
+  """
   mu1, mu2 = x.mean(0), y.mean(0)
-  s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-  covmean = scipy.linalg.sqrtm(s1 @ s2)
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+  a = (x - mu1) / np.sqrt(len(x) - 1)                                     # [n1, D]
+  b = (y - mu2) / np.sqrt(len(y) - 1)                                     # [n2, D]
+  m = a @ b.T                                                             # [n1, n2]
+  covmean = scipy.linalg.sqrtm(m @ m.T)                                   # [n1, n1]
+  return float(np.sum((mu1 - mu2) ** 2) + np.sum(a * a) + np.sum(b * b)
                - 2 * np.trace(np.real(covmean)))
 
 
@@ -323,6 +331,7 @@ def _make_rgb32_workdir(workdir: str, data_dir: str) -> str:
   """A workdir as training leaves it after step 2 (tiny U-Net, random parameters)."""
   config = tiny.get_config()
   config.data.dataset, config.data.data_dir = rgb32_dataset.NAME, data_dir
+  config.model.attn_resolutions = (16,)  # tiny's (4,) is for 8×8 inputs
   info = input_pipeline.dataset_info(config.data.dataset, data_dir)
   assert info.image_shape == (32, 32, 3)
   unet_cfg = train.model_config(config, info)

@@ -65,8 +65,11 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     ph, pw = self.padding
+    # Full float32 also on GPUs/TPUs (whose default may round conv inputs to TF32 or
+    # bfloat16): the features are compared against a float32 reference to 1e-4.
     x = nn.Conv(self.features, self.kernel, strides=self.strides,
-                padding=((ph, ph), (pw, pw)), use_bias=False, name='conv')(x)
+                padding=((ph, ph), (pw, pw)), use_bias=False,
+                precision=jax.lax.Precision.HIGHEST, name='conv')(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name='bn')(x)
     return nn.relu(x)
 
@@ -192,7 +195,8 @@ class InceptionV3(nn.Module):
     pool3 = jnp.mean(x, axis=(1, 2))                                       # [N, 2048]
     if not self.with_logits:
       return pool3, None
-    logits = nn.Dense(NUM_LOGITS, name='fc')(pool3)                        # [N, 1008]
+    logits = nn.Dense(NUM_LOGITS, precision=jax.lax.Precision.HIGHEST,
+                      name='fc')(pool3)                                    # [N, 1008]
     return pool3, logits
 
 
