@@ -224,19 +224,27 @@ def _one_error_line(result, *fragments):
     assert f in errors[0], (f, errors[0])
 
 
-def test_converter_bad_sources_are_one_error_line(tmp_path):
+def test_converter_bad_sources_are_one_error_line(tmp_path, capsys):
   out = str(tmp_path / 'out.npz')
+  # Through `python -m` once; the other cases call the same main() in-process.
   _one_error_line(_convert_cli(str(tmp_path / 'missing.pt'), out), 'missing.pt', 'not found',
                   'default_1.pt')
+
+  def fails(src, *fragments):
+    capsys.readouterr()
+    assert convert_inception.main([src, out]) == 1
+    err = capsys.readouterr().err
+    _one_error_line(subprocess.CompletedProcess([], 1, '', err), *fragments)
+
   junk = tmp_path / 'junk.pt'
   junk.write_bytes(b'not a torch file at all')
-  _one_error_line(_convert_cli(str(junk), out), 'junk.pt', 'neither TorchScript',
-                  'default_1.pt')
+  fails(str(junk), 'junk.pt', 'neither TorchScript', 'default_1.pt')
   # A real torch file of another network: named, with what was expected.
   other = tmp_path / 'resnet.pth'
   torch.save({'conv1.weight': torch.zeros(64, 3, 7, 7)}, other)
-  _one_error_line(_convert_cli(str(other), out), 'resnet.pth', 'not an FID Inception-v3',
-                  'conv1.weight')
+  fails(str(other), 'resnet.pth', 'not an FID Inception-v3', 'conv1.weight')
+  torch.save([torch.zeros(3)], tmp_path / 'list.pth')
+  fails(str(tmp_path / 'list.pth'), 'list.pth', 'not a dict of tensors')
   assert not os.path.exists(out)
   # In-process, the same conversion reports missing layers of a truncated state dict.
   state = convert_inception.read_torch_state_dict(_reference_model_path())
