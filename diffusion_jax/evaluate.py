@@ -46,6 +46,7 @@ AXIS = sampling.AXIS
 DEFAULT_BPD_BATCH = 64        # global; calc_bpd_loop runs 8× that through the U-Net per call
 PR_NEIGHBOURS = 3
 LIKELIHOODS = ('vlb', 'ode')
+SAMPLE_METRICS = ('fid', 'inception_score', 'inception_score_std', 'precision', 'recall')
 
 
 # ------------------------------------------------------------------------------------------
@@ -213,18 +214,25 @@ def default_num_splits(n: int) -> int:
 
 def sample_quality(images: np.ndarray, extractor: features_lib.FeatureExtractor,
                    reference: features_lib.ReferenceStats) -> dict[str, float]:
-  """FID, Inception Score (mean, std) and precision/recall of uint8 `images [N, H, W, C]`."""
+  """FID, Inception Score (mean, std) and precision/recall of uint8 `images [N, H, W, C]`.
+
+  IS is left out when the extractor has no logits, precision/recall when the reference has
+  no features (`features_lib.protocol` records why).
+  """
   n = images.shape[0]
   if n < PR_NEIGHBOURS + 1:
     raise ValueError(f'need at least {PR_NEIGHBOURS + 1} samples for FID and '
                      f'precision/recall, got {n}')
   feats, logits = extractor.features_and_logits(images)
   mu, sigma = fid.gaussian_stats(feats)
-  is_mean, is_std = fid.inception_score(logits, default_num_splits(n))
-  precision, recall = fid.precision_recall(reference.features, feats, k=PR_NEIGHBOURS)
-  return dict(fid=fid.frechet_distance(mu, sigma, reference.mu, reference.sigma),
-              inception_score=is_mean, inception_score_std=is_std, precision=precision,
-              recall=recall)
+  out = dict(fid=fid.frechet_distance(mu, sigma, reference.mu, reference.sigma))
+  if logits is not None:
+    out['inception_score'], out['inception_score_std'] = fid.inception_score(
+        logits, default_num_splits(n))
+  if reference.features is not None:
+    out['precision'], out['recall'] = fid.precision_recall(reference.features, feats,
+                                                           k=PR_NEIGHBOURS)
+  return out
 
 
 def default_features(dataset: str) -> datasets.FeatureKind:
@@ -253,6 +261,7 @@ def _write_json(path: epath.Path, results: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = None,
              features: str | None = None, inception_weights: str | None = None,
+             reference_stats: str | None = None,
              sampler: sampling.SamplerConfig = sampling.SamplerConfig('ddim', steps=100),
              batch_size: int | None = None, seed: int = 0, data_dir=None,
              likelihood: str = 'vlb', progress: bool = True) -> dict[str, Any]:
@@ -262,6 +271,8 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
   bpd_examples: test examples for bits/dim (None: the whole split; 0: skip).
   features: 'digits' | 'inception' (default: the dataset's, `datasets.describe`; inception
     needs `inception_weights`).
+  reference_stats: an .npz with `mu`, `sigma` (e.g. TTUR's CIFAR-10 train statistics) to
+    compare against instead of statistics computed from the dataset's train split.
   sampler: how the samples are drawn.
   likelihood: 'vlb' (the variational bound's bits/dim) or 'ode' (also the probability-flow
     ODE's, beside it: `bpd_ode`, its standard error and evaluations per example).
@@ -297,7 +308,12 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
     extractor = features_lib.make_extractor(kind, dataset=spec.data.dataset,
                                             data_dir=data_dir,
                                             inception_weights=inception_weights)
-    reference = features_lib.reference_stats(extractor, spec.data.dataset, data_dir, 'train')
+    if reference_stats is not None:
+      reference = features_lib.load_reference_stats(reference_stats,
+                                                     extractor.num_features)
+    else:
+      reference = features_lib.reference_stats(extractor, spec.data.dataset, data_dir,
+                                               'train')
   t_ref = time.time() - t0
 
   trained = trained_model.load_ema_params(wd)
@@ -322,10 +338,11 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
                                             progress=progress)
     t_sample = time.time() - t
     quality = sample_quality(images, extractor, reference)
-    results.update(quality)
+    # Skipped metrics are written as null, so that no stale value of an earlier run with
+    # other weights or statistics survives the merge into eval.json.
+    results.update({k: None for k in SAMPLE_METRICS}, **quality)
+    results.update(features_lib.protocol(extractor, reference, num_samples))
     results.update(
-        fid_num_samples=num_samples, fid_features=extractor.name,
-        fid_reference=f'{spec.data.dataset} train ({reference.num_examples} examples)',
         fid_sampler=sampler.to_dict(), fid_model_evaluations=nfe, sample_seconds=t_sample,
         reference_seconds=t_ref)
   if jax.process_index() == 0:
@@ -409,6 +426,8 @@ def _main():
                       'digits dataset, else inception.')
   flags.DEFINE_string('inception_weights', None, 'The FID Inception-v3 weights (.npz, '
                       'format in diffusion_jax/models/inception.py).')
+  flags.DEFINE_string('reference_stats', None, 'An .npz with mu and sigma of the real '
+                      'data (same network); default: computed from the train split.')
   flags.DEFINE_string('sampler', 'ddim', 'The sampler of the FID samples (see sample.py).')
   flags.DEFINE_integer('steps', 100, 'Sampling steps for the FID samples (max: T).')
   flags.DEFINE_float('eta', 0.0, 'DDIM η.')
@@ -431,7 +450,8 @@ def _main():
           step_schedule=FLAGS.step_schedule, rtol=FLAGS.rtol)
       results = evaluate(FLAGS.workdir, num_samples=FLAGS.num_samples,
                          bpd_examples=FLAGS.bpd_examples, features=FLAGS.features,
-                         inception_weights=FLAGS.inception_weights, sampler=sampler,
+                         inception_weights=FLAGS.inception_weights,
+                         reference_stats=FLAGS.reference_stats, sampler=sampler,
                          batch_size=FLAGS.batch_size, seed=FLAGS.seed,
                          data_dir=FLAGS.data_dir, likelihood=FLAGS.likelihood)
     except (ValueError, FileNotFoundError) as e:

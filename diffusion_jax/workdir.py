@@ -7,8 +7,8 @@
       checkpoints/<step>/  orbax: state (params, optimizer, step, rng), ema, data (iterator)
       samples/ tensorboard/ eval.json samples_<sampler>_<steps>/
 
-Paths enter as strings or `os.PathLike` and are turned into `epath.Path` here, once (`as_path`);
-local relative paths become absolute (orbax needs that), remote ones are kept as they are.
+Paths enter as strings or `os.PathLike` and are turned into `epath.Path` once, where they
+enter (`paths.as_path`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from typing import Any
 
 import ml_collections
 from etils import epath
 
 from diffusion_jax import spec as spec_lib
+from diffusion_jax.paths import as_path, is_remote, write_text_atomic
 
 SPEC = 'spec.json'
 CONFIG = 'config.json'
@@ -33,42 +33,8 @@ class SpecMismatchError(ValueError):
   """The config asks for another model or objective than the one a workdir was trained for."""
 
 
-def is_remote(path: str | os.PathLike[str]) -> bool:
-  return '://' in os.fspath(path)
-
-
-def _fresh_gcs_listings() -> None:
-  """gcsfs caches directory listings per process, so checkpoints that TensorStore, another
-  process or another host wrote would stay invisible to `exists` and `iterdir`: turn the
-  cache off (unless the user configured gcsfs otherwise)."""
-  import fsspec  # pylint: disable=g-import-not-at-top
-  fsspec.config.conf.setdefault('gcs', {}).setdefault('use_listings_cache', False)
-
-
-def as_path(path: str | os.PathLike[str]) -> epath.Path:
-  """`path` as an `epath.Path`: absolute when local, untouched when remote (gs://, s3://)."""
-  if isinstance(path, str) and not path:
-    raise ValueError('a path must not be empty')
-  if is_remote(path):
-    if os.fspath(path).startswith('gs://'):
-      _fresh_gcs_listings()
-    return epath.Path(os.fspath(path))
-  return epath.Path(os.fspath(path)).expanduser().absolute()
-
-
 def checkpoint_dir(workdir: str | os.PathLike[str]) -> epath.Path:
   return as_path(workdir) / 'checkpoints'
-
-
-def write_text_atomic(path: epath.Path, text: str) -> None:
-  """Writes `text` to `path` so that a reader never sees half a file: locally through a
-  temporary sibling and a rename; an object in a bucket appears whole when written."""
-  if is_remote(path):
-    path.write_text(text)
-    return
-  tmp = path.parent / f'.{path.name}.{uuid.uuid4().hex[:8]}.tmp'
-  tmp.write_text(text)
-  tmp.replace(path)
 
 
 def write_json(path: epath.Path, obj: Any) -> None:
