@@ -21,6 +21,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_jax import checkpointing
+from diffusion_jax import preemption
+from diffusion_jax import workdir_lock
 from diffusion_jax import gaussian_diffusion as gd
 from diffusion_jax import sampling
 from diffusion_jax import schedules
@@ -36,7 +38,7 @@ AXIS = step_lib.AXIS
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; nothing after the last good checkpoint is saved."""
+  """The loss or gradient norm became NaN or infinite; the error names the safe checkpoint."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -129,6 +131,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if t.batch_size % n:
     raise ValueError(f'training.batch_size={t.batch_size} is not divisible by the '
                      f'{n} devices; use a multiple of {n}')
+  optimizer_config(config)  # [reliability] its own checks: learning rate > 0, b1/b2 in [0, 1) ...
+  if not 0.0 <= t.ema_decay < 1.0:
+    raise ValueError(f'training.ema_decay must be in [0, 1), got {t.ema_decay!r}')
   if (t.batch_size // n) % t.grad_accum_steps:
     raise ValueError(f'per-device batch {t.batch_size // n} is not divisible by '
                      f'training.grad_accum_steps={t.grad_accum_steps}')
@@ -180,8 +185,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   validate_config(config)
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
-  if is_chief:
-    os.makedirs(workdir, exist_ok=True)
+  # [reliability] One trainer per workdir; an unusable workdir path is a one-line error.
+  lock = workdir_lock.acquire(workdir) if is_chief else None
+  try:
+    return _train_locked(config, workdir, is_chief)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, is_chief: bool) -> TrainState:
+  """The run, with the workdir locked by process 0."""
 
   # ---- Mesh. ------------------------------------------------------------------------------
   mesh = make_mesh()
@@ -216,9 +230,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                              state_rng)
   abstract_state = checkpointing.abstract_like(jax.eval_shape(init_state), replicated)
   manager = checkpointing.make_manager(workdir, keep=config.training.keep_checkpoints)
-  latest = manager.latest_step()
+  # [reliability] The newest checkpoint that reads; damaged ones are moved aside, one warning each.
+  latest, state = checkpointing.restore_latest_good(manager, abstract_state, train_iter,
+                                                    move_aside=True)
   if latest is not None:
-    state = checkpointing.restore(manager, latest, abstract_state, train_iter)
     logging.info('Resumed from checkpoint %d in %s', latest, manager.directory)
   else:
     state = jax.jit(init_state, out_shardings=replicated)()
@@ -275,10 +290,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     fetched = jax.device_get(pending)
     pending.clear()
     for s, m in fetched:
-      if not np.isfinite(m['loss']):
+      # [reliability] The metrics of step s are those of the state of step s - 1: that state
+      # and every later one are bad; they are moved aside, so a rerun resumes from a safe one.
+      bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(m[k])]
+      if bad:
+        manager.wait_until_finished()
+        for c in checkpointing.candidate_steps(workdir):
+          if c >= s - 1:
+            checkpointing.set_aside(workdir, c, f'non-finite {bad[0]} at step {s}')
+        safe = checkpointing.candidate_steps(workdir)
         raise NonFiniteLossError(
-            f'non-finite loss {float(m["loss"])} at step {s}; stopping. The last good '
-            f'checkpoint ({manager.latest_step()}) in {manager.directory} is kept.')
+            f'non-finite {" and ".join(bad)} ({float(m[bad[0]])}) at step {s}; stopping. The '
+            f'last good checkpoint ({safe[0] if safe else "none"}) in {manager.directory} is '
+            'safe to resume from (later ones were moved to '
+            f'{os.path.join(workdir, checkpointing.SET_ASIDE)})')
     now = time.time()
     s, m = fetched[-1]
     steps_per_sec = (s - last_step) / max(now - last_time, 1e-9)
@@ -295,31 +320,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                    values['images_per_sec'], _format_eta((total - s) / max(rate, 1e-9)))
 
   try:
-    while step < total:
-      batch = global_batch(next(train_iter))
-      state, metrics = update(state, batch)
-      step += 1
-      pending.append((step, metrics))
-      if step % log_every == 0 or step == total:
-        check_and_log()
-      if step % ckpt_every == 0 or step == total:
-        check_and_log()  # never checkpoint a non-finite state
-        checkpointing.save(manager, step, state, train_iter)
-      if sample_every and (step % sample_every == 0 or step == total):
-        images = sampling.to_uint8(sample_run(state.ema_params,
-                                              jax.random.fold_in(sample_rng, step),
-                                              sample_labels))
-        if is_chief:
-          grid = sampling.make_grid(np.asarray(jax.device_get(images)))
-          save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), grid)
-          writer.image(step, 'samples', grid)
-      if eval_every and step % eval_every == 0:
-        eval_metrics = periodic_eval(state.ema_params, step)
-        writer.scalars(step, eval_metrics)
-        if is_chief:
-          logging.info('step %d eval: %s', step,
-                       ' '.join(f'{k[5:]} {v:.4g}' for k, v in eval_metrics.items()))
+    with preemption.watch():
+      while step < total:
+        batch = global_batch(next(train_iter))
+        state, metrics = update(state, batch)
+        step += 1
+        pending.append((step, metrics))
+        if step % log_every == 0 or step == total:
+          check_and_log()
+        # [reliability] SIGTERM/SIGINT: save this step, wait, stop (all processes agree on it).
+        if preemption.should_stop(step) and step < total:
+          check_and_log()
+          checkpointing.save_or_raise(manager, step, state, train_iter)
+          checkpointing.wait_or_raise(manager)
+          raise preemption.Preempted(step, str(manager.directory),
+                                     preemption.signal_received() or 'preemption notice')
+        if step % ckpt_every == 0 or step == total:
+          check_and_log()  # never checkpoint a non-finite state
+          checkpointing.save_or_raise(manager, step, state, train_iter)
+        if sample_every and (step % sample_every == 0 or step == total):
+          images = sampling.to_uint8(sample_run(state.ema_params,
+                                                jax.random.fold_in(sample_rng, step),
+                                                sample_labels))
+          if is_chief:
+            grid = sampling.make_grid(np.asarray(jax.device_get(images)))
+            save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), grid)
+            writer.image(step, 'samples', grid)
+        if eval_every and step % eval_every == 0:
+          eval_metrics = periodic_eval(state.ema_params, step)
+          writer.scalars(step, eval_metrics)
+          if is_chief:
+            logging.info('step %d eval: %s', step,
+                         ' '.join(f'{k[5:]} {v:.4g}' for k, v in eval_metrics.items()))
   finally:
-    manager.wait_until_finished()
     writer.close()
+    checkpointing.wait_or_raise(manager)  # [reliability] a failed save: one line
   return state

@@ -86,18 +86,8 @@ def read_workdir(workdir: str, step: int | None = None) -> WorkdirInfo:
   """
   workdir = os.path.abspath(workdir)
   config = train.load_config(workdir)
-  ckpt_dir = checkpointing.checkpoint_dir(workdir)
-  # Finished checkpoints only: orbax writes into a temporary folder and renames it.
-  steps = sorted(int(n) for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())
-                 if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, 'state')))
-  if not steps:
-    raise FileNotFoundError(f'no checkpoint in {checkpointing.checkpoint_dir(workdir)}: '
-                            'train first (python train.py --workdir ...)')
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f'no checkpoint {step} in {checkpointing.checkpoint_dir(workdir)}'
-                            f'; it has {steps}')
+  # [reliability] The trainer's rule for the latest good checkpoint (damaged ones: a warning).
+  step = checkpointing.latest_good_step(workdir, step)
   info = input_pipeline.dataset_info(config.data.dataset, config.data.data_dir)
   return WorkdirInfo(workdir=workdir, config=config, info=info, step=int(step))
 
@@ -109,6 +99,7 @@ def load_ema_params(workdir: str | WorkdirInfo, *, step: int | None = None,
   The whole training state is restored (into the shapes `train.init_state_fn` gives), then
   all but the EMA parameters are dropped. `mesh` defaults to `train.make_mesh()`.
   """
+  explicit = step is not None and not isinstance(workdir, WorkdirInfo)
   wd = workdir if isinstance(workdir, WorkdirInfo) else read_workdir(workdir, step)
   config, info = wd.config, wd.info
   mesh = mesh or train.make_mesh()
@@ -123,10 +114,12 @@ def load_ema_params(workdir: str | WorkdirInfo, *, step: int | None = None,
   abstract_state = checkpointing.abstract_like(jax.eval_shape(init_state), replicated)
   manager = checkpointing.make_manager(wd.workdir, keep=None, read_only=True)
   try:
-    state = checkpointing.restore(manager, wd.step, abstract_state)
+    # [reliability] An explicit step or nothing; else fall back past unreadable arrays.
+    restored_step, state = checkpointing.restore_latest_good(
+        manager, abstract_state, step=wd.step if explicit else None, at_most=wd.step)
   finally:
     manager.close()
-  return TrainedModel(workdir=wd.workdir, step=wd.step, config=config, info=info, model=model,
+  return TrainedModel(workdir=wd.workdir, step=restored_step, config=config, info=info, model=model,
                       diffusion=diffusion, mean_type=step_cfg.mean_type,
                       var_type=step_cfg.var_type, ema_params=state.ema_params, mesh=mesh)
 
