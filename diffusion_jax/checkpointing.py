@@ -309,7 +309,7 @@ def _write_failure(manager, step, e: BaseException) -> str:
     if isinstance(cause, OSError) and cause.errno:
       reason = f'{os.strerror(cause.errno)}' + (f' ({cause.filename})' if cause.filename else '')
     cause = cause.__cause__ or cause.__context__
-  reason = reason or _one_line(e)
+  reason = reason or _one_line(_root(e))
   what = f'checkpoint {step}' if step is not None else 'a checkpoint'
   good = [s for s in candidate_steps(os.path.dirname(os.fspath(manager.directory)))]
   kept = (f'; earlier checkpoints ({", ".join(map(str, sorted(good)))}) are untouched'
