@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import grain
@@ -304,47 +305,33 @@ def wait_or_raise(manager: ocp.CheckpointManager) -> None:
 
 
 def _write_failure(manager, step, e: BaseException) -> str:
-  cause, reason = e, None
-  while cause is not None and reason is None:
-    if isinstance(cause, OSError) and cause.errno:
-      reason = f'{os.strerror(cause.errno)}' + (f' ({cause.filename})' if cause.filename else '')
-    cause = cause.__cause__ or cause.__context__
+  """'could not write checkpoint N in DIR: <strerror> (<file>)', from the OSError in the chain
+  or the OS error code that tensorstore puts in its message."""
+  chain, x = [], e
+  while x is not None:
+    chain.append(x)
+    x = x.__cause__ or x.__context__
+  reason = None
+  for x in chain:
+    if isinstance(x, OSError) and x.errno:
+      reason = os.strerror(x.errno) + (f' ({x.filename})' if x.filename else '')
+      break
+  if reason is None:
+    for x in chain:
+      code = re.search(r"os_error_code='?(\d+)", str(x))
+      if code:
+        path = re.search(r'(?:writing|Failed writing|Error writing)[^"]*"(/[^"]+)"', str(x))
+        reason = os.strerror(int(code.group(1))) + (f' (writing {path.group(1)})' if path else '')
+        break
   reason = reason or _one_line(_root(e))
+  if step is None:
+    for x in chain:
+      m = re.search(r'/(\d+)\.orbax-checkpoint-tmp', str(x))
+      if m:
+        step = int(m.group(1))
+        break
   what = f'checkpoint {step}' if step is not None else 'a checkpoint'
-  good = [s for s in candidate_steps(os.path.dirname(os.fspath(manager.directory)))]
+  good = candidate_steps(os.path.dirname(os.fspath(manager.directory)))
   kept = (f'; earlier checkpoints ({", ".join(map(str, sorted(good)))}) are untouched'
           if good else '')
   return f'could not write {what} in {manager.directory}: {reason}{kept}'
-
-
-def latest_good_step(workdir, step: int | None = None) -> int:
-  """The step a reader (sample, evaluate) should restore, without restoring it: `step` if
-  given and its metadata reads, else the newest checkpoint whose metadata reads (the others
-  get one warning line each and are left in place). A read failure found only when the
-  arrays are restored is handled by `restore_latest_good(..., at_most=step)`.
-
-  Raises FileNotFoundError (no checkpoint, or not `step`) or NoReadableCheckpointError.
-  """
-  directory = checkpoint_dir(workdir)
-  steps = candidate_steps(workdir)
-  if not steps:
-    raise FileNotFoundError(f'no checkpoint in {directory}: train first '
-                            '(python train.py --workdir ...)')
-  if step is not None:
-    if step not in steps:
-      raise FileNotFoundError(f'no checkpoint {step} in {directory}; it has {sorted(steps)}')
-    try:
-      check_metadata(workdir, step)
-    except UnreadableCheckpointError as e:
-      raise NoReadableCheckpointError(f'checkpoint {step} in {directory} cannot be read: '
-                                      f'{e.reason}') from e
-    return step
-  for s in steps:
-    try:
-      check_metadata(workdir, s)
-      return s
-    except UnreadableCheckpointError as e:
-      logging.warning('Skipping checkpoint %d in %s: %s', s, directory, e.reason)
-  raise NoReadableCheckpointError(
-      f'no readable checkpoint in {directory}: {", ".join(map(str, steps))} could not be read '
-      '(see the warnings)')

@@ -95,6 +95,18 @@ def unbroken(env):
   return workdir
 
 
+@pytest.fixture
+def reaper():
+  """Popen objects appended to it are SIGKILLed (after SIGCONT) if the test leaves them running."""
+  procs = []
+  yield procs
+  for p in procs:
+    if p.poll() is None:
+      p.send_signal(signal.SIGCONT)
+      p.kill()
+      p.wait()
+
+
 def _wait_for_line(path, pattern, proc, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline:
@@ -110,7 +122,8 @@ def _wait_for_line(path, pattern, proc, timeout=300):
 # ------------------------------------------------------------------------------------------
 
 
-def test_sigterm_lock_and_sigkill_during_save_resume_bit_identically(env, unbroken, tmp_path):
+def test_sigterm_lock_and_sigkill_during_save_resume_bit_identically(env, unbroken, tmp_path,
+                                                                     reaper):
   workdir = str(tmp_path / 'run')
   log = [str(tmp_path / f'log_{i}.txt') for i in range(3)]
 
@@ -118,6 +131,7 @@ def test_sigterm_lock_and_sigkill_during_save_resume_bit_identically(env, unbrok
   with open(log[0], 'w') as f:
     first = subprocess.Popen(_train_cmd(env, workdir, *EVERY_4), env=env['env'], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=f)
+  reaper.append(first)
   _wait_for_line(log[0], r'step 1/8', first)
   first.send_signal(signal.SIGSTOP)
   # 2. ...so a second trainer on the workdir is refused, naming the holder.
@@ -141,6 +155,7 @@ def test_sigterm_lock_and_sigkill_during_save_resume_bit_identically(env, unbrok
   with open(log[1], 'w') as f:
     third = subprocess.Popen(_train_cmd(env, workdir, *EVERY_4), env=env['env'], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=f)
+  reaper.append(third)
   ckpts = os.path.join(workdir, 'checkpoints')
   deadline = time.time() + 300
   while not glob.glob(os.path.join(ckpts, '8.orbax-checkpoint-tmp*')):
@@ -410,17 +425,19 @@ def _two_processes(env, workdir, logs, *overrides):
   return procs
 
 
-def test_two_processes_agree_on_the_preemption_step(env, tmp_path):
+def test_two_processes_agree_on_the_preemption_step(env, tmp_path, reaper):
   # 16 steps: the runtime needs a few steps' time to agree on the stop step.
   args = ('--config.training.num_train_steps=16', '--config.training.log_every_steps=1',
           '--config.training.checkpoint_every_steps=8')
   whole, broken = str(tmp_path / 'whole'), str(tmp_path / 'broken')
   logs = [[str(tmp_path / f'{name}_{i}.txt') for i in range(2)] for name in ('w', 'b', 'r')]
   procs = _two_processes(env, whole, logs[0], *args)
+  reaper.extend(procs)
   for p, log in zip(procs, logs[0]):
     assert p.wait(timeout=600) == 0, open(log).read()[-3000:]
 
   procs = _two_processes(env, broken, logs[1], *args)
+  reaper.extend(procs)
   _wait_for_line(logs[1][0], r'step 1/16', procs[0])
   procs[1].send_signal(signal.SIGTERM)   # only process 1 is told
   saved = []
@@ -433,6 +450,7 @@ def test_two_processes_agree_on_the_preemption_step(env, tmp_path):
   assert reached in _steps(broken)
 
   procs = _two_processes(env, broken, logs[2], *args)
+  reaper.extend(procs)
   for p, log in zip(procs, logs[2]):
     assert p.wait(timeout=600) == 0, open(log).read()[-3000:]
     assert f'Resumed from checkpoint {reached}' in open(log).read()
