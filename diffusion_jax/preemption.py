@@ -1,7 +1,7 @@
 """Stopping a run cleanly on SIGTERM or SIGINT, at a step every process agrees on.
 
-    with preemption.watch():
-      while step < total:
+    restore_signals = preemption.install()
+    while step < total:
         ...one step...
         if preemption.should_stop(step):
           save and wait; raise preemption.Preempted(step, ...)
@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -76,10 +76,9 @@ def _handler(signum, frame):
     signal.raise_signal(signal.SIGTERM)   # to the distributed runtime's notifier
 
 
-@contextlib.contextmanager
-def watch() -> Iterator[None]:
-  """Installs the handlers for the duration of the block (main thread only; elsewhere a no-op
-  apart from the sync point) and restores the previous ones after it."""
+def install() -> Callable[[], None]:
+  """Installs the handlers (main thread only; elsewhere only the sync point works) and returns
+  the function that puts the previous ones back."""
   _state.received = None
   _state.multi = jax.process_count() > 1
   _state.use_sync_point = _state.multi and _uses_sync_point()
@@ -88,12 +87,22 @@ def watch() -> Iterator[None]:
   if threading.current_thread() is threading.main_thread():
     for s in ours:
       previous[s] = signal.signal(s, _handler)
-  try:
-    yield
-  finally:
+
+  def uninstall():
     for s, h in previous.items():
       signal.signal(s, h)
     _state.received = None
+  return uninstall
+
+
+@contextlib.contextmanager
+def watch() -> Iterator[None]:
+  """`install()` for the duration of the block."""
+  uninstall = install()
+  try:
+    yield
+  finally:
+    uninstall()
 
 
 def signal_received() -> str | None:

@@ -21,13 +21,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_jax import checkpointing
-from diffusion_jax import preemption
-from diffusion_jax import workdir_lock
 from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import preemption
 from diffusion_jax import sampling
 from diffusion_jax import schedules
 from diffusion_jax import timestep_sampler
 from diffusion_jax import train_step as step_lib
+from diffusion_jax import workdir_lock
 from diffusion_jax.data import digits as digits_lib
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.images import save_png
@@ -319,40 +319,41 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, is_chief: boo
                    values['grad_norm'], values['learning_rate'], steps_per_sec,
                    values['images_per_sec'], _format_eta((total - s) / max(rate, 1e-9)))
 
+  restore_signals = preemption.install()  # [reliability] SIGTERM/SIGINT only set a flag
   try:
-    with preemption.watch():
-      while step < total:
-        batch = global_batch(next(train_iter))
-        state, metrics = update(state, batch)
-        step += 1
-        pending.append((step, metrics))
-        if step % log_every == 0 or step == total:
-          check_and_log()
-        # [reliability] SIGTERM/SIGINT: save this step, wait, stop (all processes agree on it).
-        if preemption.should_stop(step) and step < total:
-          check_and_log()
-          checkpointing.save_or_raise(manager, step, state, train_iter)
-          checkpointing.wait_or_raise(manager)
-          raise preemption.Preempted(step, str(manager.directory),
-                                     preemption.signal_received() or 'preemption notice')
-        if step % ckpt_every == 0 or step == total:
-          check_and_log()  # never checkpoint a non-finite state
-          checkpointing.save_or_raise(manager, step, state, train_iter)
-        if sample_every and (step % sample_every == 0 or step == total):
-          images = sampling.to_uint8(sample_run(state.ema_params,
-                                                jax.random.fold_in(sample_rng, step),
-                                                sample_labels))
-          if is_chief:
-            grid = sampling.make_grid(np.asarray(jax.device_get(images)))
-            save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), grid)
-            writer.image(step, 'samples', grid)
-        if eval_every and step % eval_every == 0:
-          eval_metrics = periodic_eval(state.ema_params, step)
-          writer.scalars(step, eval_metrics)
-          if is_chief:
-            logging.info('step %d eval: %s', step,
-                         ' '.join(f'{k[5:]} {v:.4g}' for k, v in eval_metrics.items()))
+    while step < total:
+      batch = global_batch(next(train_iter))
+      state, metrics = update(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      if step % log_every == 0 or step == total:
+        check_and_log()
+      # [reliability] SIGTERM/SIGINT: save this step, wait, stop (all processes agree on it).
+      if preemption.should_stop(step) and step < total:
+        check_and_log()
+        checkpointing.save_or_raise(manager, step, state, train_iter)
+        checkpointing.wait_or_raise(manager)
+        raise preemption.Preempted(step, str(manager.directory),
+                                   preemption.signal_received() or 'preemption notice')
+      if step % ckpt_every == 0 or step == total:
+        check_and_log()  # never checkpoint a non-finite state
+        checkpointing.save_or_raise(manager, step, state, train_iter)
+      if sample_every and (step % sample_every == 0 or step == total):
+        images = sampling.to_uint8(sample_run(state.ema_params,
+                                              jax.random.fold_in(sample_rng, step),
+                                              sample_labels))
+        if is_chief:
+          grid = sampling.make_grid(np.asarray(jax.device_get(images)))
+          save_png(os.path.join(workdir, 'samples', f'step_{step:08d}.png'), grid)
+          writer.image(step, 'samples', grid)
+      if eval_every and step % eval_every == 0:
+        eval_metrics = periodic_eval(state.ema_params, step)
+        writer.scalars(step, eval_metrics)
+        if is_chief:
+          logging.info('step %d eval: %s', step,
+                       ' '.join(f'{k[5:]} {v:.4g}' for k, v in eval_metrics.items()))
   finally:
+    restore_signals()
     writer.close()
     checkpointing.wait_or_raise(manager)  # [reliability] a failed save: one line
   return state

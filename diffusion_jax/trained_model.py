@@ -119,8 +119,8 @@ def load_ema_params(workdir: str | WorkdirInfo, *, step: int | None = None,
         manager, abstract_state, step=wd.step if explicit else None, at_most=wd.step)
   finally:
     manager.close()
-  return TrainedModel(workdir=wd.workdir, step=restored_step, config=config, info=info, model=model,
-                      diffusion=diffusion, mean_type=step_cfg.mean_type,
+  return TrainedModel(workdir=wd.workdir, step=restored_step, config=config, info=info,
+                      model=model, diffusion=diffusion, mean_type=step_cfg.mean_type,
                       var_type=step_cfg.var_type, ema_params=state.ema_params, mesh=mesh)
 
 

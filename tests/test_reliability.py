@@ -53,7 +53,7 @@ def _run(env, cmd, e=None):
 def _error_line(result):
   lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
   assert result.returncode not in (0, preemption.EXIT_CODE) and lines, (
-      result.returncode, result.stderr[-3000:])
+      result.returncode, [l[:200] for l in result.stderr.splitlines()[-6:]])
   return lines[-1]
 
 
