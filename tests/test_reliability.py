@@ -292,7 +292,8 @@ def test_workdir_errors_in_process(tmp_path, monkeypatch):
     def denied(self, *a, **k):
       raise PermissionError(13, 'Permission denied', str(self))
     monkeypatch.setattr(type(epath.Path(str(ro))), 'mkdir', denied)
-    with pytest.raises(workdir_lock.WorkdirError, match=f'{re.escape(str(ro / "w"))}: Permission denied'):
+    with pytest.raises(workdir_lock.WorkdirError,
+                       match=f'{re.escape(str(ro / "w"))}: Permission denied'):
       workdir_lock.make_workdir(ro / 'w')
   else:
     with pytest.raises(workdir_lock.WorkdirError, match='Permission denied'):
