@@ -257,6 +257,39 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any,
   return None, None
 
 
+def latest_good_step(workdir, step: int | None = None) -> int:
+  """The step a reader (sample, evaluate) should restore, without restoring it: `step` if
+  given and its metadata reads, else the newest checkpoint whose metadata reads (the others
+  get one warning line each and are left in place). A read failure found only when the
+  arrays are restored is handled by `restore_latest_good(..., at_most=step)`.
+
+  Raises FileNotFoundError (no checkpoint, or not `step`) or NoReadableCheckpointError.
+  """
+  directory = checkpoint_dir(workdir)
+  steps = candidate_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {directory}: train first '
+                            '(python train.py --workdir ...)')
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f'no checkpoint {step} in {directory}; it has {sorted(steps)}')
+    try:
+      check_metadata(workdir, step)
+    except UnreadableCheckpointError as e:
+      raise NoReadableCheckpointError(f'checkpoint {step} in {directory} cannot be read: '
+                                      f'{e.reason}') from e
+    return step
+  for s in steps:
+    try:
+      check_metadata(workdir, s)
+      return s
+    except UnreadableCheckpointError as e:
+      logging.warning('Skipping checkpoint %d in %s: %s', s, directory, e.reason)
+  raise NoReadableCheckpointError(
+      f'no readable checkpoint in {directory}: {", ".join(map(str, steps))} could not be read '
+      '(see the warnings)')
+
+
 def _root(e: BaseException) -> BaseException:
   """The innermost cause of `e` (the IO error under orbax's and tensorstore's wrappers)."""
   while (e.__cause__ or e.__context__) is not None:
@@ -335,36 +368,3 @@ def _write_failure(manager, step, e: BaseException) -> str:
   kept = (f'; earlier checkpoints ({", ".join(map(str, sorted(good)))}) are untouched'
           if good else '')
   return f'could not write {what} in {manager.directory}: {reason}{kept}'
-
-
-def latest_good_step(workdir, step: int | None = None) -> int:
-  """The step a reader (sample, evaluate) should restore, without restoring it: `step` if
-  given and its metadata reads, else the newest checkpoint whose metadata reads (the others
-  get one warning line each and are left in place). A read failure found only when the
-  arrays are restored is handled by `restore_latest_good(..., at_most=step)`.
-
-  Raises FileNotFoundError (no checkpoint, or not `step`) or NoReadableCheckpointError.
-  """
-  directory = checkpoint_dir(workdir)
-  steps = candidate_steps(workdir)
-  if not steps:
-    raise FileNotFoundError(f'no checkpoint in {directory}: train first '
-                            '(python train.py --workdir ...)')
-  if step is not None:
-    if step not in steps:
-      raise FileNotFoundError(f'no checkpoint {step} in {directory}; it has {sorted(steps)}')
-    try:
-      check_metadata(workdir, step)
-    except UnreadableCheckpointError as e:
-      raise NoReadableCheckpointError(f'checkpoint {step} in {directory} cannot be read: '
-                                      f'{e.reason}') from e
-    return step
-  for s in steps:
-    try:
-      check_metadata(workdir, s)
-      return s
-    except UnreadableCheckpointError as e:
-      logging.warning('Skipping checkpoint %d in %s: %s', s, directory, e.reason)
-  raise NoReadableCheckpointError(
-      f'no readable checkpoint in {directory}: {", ".join(map(str, steps))} could not be read '
-      '(see the warnings)')
