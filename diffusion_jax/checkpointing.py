@@ -137,13 +137,6 @@ def candidate_steps(workdir) -> list[int]:
                 reverse=True)
 
 
-def _tree_shapes(tree) -> dict[str, tuple[int, ...]]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, 'shape'))
-  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat
-          if hasattr(leaf, 'shape')}
-
-
 def check_metadata(workdir, step: int) -> Any:
   """Reads the metadata of checkpoint `step`; raises UnreadableCheckpointError if it cannot.
 
