@@ -3,13 +3,18 @@ r"""Trains a DDPM: a thin entry point around `diffusion_jax.train.train_and_eval
   python train.py --config configs/digits.py --workdir /tmp/digits
   python train.py --config configs/cifar10.py --workdir DIR --config.training.batch_size=64
 
-Re-running the same command resumes from the latest checkpoint in DIR/checkpoints.
+Re-running the same command resumes from the latest good checkpoint in DIR/checkpoints.
+SIGTERM or SIGINT: the step in flight finishes, a checkpoint of it is saved, and the program
+exits with status 75 (see README, "Preemption and recovery").
 Multi-host: pass --jax_distributed (jax.distributed.initialize() reads the cluster from the
 environment: TPU pods, SLURM, ...) or the coordinator flags explicitly.
 """
 
+import sys
+
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from diffusion_jax import cli
@@ -30,12 +35,18 @@ def main(argv):
   if FLAGS.jax_distributed or FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  from diffusion_jax import preemption  # pylint: disable=g-import-not-at-top
   from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import workdir_lock  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, ImportError, train.NonFiniteLossError) as e:
+  except preemption.Preempted as e:
+    logging.warning('Stopped on %s', e)
+    sys.exit(preemption.EXIT_CODE)
+  except (ValueError, OSError, ImportError, train.NonFiniteLossError,
+          workdir_lock.WorkdirLockedError) as e:
     cli.exit_with_error(e)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

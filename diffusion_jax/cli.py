@@ -1,6 +1,8 @@
 """What the command-line programs (train.py, sample.py, evaluate) share: start-up and errors."""
 
+import difflib
 import logging as std_logging
+import runpy
 import sys
 from typing import NoReturn
 
@@ -31,3 +33,50 @@ def exit_with_error(error: Exception) -> NoReturn:
   through absl's logging: that writes to stderr too, and the message would appear twice.)"""
   print('error: ' + ' '.join(str(error).split()), file=sys.stderr)
   sys.exit(1)
+
+
+def _config_file(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _flat_keys(tree, prefix='') -> list[str]:
+  keys = []
+  for k, v in tree.items():
+    keys.append(prefix + k)
+    if isinstance(v, dict):
+      keys += _flat_keys(v, prefix + k + '.')
+  return keys
+
+
+def unknown_config_key(argv: list[str]) -> str | None:
+  """'unknown config key X; the closest is Y' for the first `--config.X=...` override that the
+  config file does not have; None when every override names a key (or the file won't load)."""
+  path = _config_file(argv)
+  try:
+    keys = _flat_keys(runpy.run_path(path)['get_config']().to_dict())
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for arg in argv:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+        return (f'unknown config key {key!r} (in {arg}); the closest is {close[0]!r}'
+                if close else f'unknown config key {key!r} (in {arg})')
+  return None
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """absl's flag parsing for `app.run(flags_parser=...)`; an override of a config key that does
+  not exist (ml_collections raises a KeyError/AttributeError traceback) is one error line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as e:
+    message = unknown_config_key(argv) or ' '.join(str(e).split())
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(1)

@@ -24,10 +24,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from diffusion_jax import checkpointing
 from diffusion_jax import evaluate
 from diffusion_jax import parallel
+from diffusion_jax import preemption
 from diffusion_jax import sampling
 from diffusion_jax import timestep_sampler
 from diffusion_jax import train_step as step_lib
 from diffusion_jax import workdir as workdir_lib
+from diffusion_jax import workdir_lock
 from diffusion_jax.data import datasets
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.images import save_png
@@ -38,7 +40,7 @@ AXIS = parallel.AXIS
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; nothing after the last good checkpoint is saved."""
+  """The loss or gradient norm became NaN or infinite; the error names the safe checkpoint."""
 
 
 def init_state_fn(spec: ExperimentSpec, tx, init_rng, state_rng):
@@ -150,6 +152,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
   config = ml_collections.ConfigDict(config.to_dict())  # never mutate the caller's config
   workdir = workdir_lib.as_path(workdir)
   is_chief = jax.process_index() == 0
+  # One trainer per workdir (process 0 holds the lock); an unusable path is a one-line error.
+  lock = workdir_lock.acquire(workdir) if is_chief else None
+  try:
+    return _train_locked(config, workdir, is_chief)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
+                  is_chief: bool) -> TrainState:
+  """The run, with the workdir locked by process 0."""
 
   # ---- Spec: the config parsed once, checked against the workdir's. ----------------------
   workdir_lib.check_dataset(workdir, config.data.dataset)
@@ -184,9 +198,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
   abstract_state = checkpointing.abstract_like(jax.eval_shape(init_state), replicated)
   manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(workdir),
                                        keep=run.keep_checkpoints)
-  latest = manager.latest_step()
+  # The newest checkpoint that reads; damaged ones are moved aside, one warning line each.
+  latest, state = checkpointing.restore_latest_good(manager, abstract_state, train_iter,
+                                                    move_aside=True)
   if latest is not None:
-    state = checkpointing.restore(manager, latest, abstract_state, train_iter)
     logging.info('Resumed from checkpoint %d in %s', latest, manager.directory)
   else:
     state = jax.jit(init_state, out_shardings=replicated)()
@@ -242,10 +257,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
     fetched = jax.device_get(pending)
     pending.clear()
     for s, m in fetched:
-      if not np.isfinite(m['loss']):
+      # The metrics of step s are those of the state of step s − 1: that state and every
+      # later one are bad; they are moved aside, so that a rerun resumes from a safe one.
+      bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(m[k])]
+      if bad:
+        manager.wait_until_finished()
+        for c in checkpointing.candidate_steps(workdir):
+          if c >= s - 1:
+            checkpointing.set_aside(workdir, c, f'non-finite {bad[0]} at step {s}')
+        safe = checkpointing.candidate_steps(workdir)
         raise NonFiniteLossError(
-            f'non-finite loss {float(m["loss"])} at step {s}; stopping. The last good '
-            f'checkpoint ({manager.latest_step()}) in {manager.directory} is kept.')
+            f'non-finite {" and ".join(bad)} ({float(m[bad[0]])}) at step {s}; stopping. The '
+            f'last good checkpoint ({safe[0] if safe else "none"}) in {manager.directory} is '
+            'safe to resume from (later ones were moved to '
+            f'{workdir / checkpointing.SET_ASIDE})')
     now = time.time()
     s, m = fetched[-1]
     steps_per_sec = (s - last_step) / max(now - last_time, 1e-9)
@@ -261,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
                    values['grad_norm'], values['learning_rate'], steps_per_sec,
                    values['images_per_sec'], _format_eta((total - s) / max(rate, 1e-9)))
 
+  restore_signals = preemption.install()  # SIGTERM/SIGINT now only set a flag
   try:
     while step < total:
       batch = global_batch(next(train_iter))
@@ -269,9 +295,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
       pending.append((step, metrics))
       if step % log_every == 0 or step == total:
         check_and_log()
+      # SIGTERM/SIGINT: save this step, wait, stop (every process agrees on the step).
+      if preemption.should_stop(step) and step < total:
+        check_and_log()
+        checkpointing.save_or_raise(manager, step, state, train_iter)
+        checkpointing.wait_or_raise(manager)
+        raise preemption.Preempted(step, str(manager.directory),
+                                   preemption.signal_received() or 'preemption notice')
       if step % ckpt_every == 0 or step == total:
         check_and_log()  # never checkpoint a non-finite state
-        checkpointing.save(manager, step, state, train_iter)
+        checkpointing.save_or_raise(manager, step, state, train_iter)
       if sample_every and (step % sample_every == 0 or step == total):
         images = sampling.to_uint8(sample_run(state.ema_params,
                                               jax.random.fold_in(sample_rng, step),
@@ -287,6 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
           logging.info('step %d eval: %s', step,
                        ' '.join(f'{k[5:]} {v:.4g}' for k, v in eval_metrics.items()))
   finally:
-    manager.wait_until_finished()
+    restore_signals()
     writer.close()
+    checkpointing.wait_or_raise(manager)  # a failed save: one line
   return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.struct
@@ -22,6 +23,23 @@ class OptimizerConfig:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
+
+  def __post_init__(self):
+    def bad(name, allowed):
+      value = getattr(self, name)
+      return ValueError(f'optimizer.{name} must be {allowed}, got {value!r}')
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    if not (finite(self.learning_rate) and self.learning_rate > 0):
+      raise bad('learning_rate', 'a finite number > 0')
+    if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+      raise bad('warmup_steps', 'an integer >= 0')
+    if self.grad_clip is not None and not (finite(self.grad_clip) and self.grad_clip >= 0):
+      raise bad('grad_clip', 'a finite number >= 0 (0 or None: no clipping)')
+    for name in ('b1', 'b2'):
+      if not (finite(getattr(self, name)) and 0 <= getattr(self, name) < 1):
+        raise bad(name, 'in [0, 1)')
+    if not (finite(self.eps) and self.eps > 0):
+      raise bad('eps', 'a finite number > 0')
 
   def learning_rate_schedule(self) -> optax.Schedule:
     if self.warmup_steps <= 0:

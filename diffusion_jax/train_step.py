@@ -47,8 +47,8 @@ class StepConfig:
     object.__setattr__(self, 'loss_type', gd.LossType.parse(self.loss_type))
     if self.grad_accum_steps < 1:
       raise ValueError(f'grad_accum_steps must be >= 1, got {self.grad_accum_steps}')
-    if not 0.0 <= self.ema_decay <= 1.0:
-      raise ValueError(f'ema_decay must be in [0, 1], got {self.ema_decay}')
+    if not 0.0 <= self.ema_decay < 1.0:   # 1 would freeze the EMA at the initial params
+      raise ValueError(f'training.ema_decay must be in [0, 1), got {self.ema_decay}')
     if not 0.0 <= self.label_dropout < 1.0:
       raise ValueError(f'label_dropout must be in [0, 1), got {self.label_dropout}')
 

@@ -91,16 +91,6 @@ class TrainedModel:
                diffusion=spec.diffusion.make(), ema_params=ema_params, mesh=mesh)
 
 
-def checkpoint_steps(workdir) -> list[int]:
-  """The finished checkpoints of `workdir`, oldest first (orbax writes into a temporary
-  folder and renames it, so unfinished ones have no plain step name)."""
-  ckpt_dir = workdir_lib.checkpoint_dir(workdir)
-  if not ckpt_dir.exists():
-    return []
-  return sorted(int(p.name) for p in ckpt_dir.iterdir()
-                if p.name.isdigit() and (p / 'ema').exists())
-
-
 def read_workdir(workdir, step: int | None = None) -> WorkdirInfo:
   """The spec and checkpoint step of a training workdir (nothing restored).
 
@@ -109,22 +99,18 @@ def read_workdir(workdir, step: int | None = None) -> WorkdirInfo:
   """
   path = workdir_lib.as_path(workdir)
   spec = workdir_lib.read_spec(path)
-  steps = checkpoint_steps(path)
-  ckpt_dir = workdir_lib.checkpoint_dir(path)
-  if not steps:
-    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: train first '
-                            '(python train.py --workdir ...)')
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f'no checkpoint {step} in {ckpt_dir}; it has {steps}')
+  # The trainer's rule for the latest good checkpoint (damaged ones: a warning line each).
+  step = checkpointing.latest_good_step(path, step)
   return WorkdirInfo(workdir=path, spec=spec, step=int(step))
 
 
 def load_ema_params(workdir, *, step: int | None = None,
                     mesh: jax.sharding.Mesh | None = None) -> TrainedModel:
-  """Restores the EMA parameters of checkpoint `step` (default: the latest) of `workdir`,
-  replicated over `mesh` (default: every device). Only the checkpoint's `ema` item is read."""
+  """Restores the EMA parameters of checkpoint `step` (default: the latest good one) of
+  `workdir`, replicated over `mesh` (default: every device). Only the checkpoint's `ema` item
+  is read. Without an explicit step, a checkpoint whose arrays turn out unreadable is skipped
+  (one warning line) for the next older one."""
+  explicit = step is not None and not isinstance(workdir, WorkdirInfo)
   wd = workdir if isinstance(workdir, WorkdirInfo) else read_workdir(workdir, step)
   mesh = mesh or parallel.make_mesh()
   replicated = NamedSharding(mesh, P())
@@ -133,10 +119,13 @@ def load_ema_params(workdir, *, step: int | None = None,
   manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(wd.workdir), keep=None,
                                        read_only=True)
   try:
-    ema_params = checkpointing.restore_ema(manager, wd.step, abstract)
+    restored_step, ema_params = checkpointing.restore_latest_good(
+        manager, abstract, step=wd.step if explicit else None, at_most=wd.step,
+        restore_fn=lambda s: checkpointing.restore_ema(manager, s, abstract))
   finally:
     manager.close()
-  return TrainedModel.from_spec(wd.spec, ema_params, mesh, step=wd.step, workdir=wd.workdir)
+  return TrainedModel.from_spec(wd.spec, ema_params, mesh, step=restored_step,
+                                workdir=wd.workdir)
 
 
 # ------------------------------------------------------------------------------------------

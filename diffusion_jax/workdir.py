@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from diffusion_jax import checkpointing
 from diffusion_jax import spec as spec_lib
 from diffusion_jax.paths import as_path, is_remote, write_text_atomic
 
@@ -33,8 +34,7 @@ class SpecMismatchError(ValueError):
   """The config asks for another model or objective than the one a workdir was trained for."""
 
 
-def checkpoint_dir(workdir: str | os.PathLike[str]) -> epath.Path:
-  return as_path(workdir) / 'checkpoints'
+checkpoint_dir = checkpointing.checkpoint_dir
 
 
 def write_json(path: epath.Path, obj: Any) -> None:

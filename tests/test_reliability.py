@@ -1,0 +1,461 @@
+"""Preemption and faults (issue 15): SIGTERM saves and resumes exactly, damaged checkpoints fall
+back, one trainer per workdir, failed saves are one line, bad inputs are refused.
+
+Trainer-level tests run `train.py` in child processes on the tiny config (real signals, a real
+SIGKILL, a real full disk on a tmpfs, two processes on loopback) and compare final states
+bit for bit, in every leaf and in the iterator position, with an unbroken run.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from diffusion_jax import checkpointing
+from diffusion_jax import preemption
+from diffusion_jax import workdir_lock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ('--config.training.num_train_steps=8', '--config.training.log_every_steps=1',
+         '--config.training.keep_checkpoints=4')
+EVERY_2 = STEPS + ('--config.training.checkpoint_every_steps=2',)
+EVERY_4 = STEPS + ('--config.training.checkpoint_every_steps=4',)
+
+
+@pytest.fixture(scope='module')
+def env(child_env):
+  return child_env
+
+
+def _train_cmd(env, workdir, *overrides):
+  return [sys.executable, os.path.join(ROOT, 'train.py'),
+          f'--config={os.path.join(ROOT, "configs", "tiny.py")}', f'--workdir={workdir}',
+          f'--config.data.data_dir={env["data_dir"]}', *overrides]
+
+
+def _run(env, cmd, e=None):
+  return subprocess.run(cmd, env=e or env['env'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600)
+
+
+def _error_line(result):
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert result.returncode not in (0, preemption.EXIT_CODE) and lines, (
+      result.returncode, [l[:200] for l in result.stderr.splitlines()[-6:]])
+  return lines[-1]
+
+
+def _restore(workdir, step, ckpt_root='checkpoints'):
+  path = os.path.join(workdir, ckpt_root, str(step))
+  with ocp.StandardCheckpointer() as ckptr:
+    state = dict(state=ckptr.restore(os.path.join(path, 'state')),
+                 ema_params=ckptr.restore(os.path.join(path, 'ema')))
+  data = {os.path.basename(f): open(f).read()
+          for f in glob.glob(os.path.join(path, 'data', 'process_*'))}
+  return state, data
+
+
+def _assert_same_checkpoint(want_dir, got_dir, step):
+  """Every leaf and the iterator position of checkpoint `step` equal, bit for bit."""
+  want, want_data = _restore(want_dir, step)
+  got, got_data = _restore(got_dir, step)
+  flat_want, tree_want = jax.tree_util.tree_flatten_with_path(want)
+  flat_got, tree_got = jax.tree_util.tree_flatten_with_path(got)
+  assert tree_want == tree_got
+  assert len(flat_want) > 10
+  for (path, a), (_, b) in zip(flat_want, flat_got):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                  err_msg=jax.tree_util.keystr(path))
+  assert int(got['state']['step']) == step
+  assert want_data == got_data and want_data
+
+
+def _steps(workdir):
+  return sorted(checkpointing.candidate_steps(workdir))
+
+
+@pytest.fixture(scope='module')
+def unbroken(env):
+  """8 steps, a checkpoint every 2: checkpoints 2, 4, 6, 8."""
+  workdir = str(env['base'] / 'unbroken')
+  result = _run(env, _train_cmd(env, workdir, *EVERY_2))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _steps(workdir) == [2, 4, 6, 8]
+  return workdir
+
+
+@pytest.fixture
+def reaper():
+  """Popen objects appended to it are SIGKILLed (after SIGCONT) if the test leaves them running."""
+  procs = []
+  yield procs
+  for p in procs:
+    if p.poll() is None:
+      p.send_signal(signal.SIGCONT)
+      p.kill()
+      p.wait()
+
+
+def _wait_for_line(path, pattern, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, open(path).read()[-3000:]
+    if re.search(pattern, open(path).read()):
+      return
+    time.sleep(0.005)
+  raise AssertionError(f'{pattern!r} not seen in {path}')
+
+
+# ------------------------------------------------------------------------------------------
+# SIGTERM, a second trainer, SIGKILL during an asynchronous save, a stale lock: one chain.
+# ------------------------------------------------------------------------------------------
+
+
+def test_sigterm_lock_and_sigkill_during_save_resume_bit_identically(env, unbroken, tmp_path,
+                                                                     reaper):
+  workdir = str(tmp_path / 'run')
+  log = [str(tmp_path / f'log_{i}.txt') for i in range(3)]
+
+  # 1. A trainer, paused right after step 1 (it holds the lock)...
+  with open(log[0], 'w') as f:
+    first = subprocess.Popen(_train_cmd(env, workdir, *EVERY_4), env=env['env'], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=f)
+  reaper.append(first)
+  _wait_for_line(log[0], r'step 1/8', first)
+  first.send_signal(signal.SIGSTOP)
+  # 2. ...so a second trainer on the workdir is refused, naming the holder.
+  second = _run(env, _train_cmd(env, workdir, *EVERY_4))
+  line = _error_line(second)
+  for fragment in ('being trained by', f'pid {first.pid}', socket.gethostname(), 'started'):
+    assert fragment in line, (fragment, line)
+  # 3. SIGTERM: the step in flight finishes, is saved, and the trainer exits with 75.
+  first.send_signal(signal.SIGTERM)
+  first.send_signal(signal.SIGCONT)
+  assert first.wait(timeout=300) == preemption.EXIT_CODE, open(log[0]).read()[-3000:]
+  stopped = re.findall(r'Stopped on SIGTERM: saved checkpoint (\d+)', open(log[0]).read())
+  assert len(stopped) == 1, open(log[0]).read()[-3000:]
+  reached = int(stopped[0])
+  # Not a periodic save (every 4): the step reached when the signal came.
+  assert reached in (2, 3), reached
+  assert _steps(workdir) == [reached]
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))
+
+  # 4. The rerun resumes there; SIGKILL while the asynchronous save of step 8 is in flight.
+  with open(log[1], 'w') as f:
+    third = subprocess.Popen(_train_cmd(env, workdir, *EVERY_4), env=env['env'], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=f)
+  reaper.append(third)
+  ckpts = os.path.join(workdir, 'checkpoints')
+  deadline = time.time() + 300
+  while not glob.glob(os.path.join(ckpts, '8.orbax-checkpoint-tmp*')):
+    assert third.poll() is None, 'finished before the save of 8 was seen: ' + open(log[1]).read()
+    assert time.time() < deadline
+    time.sleep(0.002)
+  third.send_signal(signal.SIGKILL)
+  third.wait()
+  assert f'Resumed from checkpoint {reached}' in open(log[1]).read()
+  assert _steps(workdir) == [reached, 4], 'the save of 8 finished before the kill'
+  assert os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))  # left by the killed one
+
+  # 5. The next run takes over the stale lock, resumes from 4 and ends where the unbroken run did.
+  result = _run(env, _train_cmd(env, workdir, *EVERY_4))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Took over the stale lock' in result.stderr and f'pid {third.pid}' in result.stderr
+  assert 'Resumed from checkpoint 4' in result.stderr
+  _assert_same_checkpoint(unbroken, workdir, 8)
+
+
+# ------------------------------------------------------------------------------------------
+# Damaged checkpoints: train, sample and evaluate fall back by the same rule.
+# ------------------------------------------------------------------------------------------
+
+
+def _damage(workdir):
+  """8: a truncated array file; 6: no state metadata; 4: a truncated data-iterator file;
+  10: a half-written temporary folder. Only checkpoint 2 is intact."""
+  c = os.path.join(workdir, 'checkpoints')
+  arrays = glob.glob(os.path.join(c, '8', 'state', 'ocdbt.process_0', 'd', '*'))
+  biggest = max(arrays, key=os.path.getsize)
+  os.truncate(biggest, os.path.getsize(biggest) // 3)
+  os.remove(os.path.join(c, '6', 'state', '_METADATA'))
+  data = glob.glob(os.path.join(c, '4', 'data', 'process_*.json'))[0]
+  os.truncate(data, os.path.getsize(data) // 2)
+  tmp = os.path.join(c, '10.orbax-checkpoint-tmp')
+  shutil.copytree(os.path.join(c, '2', 'state'), os.path.join(tmp, 'state'))
+  os.remove(os.path.join(tmp, 'state', '_METADATA'))
+
+
+def _warnings(text):
+  return re.findall(r'Skipping checkpoint (\d+) in \S+: (.*)', text)
+
+
+def test_damaged_checkpoints_fall_back_in_sampling_and_training(env, unbroken, tmp_path, caplog):
+  workdir = str(tmp_path / 'damaged')
+  shutil.copytree(unbroken, workdir)
+  _damage(workdir)
+  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+
+  # sample.py and the evaluator: read_workdir + load_ema_params, in this process.
+  from diffusion_jax import trained_model  # pylint: disable=g-import-not-at-top
+  with caplog.at_level('WARNING'):
+    trained = trained_model.load_ema_params(trained_model.read_workdir(workdir))
+  assert trained.step == 2
+  skipped = _warnings('\n'.join(r.getMessage() for r in caplog.records))
+  assert [int(s) for s, _ in skipped] == [8, 6, 4], skipped
+  reasons = dict(skipped)
+  assert '_METADATA is missing' in reasons['6']
+  assert 'data/process_0-of-1.json' in reasons['4']
+  assert 'OUT_OF_RANGE' in reasons['8'] or 'Error reading' in reasons['8'], reasons['8']
+  want, _ = _restore(unbroken, 2)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want['ema_params'])[0],
+                          jax.tree.leaves(trained.ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                  err_msg=jax.tree_util.keystr(path))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before  # readers move nothing
+
+  # The trainer: one warning per damaged step, moved aside (not deleted), resumes from 2.
+  result = _run(env, _train_cmd(env, workdir, *EVERY_2))
+  assert result.returncode == 0, result.stderr[-3000:]
+  skipped = _warnings(result.stderr)
+  assert [int(s) for s, _ in skipped] == [8, 6, 4], skipped
+  assert all(f'moved to {os.path.join(workdir, "set_aside_checkpoints", s)}' in r
+             for s, r in skipped)
+  assert 'Resumed from checkpoint 2' in result.stderr
+  for s in ('8', '6', '4'):
+    assert os.path.isdir(os.path.join(workdir, 'set_aside_checkpoints', s, 'state'))
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '10.orbax-checkpoint-tmp'))
+  _assert_same_checkpoint(unbroken, workdir, 8)
+
+
+def test_no_readable_checkpoint_is_one_line(env, unbroken, tmp_path):
+  workdir = str(tmp_path / 'all_damaged')
+  shutil.copytree(unbroken, workdir)
+  for s in _steps(workdir):
+    os.remove(os.path.join(workdir, 'checkpoints', str(s), 'state', '_METADATA'))
+  from diffusion_jax import trained_model  # pylint: disable=g-import-not-at-top
+  with pytest.raises(checkpointing.NoReadableCheckpointError, match='no readable checkpoint'):
+    trained_model.read_workdir(workdir)
+
+
+# ------------------------------------------------------------------------------------------
+# Failed saves and unusable workdirs.
+# ------------------------------------------------------------------------------------------
+
+
+def test_full_disk_is_one_line_and_earlier_checkpoints_restore(env, unbroken, tmp_path):
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  # One checkpoint of the tiny state is ~15 MB: the first save fits, the second does not.
+  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=24m', 'tmpfs', str(disk)],
+                         capture_output=True, text=True)
+  assert mount.returncode == 0, f'this test needs root to mount a tmpfs: {mount.stderr}'
+  try:
+    workdir = str(disk / 'run')
+    result = _run(env, _train_cmd(env, workdir, *EVERY_4))
+    line = _error_line(result)
+    assert 'could not write' in line and 'No space left on device' in line, line
+    assert os.path.join(workdir, 'checkpoints') in line, line
+    assert _steps(workdir) == [4]
+    _assert_same_checkpoint(unbroken, workdir, 4)
+  finally:
+    subprocess.run(['umount', '-l', str(disk)], check=False)
+
+
+def test_workdir_under_a_regular_file(env, tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  line = _error_line(_run(env, _train_cmd(env, blocker / 'run', *EVERY_4)))
+  assert f'cannot create the workdir {blocker / "run"}' in line, line
+
+
+def test_workdir_errors_in_process(tmp_path, monkeypatch):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  with pytest.raises(workdir_lock.WorkdirError, match=re.escape(str(blocker / 'w'))):
+    workdir_lock.make_workdir(blocker / 'w')
+  ro = tmp_path / 'ro'
+  ro.mkdir()
+  os.chmod(ro, 0o500)
+  if os.access(ro, os.W_OK):   # root ignores modes: inject the error the kernel would give
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    def denied(self, *a, **k):
+      raise PermissionError(13, 'Permission denied', str(self))
+    monkeypatch.setattr(type(epath.Path(str(ro))), 'mkdir', denied)
+    with pytest.raises(workdir_lock.WorkdirError,
+                       match=f'{re.escape(str(ro / "w"))}: Permission denied'):
+      workdir_lock.make_workdir(ro / 'w')
+  else:
+    with pytest.raises(workdir_lock.WorkdirError, match='Permission denied'):
+      workdir_lock.make_workdir(ro / 'w')
+
+
+# ------------------------------------------------------------------------------------------
+# The lock, in this process.
+# ------------------------------------------------------------------------------------------
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caplog):
+  lock = workdir_lock.acquire(tmp_path / 'w')
+  holder = json.loads((tmp_path / 'w' / 'train.lock').read_text())
+  assert holder['pid'] == os.getpid() and holder['host'] == socket.gethostname()
+  with pytest.raises(workdir_lock.WorkdirLockedError,
+                     match=f'host {socket.gethostname()}, pid {os.getpid()}, started'):
+    workdir_lock.acquire(tmp_path / 'w')
+  lock.release()
+  assert not (tmp_path / 'w' / 'train.lock').exists()
+
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  (tmp_path / 'w' / 'train.lock').write_text(json.dumps(dict(
+      host=socket.gethostname(), pid=dead.pid, start_ticks=1, started='earlier', token='x')))
+  with caplog.at_level('WARNING'):
+    lock = workdir_lock.acquire(tmp_path / 'w')
+  assert any('Took over the stale lock' in r.getMessage() and f'pid {dead.pid}' in r.getMessage()
+             for r in caplog.records)
+  assert json.loads((tmp_path / 'w' / 'train.lock').read_text())['pid'] == os.getpid()
+  # A lock from another host is respected (its pid cannot be checked from here).
+  lock.release()
+  (tmp_path / 'w' / 'train.lock').write_text(json.dumps(dict(host='elsewhere', pid=dead.pid)))
+  with pytest.raises(workdir_lock.WorkdirLockedError, match='another host'):
+    workdir_lock.acquire(tmp_path / 'w')
+
+
+# ------------------------------------------------------------------------------------------
+# Signals, in this process.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_signal_only_sets_the_flag(sig):
+  before = signal.getsignal(sig)
+  with preemption.watch():
+    assert not preemption.should_stop(0)
+    os.kill(os.getpid(), sig)
+    time.sleep(0.01)   # the handler runs between bytecodes of the main thread
+    assert preemption.should_stop(1)
+    assert preemption.signal_received() == signal.Signals(sig).name
+  assert signal.getsignal(sig) == before
+  assert preemption.signal_received() is None
+
+
+# ------------------------------------------------------------------------------------------
+# Bad inputs.
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('section,key,value,allowed', [
+    ('optimizer', 'learning_rate', -1.0, '> 0'),
+    ('optimizer', 'learning_rate', 0.0, '> 0'),
+    ('optimizer', 'learning_rate', float('nan'), '> 0'),
+    ('optimizer', 'b2', 1.0, '[0, 1)'),
+    ('optimizer', 'eps', 0.0, '> 0'),
+    ('optimizer', 'grad_clip', -1.0, '>= 0'),
+    ('optimizer', 'warmup_steps', -5, '>= 0'),
+    ('training', 'ema_decay', 1.0, '[0, 1)'),
+    ('training', 'ema_decay', -0.1, '[0, 1)'),
+])
+def test_bad_optimizer_and_ema_values(section, key, value, allowed):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.spec import ExperimentSpec  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config[section][key] = value
+  digits = input_pipeline.ImageDatasetInfo('digits', (8, 8, 1), 10, {'train': 1500})
+  with pytest.raises(ValueError) as info:
+    ExperimentSpec.from_config(ml_collections.ConfigDict(config.to_dict()), digits)
+  message = str(info.value)
+  assert f'{section}.{key}' in message and allowed in message and '\n' not in message, message
+
+
+def test_unknown_config_key_names_the_closest(env, tmp_path):
+  result = _run(env, _train_cmd(env, tmp_path, '--config.training.batchsize=8'))
+  line = _error_line(result)
+  assert "'training.batchsize'" in line and "closest is 'training.batch_size'" in line, line
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_non_finite_loss_sets_aside_the_states_that_produced_it(env, unbroken, tmp_path):
+  workdir = str(tmp_path / 'nan')
+  shutil.copytree(unbroken, workdir)
+  result = _run(env, _train_cmd(
+      env, workdir, '--config.training.num_train_steps=20', '--config.training.log_every_steps=1',
+      '--config.training.checkpoint_every_steps=1', '--config.optimizer.learning_rate=1e30',
+      '--config.optimizer.warmup_steps=0'))
+  line = _error_line(result)
+  bad_step = int(re.search(r'non-finite \S+.* at step (\d+)', line).group(1))
+  safe = int(re.search(r'last good checkpoint \((\d+)\)', line).group(1))
+  # The metrics of step s come from the state of step s - 1: it and later ones are not safe.
+  assert safe <= bad_step - 2 and safe == max(_steps(workdir)), (line, _steps(workdir))
+  aside = os.path.join(workdir, 'set_aside_checkpoints')
+  assert sorted(int(n) for n in os.listdir(aside) if n.isdigit()) == list(
+      range(safe + 1, bad_step)), os.listdir(aside)
+  state, _ = _restore(workdir, safe)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['params']))
+
+
+# ------------------------------------------------------------------------------------------
+# Two processes on loopback: SIGTERM reaches one of them.
+# ------------------------------------------------------------------------------------------
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(env, workdir, logs, *overrides):
+  e2 = dict(env['env'], XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  port = _free_port()
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, 'w') as f:
+      procs.append(subprocess.Popen(
+          _train_cmd(env, workdir, *overrides) + [
+              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+              f'--process_id={i}'], env=e2, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f))
+  return procs
+
+
+def test_two_processes_agree_on_the_preemption_step(env, tmp_path, reaper):
+  # 16 steps: the runtime needs a few steps' time to agree on the stop step.
+  args = ('--config.training.num_train_steps=16', '--config.training.log_every_steps=1',
+          '--config.training.checkpoint_every_steps=8')
+  whole, broken = str(tmp_path / 'whole'), str(tmp_path / 'broken')
+  logs = [[str(tmp_path / f'{name}_{i}.txt') for i in range(2)] for name in ('w', 'b', 'r')]
+  procs = _two_processes(env, whole, logs[0], *args)
+  reaper.extend(procs)
+  for p, log in zip(procs, logs[0]):
+    assert p.wait(timeout=600) == 0, open(log).read()[-3000:]
+
+  procs = _two_processes(env, broken, logs[1], *args)
+  reaper.extend(procs)
+  _wait_for_line(logs[1][0], r'step 1/16', procs[0])
+  procs[1].send_signal(signal.SIGTERM)   # only process 1 is told
+  saved = []
+  for p, log in zip(procs, logs[1]):
+    assert p.wait(timeout=600) == preemption.EXIT_CODE, open(log).read()[-3000:]
+    saved.append(re.findall(r'saved checkpoint (\d+)', open(log).read()))
+  assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+  reached = int(saved[0][0])
+  assert 2 <= reached < 16 and reached != 8, reached
+  assert reached in _steps(broken)
+
+  procs = _two_processes(env, broken, logs[2], *args)
+  reaper.extend(procs)
+  for p, log in zip(procs, logs[2]):
+    assert p.wait(timeout=600) == 0, open(log).read()[-3000:]
+    assert f'Resumed from checkpoint {reached}' in open(log).read()
+  _assert_same_checkpoint(whole, broken, 16)
