@@ -15,7 +15,6 @@ All functions are pure and jit/vmap/grad-safe; the string options are static (bi
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from typing import Any, Callable
 
@@ -24,6 +23,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffusion_jax.options import Option
 
 Array = jax.Array
 DenoiseFn = Callable[[Array, Array], Array]
@@ -34,25 +35,7 @@ DenoiseFn = Callable[[Array, Array], Array]
 # ------------------------------------------------------------------------------------------
 
 
-class _Option(enum.Enum):
-  """An enum whose members are parsed from their string values."""
-
-  @classmethod
-  def parse(cls, value: Any):
-    if isinstance(value, cls):
-      return value
-    for member in cls:
-      if member.value == value:
-        return member
-    allowed = ', '.join(repr(m.value) for m in cls)
-    raise ValueError(f'unknown {cls._what()} {value!r}; allowed: {allowed}')
-
-  @classmethod
-  def _what(cls) -> str:
-    return cls.__name__
-
-
-class MeanType(_Option):
+class MeanType(Option):
   """What the model's (first C) output channels predict."""
   EPS = 'eps'        # the noise ε
   XSTART = 'xstart'  # x₀
@@ -64,7 +47,7 @@ class MeanType(_Option):
     return 'mean_type'
 
 
-class VarType(_Option):
+class VarType(Option):
   """How the reverse-process variance Σ_θ(x_t, t) is chosen."""
   FIXED_SMALL = 'fixedsmall'        # β̃_t, the posterior variance
   FIXED_LARGE = 'fixedlarge'        # β_t (β̃₁ at t = 0)
@@ -80,7 +63,7 @@ class VarType(_Option):
     return 'var_type'
 
 
-class LossType(_Option):
+class LossType(Option):
   MSE = 'mse'        # L_simple (plus the VLB term for learned variances, as in improved DDPM)
   KL = 'kl'          # L_vlb: the variational bound term L_t
   HYBRID = 'hybrid'  # L_simple + λ·L_vlb with the mean stopped, λ = 0.001

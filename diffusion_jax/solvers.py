@@ -30,10 +30,11 @@ import numpy as np
 
 from diffusion_jax.continuous import (
     Denoiser, VPProcess, log_alpha_from_lambda, log_sigma_from_lambda)
-from diffusion_jax.gaussian_diffusion import Array, _Option
+from diffusion_jax.gaussian_diffusion import Array
+from diffusion_jax.options import Option
 
 
-class ScheduleKind(_Option):
+class ScheduleKind(Option):
   TIME_UNIFORM = 'time_uniform'  # uniform in t
   LOGSNR = 'logsnr'              # uniform in λ (half the log-SNR)
   KARRAS = 'karras'              # Karras et al. 2022, ρ = 7, in σ̃ = e^{−λ}
@@ -43,7 +44,7 @@ class ScheduleKind(_Option):
     return 'step_schedule'
 
 
-class SolverKind(_Option):
+class SolverKind(Option):
   EULER = 'euler'
   HEUN = 'heun'
   DPMPP_2M = 'dpmpp_2m'

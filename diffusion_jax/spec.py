@@ -31,6 +31,7 @@ from diffusion_jax import sampling
 from diffusion_jax import schedules
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.models.unet import UNetConfig
+from diffusion_jax.options import Option
 from diffusion_jax.train_state import OptimizerConfig
 
 # U-Net fields that come from the data, the variance type and the compute dtype, not from
@@ -54,19 +55,13 @@ def default_model_fields() -> dict[str, Any]:
   return out
 
 
-class TimestepSampling(enum.Enum):
+class TimestepSampling(Option):
   UNIFORM = 'uniform'
   IMPORTANCE = 'importance'  # by the L_vlb history (Nichol & Dhariwal 2021)
 
-
-def _parse(enum_cls, value, what: str):
-  if isinstance(value, enum_cls):
-    return value
-  try:
-    return enum_cls(value)
-  except ValueError:
-    allowed = ', '.join(repr(m.value) for m in enum_cls)
-    raise ValueError(f'unknown {what} {value!r}; allowed: {allowed}') from None
+  @classmethod
+  def _what(cls):
+    return 'timestep_sampler'
 
 
 def _positive_int(value, name: str) -> int:
@@ -114,7 +109,7 @@ class DiffusionSpec:
   def __post_init__(self):
     object.__setattr__(self, 'loss_type', gd.LossType.parse(self.loss_type))
     object.__setattr__(self, 'timestep_sampling',
-                       _parse(TimestepSampling, self.timestep_sampling, 'timestep_sampler'))
+                       TimestepSampling.parse(self.timestep_sampling))
     if self.snr_gamma is not None:
       if self.parameterization.mean_type is gd.MeanType.XPREV:
         raise ValueError('snr_gamma (min-SNR weighting) is defined for mean_type eps, v and '

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from diffusion_jax import checkpointing
 from diffusion_jax import evaluate
 from diffusion_jax import parallel
+from diffusion_jax import paths
 from diffusion_jax import preemption
 from diffusion_jax import sampling
 from diffusion_jax import timestep_sampler
@@ -112,7 +113,7 @@ class _Writer:
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      if workdir_lib.is_remote(logdir):
+      if paths.is_remote(logdir):
         from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
         record_writer.register_writer_factory(str(logdir).split(':')[0], _EpathEventFiles())
       self._tb = SummaryWriter(logdir=str(logdir))
@@ -150,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
   anything is written. Returns the final state (replicated over the mesh).
   """
   config = ml_collections.ConfigDict(config.to_dict())  # never mutate the caller's config
-  workdir = workdir_lib.as_path(workdir)
+  workdir = paths.as_path(workdir)
   is_chief = jax.process_index() == 0
   # One trainer per workdir (process 0 holds the lock); an unusable path is a one-line error.
   lock = workdir_lock.acquire(workdir) if is_chief else None

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from diffusion_jax import checkpointing
 from diffusion_jax import gaussian_diffusion as gd
 from diffusion_jax import parallel
+from diffusion_jax import paths
 from diffusion_jax import samplers
 from diffusion_jax import sampling
 from diffusion_jax import workdir as workdir_lib
@@ -97,7 +98,7 @@ def read_workdir(workdir, step: int | None = None) -> WorkdirInfo:
   Raises FileNotFoundError when `workdir` is not a training workdir or has no checkpoint
   (or not checkpoint `step`).
   """
-  path = workdir_lib.as_path(workdir)
+  path = paths.as_path(workdir)
   spec = workdir_lib.read_spec(path)
   # The trainer's rule for the latest good checkpoint (damaged ones: a warning line each).
   step = checkpointing.latest_good_step(path, step)
@@ -352,7 +353,7 @@ def sample_to_dir(workdir, *, num_samples: int, sampler: sampling.SamplerConfig,
   if cfg.guidance_scale and not wd.num_classes:
     raise ValueError('--guidance_scale needs a class-conditional model (labels); this one is '
                      'unconditional')
-  output = (workdir_lib.as_path(output) if output is not None else
+  output = (paths.as_path(output) if output is not None else
             wd.workdir / f'samples_{cfg.kind.value}_{_steps_name(cfg, wd.num_timesteps)}')
   _validate_output(output, overwrite)
 

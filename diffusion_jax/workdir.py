@@ -23,7 +23,7 @@ from etils import epath
 
 from diffusion_jax import checkpointing
 from diffusion_jax import spec as spec_lib
-from diffusion_jax.paths import as_path, is_remote, write_text_atomic
+from diffusion_jax.paths import as_path, write_text_atomic
 
 SPEC = 'spec.json'
 CONFIG = 'config.json'

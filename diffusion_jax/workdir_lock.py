@@ -28,6 +28,8 @@ import uuid
 from absl import logging
 from etils import epath
 
+from diffusion_jax import paths
+
 LOCK_NAME = 'train.lock'
 
 
@@ -78,13 +80,9 @@ class WorkdirLock:
       pass
 
 
-def _is_local(path: epath.Path) -> bool:
-  return '://' not in os.fspath(path)
-
-
 def make_workdir(workdir) -> epath.Path:
   """Creates `workdir` (and parents); raises WorkdirError naming the path when it cannot."""
-  path = epath.Path(workdir)
+  path = paths.as_path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
     if not path.is_dir():
@@ -105,7 +103,7 @@ def acquire(workdir) -> WorkdirLock:
   text = json.dumps(me)
   for _ in range(3):
     try:
-      if _is_local(path):
+      if not paths.is_remote(path):
         fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, 'w') as f:
           f.write(text)

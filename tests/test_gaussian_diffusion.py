@@ -329,7 +329,6 @@ def test_p_mean_variance_is_exact_for_the_true_x0(rng):
   """Feeding the exact eps / x0 / v / mu-tilde gives back mu-tilde and x0 (the types agree)."""
   d, c = diffusion_and_coefs("cosine", False)
   shape = (8, 2, 2, 3)
-  n = len(shape)
   t = random_t(rng, c, shape[0], avoid_zero_abar=True)
   x0 = rng.uniform(-1, 1, shape)
   noise = rng.normal(size=shape)
@@ -501,7 +500,6 @@ def _losses_all(d, params, targets, pscales, x0, t, noise, var_type, snr_gamma=N
 
 
 def _loss_inputs(rng, c, shape):
-  n = len(shape)
   x0 = grid_data(rng, shape).astype(np.float32).astype(np.float64)
   t = random_t(rng, c, shape[0], avoid_zero_abar=True)
   noise = rng.normal(size=shape).astype(np.float32).astype(np.float64)

@@ -73,7 +73,8 @@ def _loaded_by(modules: str) -> set[str]:
 INFERENCE = ['diffusion_jax.trained_model', 'diffusion_jax.sampling', 'diffusion_jax.evaluate',
              'diffusion_jax.spec', 'diffusion_jax.workdir', 'diffusion_jax.features']
 MATH = ['diffusion_jax.gaussian_diffusion', 'diffusion_jax.schedules', 'diffusion_jax.samplers',
-        'diffusion_jax.timestep_sampler']
+        'diffusion_jax.timestep_sampler', 'diffusion_jax.continuous', 'diffusion_jax.solvers',
+        'diffusion_jax.ode_likelihood', 'diffusion_jax.options']
 
 
 @pytest.mark.parametrize('module', INFERENCE)

@@ -22,18 +22,15 @@ import torch
 from sklearn import datasets as sk_datasets
 
 from configs import tiny
-from diffusion_jax import checkpointing
 from diffusion_jax import features
 from diffusion_jax import fid
-from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.data import digits as digits_lib
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.models import inception
-from diffusion_jax.spec import ExperimentSpec
 from diffusion_jax.tools import convert_inception
-from diffusion_jax.train_state import TrainState
 
 import rgb32_dataset  # tests/ is on sys.path under pytest's rootdir conftest
+import workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 16
@@ -326,16 +323,6 @@ def test_load_reference_stats_files(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def _random_params(abstract, rng):
-  def leaf(path, x):
-    if path[-1].key == 'scale':
-      return np.ones(x.shape, x.dtype)
-    if len(x.shape) < 2:
-      return (0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
-    return (rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]))).astype(x.dtype)
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
-
-
 def _make_rgb32_workdir(workdir: str, data_dir: str) -> str:
   """A workdir as training leaves it after step 2 (tiny U-Net, random parameters)."""
   config = tiny.get_config()
@@ -343,19 +330,7 @@ def _make_rgb32_workdir(workdir: str, data_dir: str) -> str:
   config.model.attn_resolutions = (16,)  # tiny's (4,) is for 8×8 inputs
   info = input_pipeline.dataset_info(config.data.dataset, data_dir)
   assert info.image_shape == (32, 32, 3)
-  spec = ExperimentSpec.from_config(config, info)
-  abstract = jax.eval_shape(lambda: TrainState.create(
-      spec.init_params(jax.random.PRNGKey(1)), spec.optimizer.make(), jax.random.PRNGKey(2)))
-  state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
-  rng = np.random.default_rng(0)
-  state = state.replace(params=_random_params(abstract.params, rng),
-                        ema_params=_random_params(abstract.ema_params, rng), step=np.int32(2))
-  workdir_lib.record_start(workdir, spec, config, None, 0)
-  manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(workdir))
-  checkpointing.save(manager, 2, state)
-  manager.wait_until_finished()
-  manager.close()
-  return workdir
+  return workdirs.write_workdir(workdir, config, info)
 
 
 @pytest.fixture(scope='module')

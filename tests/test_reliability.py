@@ -27,6 +27,8 @@ from diffusion_jax import checkpointing
 from diffusion_jax import preemption
 from diffusion_jax import workdir_lock
 
+import workdirs  # tests/ is on sys.path under pytest's rootdir conftest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ('--config.training.num_train_steps=8', '--config.training.log_every_steps=1',
          '--config.training.keep_checkpoints=4')
@@ -40,9 +42,7 @@ def env(child_env):
 
 
 def _train_cmd(env, workdir, *overrides):
-  return [sys.executable, os.path.join(ROOT, 'train.py'),
-          f'--config={os.path.join(ROOT, "configs", "tiny.py")}', f'--workdir={workdir}',
-          f'--config.data.data_dir={env["data_dir"]}', *overrides]
+  return workdirs.train_cmd(env['data_dir'], workdir, *overrides)
 
 
 def _run(env, cmd, e=None):

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import workdirs  # tests/ is on sys.path under pytest's rootdir conftest
+
 from configs import tiny
-from diffusion_jax import checkpointing
 from diffusion_jax import evaluate
 from diffusion_jax import features
 from diffusion_jax import trained_model
@@ -27,24 +28,9 @@ from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.sampling import SamplerConfig
 from diffusion_jax.spec import ExperimentSpec
-from diffusion_jax.train_state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 16
-
-
-def _random_params(abstract, rng):
-  """NumPy parameters of the shapes of `abstract`: N(0, 1/fan_in) kernels, unit GroupNorm
-  scales, small biases. Building them with the model's own init would cost a compile."""
-  def leaf(path, x):
-    name = path[-1].key
-    if name == 'scale':
-      return np.ones(x.shape, x.dtype)
-    if len(x.shape) < 2:
-      return (0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
-    fan_in = int(np.prod(x.shape[:-1]))
-    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
 def _tiny_spec(data_dir, class_conditional=False):
@@ -56,21 +42,9 @@ def _tiny_spec(data_dir, class_conditional=False):
 
 
 def _make_workdir(workdir, data_dir, class_conditional):
-  """A workdir as training leaves it after step 2: spec.json, config.json, checkpoints/2."""
-  config, spec = _tiny_spec(data_dir, class_conditional)
-  abstract = jax.eval_shape(lambda: TrainState.create(
-      spec.init_params(jax.random.PRNGKey(1)), spec.optimizer.make(), jax.random.PRNGKey(2)))
-  state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
-  rng = np.random.default_rng(int(class_conditional))
-  state = state.replace(params=_random_params(abstract.params, rng),
-                        ema_params=_random_params(abstract.ema_params, rng),
-                        step=np.int32(2))
-  workdir_lib.record_start(workdir, spec, config, None, 0)
-  manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(workdir))
-  checkpointing.save(manager, 2, state)
-  manager.wait_until_finished()
-  manager.close()
-  return workdir
+  config, _ = _tiny_spec(data_dir, class_conditional)
+  info = input_pipeline.dataset_info(config.data.dataset, data_dir)
+  return workdirs.write_workdir(workdir, config, info, seed=int(class_conditional))
 
 
 @pytest.fixture(scope='module')
@@ -236,7 +210,7 @@ def test_evaluate_cli_writes_eval_json(env):
 @pytest.mark.slow
 def test_evaluate_cli_bad_input(env):
   _fails(_evaluate(env, env['uncond'], '--features=inception'), '--inception_weights')
-  _fails(_evaluate(env, env['uncond'], '--features=fancy'), "allowed: digits, inception")
+  _fails(_evaluate(env, env['uncond'], '--features=fancy'), "allowed: 'digits', 'inception'")
   with pytest.raises(ValueError, match='--bpd_examples must be at most 297'):
     evaluate.evaluate(env['uncond'], num_samples=0, bpd_examples=1000)
   with pytest.raises(ValueError, match='at least 4'):

@@ -28,6 +28,8 @@ from diffusion_jax import train_step as step_lib
 from diffusion_jax.models.unet import UNetConfig
 from diffusion_jax.train_state import OptimizerConfig, TrainState
 
+import workdirs  # tests/ is on sys.path under pytest's rootdir conftest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 50
 BATCH = 16
@@ -195,9 +197,7 @@ def env(child_env):
 
 
 def _train_cmd(env, workdir, *overrides):
-  return [sys.executable, os.path.join(ROOT, 'train.py'),
-          f'--config={os.path.join(ROOT, "configs", "tiny.py")}', f'--workdir={workdir}',
-          f'--config.data.data_dir={env["data_dir"]}', *overrides]
+  return workdirs.train_cmd(env['data_dir'], workdir, *overrides)
 
 
 def _run(env, cmd, **kwargs):

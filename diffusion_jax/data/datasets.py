@@ -10,27 +10,21 @@ dataset names; a new locally-built dataset is one entry in `_KNOWN`.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 from typing import Callable
 
 from diffusion_jax.data import digits
+from diffusion_jax.options import Option
 
 
-class FeatureKind(enum.Enum):
+class FeatureKind(Option):
   """The network whose features FID, IS and precision/recall are computed on."""
   DIGITS = 'digits'        # the project's digits classifier (trained and cached locally)
   INCEPTION = 'inception'  # the FID Inception-v3 (weights supplied by the user)
 
   @classmethod
-  def parse(cls, value: 'str | FeatureKind') -> 'FeatureKind':
-    if isinstance(value, cls):
-      return value
-    try:
-      return cls(value)
-    except ValueError:
-      allowed = ', '.join(repr(k.value) for k in cls)
-      raise ValueError(f'unknown features {value!r}; allowed: {allowed}') from None
+  def _what(cls):
+    return 'features'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,56 @@
+"""Test helpers: training workdirs written directly in the trainer's format (no compile), and
+the train.py command line of the tiny config.
+
+`write_workdir` writes what training leaves after step 2 — spec.json, config.json and
+checkpoints/2 (state, ema) — with random NumPy parameters: a second, where a training step's
+compile costs a minute on a busy 2-core machine.
+"""
+
+import os
+import sys
+
+import jax
+import numpy as np
+
+from diffusion_jax import checkpointing
+from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.spec import ExperimentSpec
+from diffusion_jax.train_state import TrainState
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_params(abstract, rng: np.random.Generator):
+  """NumPy parameters of the shapes of `abstract`: N(0, 1/fan_in) kernels, unit GroupNorm
+  scales, small biases. Building them with the model's own init would cost a compile."""
+  def leaf(path, x):
+    if path[-1].key == 'scale':
+      return np.ones(x.shape, x.dtype)
+    if len(x.shape) < 2:
+      return (0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
+    return (rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]))).astype(x.dtype)
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def write_workdir(workdir, config, info, seed: int = 0) -> str:
+  """A workdir of `config` (on dataset `info`) as training leaves it after step 2."""
+  spec = ExperimentSpec.from_config(config, info)
+  abstract = jax.eval_shape(lambda: TrainState.create(
+      spec.init_params(jax.random.PRNGKey(1)), spec.optimizer.make(), jax.random.PRNGKey(2)))
+  state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+  rng = np.random.default_rng(seed)
+  state = state.replace(params=random_params(abstract.params, rng),
+                        ema_params=random_params(abstract.ema_params, rng), step=np.int32(2))
+  workdir_lib.record_start(workdir, spec, config, None, 0)
+  manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(workdir))
+  checkpointing.save(manager, 2, state)
+  manager.wait_until_finished()
+  manager.close()
+  return str(workdir)
+
+
+def train_cmd(data_dir, workdir, *overrides) -> list[str]:
+  """train.py on configs/tiny.py with the digits in `data_dir`."""
+  return [sys.executable, os.path.join(ROOT, 'train.py'),
+          f'--config={os.path.join(ROOT, "configs", "tiny.py")}', f'--workdir={workdir}',
+          f'--config.data.data_dir={data_dir}', *overrides]
