@@ -85,7 +85,10 @@ def make_workdir(workdir) -> epath.Path:
   path = paths.as_path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
-    if not path.is_dir():
+    # An object store has no empty directories: there a prefix is a directory once an object
+    # lies under it, so only an object of that very name is in the way.
+    in_the_way = path.is_file() if paths.is_remote(path) else not path.is_dir()
+    if in_the_way:
       raise NotADirectoryError(f'{path} is not a directory')
   except OSError as e:
     reason = e.strerror or str(e)

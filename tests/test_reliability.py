@@ -219,8 +219,11 @@ def test_no_readable_checkpoint_is_one_line(env, unbroken, tmp_path):
 def test_full_disk_is_one_line_and_earlier_checkpoints_restore(env, unbroken, tmp_path):
   disk = tmp_path / 'disk'
   disk.mkdir()
-  # One checkpoint of the tiny state is ~15 MB: the first save fits, the second does not.
-  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=24m', 'tmpfs', str(disk)],
+  # Sized from the unbroken run's checkpoint: the first save fits, the second does not.
+  one = sum(os.path.getsize(os.path.join(d, f))
+            for d, _, files in os.walk(os.path.join(unbroken, 'checkpoints', '4')) for f in files)
+  size_kib = int(1.6 * one) // 1024
+  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size_kib}k', 'tmpfs', str(disk)],
                          capture_output=True, text=True)
   assert mount.returncode == 0, f'this test needs root to mount a tmpfs: {mount.stderr}'
   try:
