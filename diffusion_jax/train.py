@@ -128,8 +128,13 @@ class _Writer:
       self._tb.add_image(name, grid, step, dataformats='HWC')
 
   def close(self) -> None:
+    """Flushes the events; a failure (a full disk) is a warning: it must not hide the error
+    that stopped training, and the checkpoints do not depend on it."""
     if self._tb:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('could not write the TensorBoard events: %s', ' '.join(str(e).split()))
 
 
 def _format_eta(seconds: float) -> str:
@@ -322,6 +327,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
                        ' '.join(f'{k[5:]} {v:.4g}' for k, v in eval_metrics.items()))
   finally:
     restore_signals()
-    writer.close()
-    checkpointing.wait_or_raise(manager)  # a failed save: one line
+    try:
+      checkpointing.wait_or_raise(manager)  # a failed save: one line
+    finally:
+      writer.close()
   return state

@@ -20,7 +20,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from diffusion_jax import checkpointing
@@ -53,24 +52,14 @@ def _run(env, cmd, e=None):
 def _error_line(result):
   lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
   assert result.returncode not in (0, preemption.EXIT_CODE) and lines, (
-      result.returncode, [l[:200] for l in result.stderr.splitlines()[-6:]])
+      result.returncode, result.stderr[-4000:])
   return lines[-1]
-
-
-def _restore(workdir, step, ckpt_root='checkpoints'):
-  path = os.path.join(workdir, ckpt_root, str(step))
-  with ocp.StandardCheckpointer() as ckptr:
-    state = dict(state=ckptr.restore(os.path.join(path, 'state')),
-                 ema_params=ckptr.restore(os.path.join(path, 'ema')))
-  data = {os.path.basename(f): open(f).read()
-          for f in glob.glob(os.path.join(path, 'data', 'process_*'))}
-  return state, data
 
 
 def _assert_same_checkpoint(want_dir, got_dir, step):
   """Every leaf and the iterator position of checkpoint `step` equal, bit for bit."""
-  want, want_data = _restore(want_dir, step)
-  got, got_data = _restore(got_dir, step)
+  want, want_data = workdirs.restore_checkpoint(want_dir, step)
+  got, got_data = workdirs.restore_checkpoint(got_dir, step)
   flat_want, tree_want = jax.tree_util.tree_flatten_with_path(want)
   flat_got, tree_got = jax.tree_util.tree_flatten_with_path(got)
   assert tree_want == tree_got
@@ -183,10 +172,11 @@ def test_sigterm_lock_and_sigkill_during_save_resume_bit_identically(env, unbrok
 
 
 def _damage(workdir):
-  """8: a truncated array file; 6: no state metadata; 4: a truncated data-iterator file;
-  10: a half-written temporary folder. Only checkpoint 2 is intact."""
+  """8: a truncated array file of the EMA (the item that samplers read, and the trainer too);
+  6: no state metadata; 4: a truncated data-iterator file; 10: a half-written temporary
+  folder. Only checkpoint 2 is intact."""
   c = os.path.join(workdir, 'checkpoints')
-  arrays = glob.glob(os.path.join(c, '8', 'state', 'ocdbt.process_0', 'd', '*'))
+  arrays = glob.glob(os.path.join(c, '8', 'ema', 'ocdbt.process_0', 'd', '*'))
   biggest = max(arrays, key=os.path.getsize)
   os.truncate(biggest, os.path.getsize(biggest) // 3)
   os.remove(os.path.join(c, '6', 'state', '_METADATA'))
@@ -199,6 +189,44 @@ def _damage(workdir):
 
 def _warnings(text):
   return re.findall(r'Skipping checkpoint (\d+) in \S+: (.*)', text)
+
+
+def test_damaged_checkpoints_fall_back_in_sampling_and_training(env, unbroken, tmp_path, caplog):
+  workdir = str(tmp_path / 'damaged')
+  shutil.copytree(unbroken, workdir)
+  _damage(workdir)
+  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+
+  # sample.py and the evaluator: read_workdir + load_ema_params, in this process.
+  from diffusion_jax import trained_model  # pylint: disable=g-import-not-at-top
+  with caplog.at_level('WARNING'):
+    trained = trained_model.load_ema_params(trained_model.read_workdir(workdir))
+  assert trained.step == 2
+  skipped = _warnings('\n'.join(r.getMessage() for r in caplog.records))
+  assert [int(s) for s, _ in skipped] == [8, 6, 4], skipped
+  reasons = dict(skipped)
+  assert '_METADATA is missing' in reasons['6']
+  assert 'data/process_0-of-1.json' in reasons['4']
+  assert 'OUT_OF_RANGE' in reasons['8'] or 'Error reading' in reasons['8'], reasons['8']
+  want, _ = workdirs.restore_checkpoint(unbroken, 2)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want['ema'])[0],
+                          jax.tree.leaves(trained.ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                  err_msg=jax.tree_util.keystr(path))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before  # readers move nothing
+
+  # The trainer: one warning per damaged step, moved aside (not deleted), resumes from 2.
+  result = _run(env, _train_cmd(env, workdir, *EVERY_2))
+  assert result.returncode == 0, result.stderr[-3000:]
+  skipped = _warnings(result.stderr)
+  assert [int(s) for s, _ in skipped] == [8, 6, 4], skipped
+  assert all(f'moved to {os.path.join(workdir, "set_aside_checkpoints", s)}' in r
+             for s, r in skipped)
+  assert 'Resumed from checkpoint 2' in result.stderr
+  for s in ('8', '6', '4'):
+    assert os.path.isdir(os.path.join(workdir, 'set_aside_checkpoints', s, 'state'))
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '10.orbax-checkpoint-tmp'))
+  _assert_same_checkpoint(unbroken, workdir, 8)
 
 
 def test_no_readable_checkpoint_is_one_line(env, unbroken, tmp_path):
@@ -351,6 +379,30 @@ def test_unknown_config_key_names_the_closest(env, tmp_path):
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_non_finite_loss_sets_aside_the_states_that_produced_it(env, unbroken, tmp_path):
+  workdir = str(tmp_path / 'nan')
+  shutil.copytree(unbroken, workdir)
+  result = _run(env, _train_cmd(
+      env, workdir, '--config.training.num_train_steps=20', '--config.training.log_every_steps=1',
+      '--config.training.checkpoint_every_steps=1', '--config.optimizer.learning_rate=1e30',
+      '--config.optimizer.warmup_steps=0'))
+  line = _error_line(result)
+  bad_step = int(re.search(r'non-finite \S+.* at step (\d+)', line).group(1))
+  safe = int(re.search(r'last good checkpoint \((\d+)\)', line).group(1))
+  # The metrics of step s come from the state of step s - 1: it and later ones are not safe.
+  assert safe <= bad_step - 2 and safe == max(_steps(workdir)), (line, _steps(workdir))
+  aside = os.path.join(workdir, 'set_aside_checkpoints')
+  assert sorted(int(n) for n in os.listdir(aside) if n.isdigit()) == list(
+      range(safe + 1, bad_step)), os.listdir(aside)
+  state, _ = workdirs.restore_checkpoint(workdir, safe)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['state']['params']))
+
+
+# ------------------------------------------------------------------------------------------
+# Two processes on loopback: SIGTERM reaches one of them.
+# ------------------------------------------------------------------------------------------
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -370,3 +422,33 @@ def _two_processes(env, workdir, logs, *overrides):
   return procs
 
 
+def test_two_processes_agree_on_the_preemption_step(env, tmp_path, reaper):
+  # 16 steps: the runtime needs a few steps' time to agree on the stop step.
+  args = ('--config.training.num_train_steps=16', '--config.training.log_every_steps=1',
+          '--config.training.checkpoint_every_steps=8')
+  whole, broken = str(tmp_path / 'whole'), str(tmp_path / 'broken')
+  logs = [[str(tmp_path / f'{name}_{i}.txt') for i in range(2)] for name in ('w', 'b', 'r')]
+  procs = _two_processes(env, whole, logs[0], *args)
+  reaper.extend(procs)
+  for p, log in zip(procs, logs[0]):
+    assert p.wait(timeout=600) == 0, open(log).read()[-3000:]
+
+  procs = _two_processes(env, broken, logs[1], *args)
+  reaper.extend(procs)
+  _wait_for_line(logs[1][0], r'step 1/16', procs[0])
+  procs[1].send_signal(signal.SIGTERM)   # only process 1 is told
+  saved = []
+  for p, log in zip(procs, logs[1]):
+    assert p.wait(timeout=600) == preemption.EXIT_CODE, open(log).read()[-3000:]
+    saved.append(re.findall(r'saved checkpoint (\d+)', open(log).read()))
+  assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+  reached = int(saved[0][0])
+  assert 2 <= reached < 16 and reached != 8, reached
+  assert reached in _steps(broken)
+
+  procs = _two_processes(env, broken, logs[2], *args)
+  reaper.extend(procs)
+  for p, log in zip(procs, logs[2]):
+    assert p.wait(timeout=600) == 0, open(log).read()[-3000:]
+    assert f'Resumed from checkpoint {reached}' in open(log).read()
+  _assert_same_checkpoint(whole, broken, 16)

@@ -6,7 +6,6 @@ for the multi-host test) that share a persistent compilation cache.
 """
 
 import functools
-import glob
 import os
 import signal
 import socket
@@ -18,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from flax import jax_utils
 
@@ -205,15 +203,6 @@ def _run(env, cmd, **kwargs):
                         timeout=600, **kwargs)
 
 
-def _restore(workdir, step):
-  path = os.path.join(workdir, 'checkpoints', str(step))
-  with ocp.StandardCheckpointer() as ckptr:
-    state = dict(state=ckptr.restore(os.path.join(path, 'state')),
-                 ema=ckptr.restore(os.path.join(path, 'ema')))
-  data = {os.path.basename(f): open(f).read() for f in glob.glob(os.path.join(path, 'data', 'process_*'))}
-  return state, data
-
-
 RESUME = ('--config.training.num_train_steps=8', '--config.training.checkpoint_every_steps=4',
           '--config.training.log_every_steps=1')
 
@@ -245,8 +234,8 @@ def test_resume_after_sigkill_is_bit_identical(env, unbroken):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Resumed from checkpoint 4' in result.stderr
 
-  want, want_data = _restore(unbroken, 8)
-  got, got_data = _restore(workdir, 8)
+  want, want_data = workdirs.restore_checkpoint(unbroken, 8)
+  got, got_data = workdirs.restore_checkpoint(workdir, 8)
   flat_want, tree_want = jax.tree_util.tree_flatten_with_path(want)
   flat_got, tree_got = jax.tree_util.tree_flatten_with_path(got)
   assert tree_want == tree_got

@@ -54,3 +54,24 @@ def train_cmd(data_dir, workdir, *overrides) -> list[str]:
   return [sys.executable, os.path.join(ROOT, 'train.py'),
           f'--config={os.path.join(ROOT, "configs", "tiny.py")}', f'--workdir={workdir}',
           f'--config.data.data_dir={data_dir}', *overrides]
+
+
+def restore_checkpoint(workdir, step: int, ckpt_root: str = 'checkpoints'):
+  """Checkpoint `step` of `workdir` as host arrays, whatever topology saved it: `(dict(state=,
+  ema=), {data file name: its text})`. Tests compare these bit for bit."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, ckpt_root, str(step))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  items = {}
+  with ocp.StandardCheckpointer() as ckptr:
+    for name in ('state', 'ema'):
+      meta = ckptr.metadata(os.path.join(path, name)).item_metadata
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            meta)
+      items[name] = jax.device_get(ckptr.restore(os.path.join(path, name), target))
+  data = {}
+  for f in sorted(os.listdir(os.path.join(path, 'data'))):
+    if f.startswith('process_'):
+      with open(os.path.join(path, 'data', f)) as fh:
+        data[f] = fh.read()
+  return items, data
