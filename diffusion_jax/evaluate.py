@@ -135,10 +135,7 @@ def ode_bpd_on_split(trained: trained_model.TrainedModel, rng: jax.Array, *,
   run = make_ode_bpd_fn(trained.model, trained.diffusion,
                         parameterization=trained.parameterization,
                         num_classes=trained.num_classes, mesh=trained.mesh)
-  batches = input_pipeline.create_eval_iterator(
-      info.name, data_dir, global_batch_size=batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      split=split if n == info.num_examples[split] else f'{split}[:{n}]')
+  batches = _split_batches(info, data_dir, split, n, batch_size)
   bpd, nfe = _masked_outputs(run, trained.ema_params, rng, batches, trained.mesh, progress,
                              'ODE bits/dim')
   return dict(bpd_ode=float(bpd.mean()),
@@ -160,6 +157,14 @@ def _bpd_examples_and_batch(trained, info, num_examples, split, batch_size):
     raise ValueError(f'bits/dim batch size {batch_size} must be a multiple of the {n_dev} '
                      'devices')
   return n, batch_size
+
+
+def _split_batches(info, data_dir, split: str, n: int, batch_size: int):
+  """This process's share of the first `n` examples of `split`, in global batches."""
+  return input_pipeline.create_eval_iterator(
+      info.name, data_dir, global_batch_size=batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      split=split if n == info.num_examples[split] else f'{split}[:{n}]')
 
 
 def data_info(spec: ExperimentSpec, data_dir=None) -> input_pipeline.ImageDatasetInfo:
@@ -189,14 +194,10 @@ def bpd_on_split(trained: trained_model.TrainedModel, rng: jax.Array, *,
   A class-conditional model is scored given each example's label: −log₂ p(x | y) / dims.
   """
   n, batch_size = _bpd_examples_and_batch(trained, info, num_examples, split, batch_size)
-  size = info.num_examples[split]
   run = make_bpd_fn(trained.model, trained.diffusion,
                     parameterization=trained.parameterization,
                     num_classes=trained.num_classes, mesh=trained.mesh)
-  batches = input_pipeline.create_eval_iterator(
-      info.name, data_dir, global_batch_size=batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      split=split if n == size else f'{split}[:{n}]')
+  batches = _split_batches(info, data_dir, split, n, batch_size)
   out = mean_bpd(run, trained.ema_params, rng, batches, trained.mesh, progress)
   out['bpd_split'] = split
   return out

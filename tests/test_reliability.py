@@ -410,7 +410,13 @@ def _free_port():
 
 
 def _two_processes(env, workdir, logs, *overrides):
-  e2 = dict(env['env'], XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  # No persistent compilation cache: JAX writes it from process 0 only, so on a rerun process 0
+  # would skip its compile while process 1 compiles, and the first collective's Gloo rendezvous
+  # (30 s) can expire on a loaded 2-core machine before process 1 arrives.
+  e2 = {k: v for k, v in env['env'].items() if not k.startswith('JAX_PERSISTENT_CACHE')
+        and k != 'JAX_COMPILATION_CACHE_DIR'}
+  e2.update(XLA_FLAGS='--xla_force_host_platform_device_count=4',
+            JAX_ENABLE_COMPILATION_CACHE='false')
   port = _free_port()
   procs = []
   for i, log in enumerate(logs):
