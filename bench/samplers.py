@@ -24,19 +24,21 @@ import numpy as np
 from diffusion_jax import evaluate, features, images, sampling
 from diffusion_jax import trained_model as tm
 
-# (sampler, step counts, step schedule): the fast solvers first, the references last.
+# (sampler, step counts, step schedule, options): the fast solvers first, the references last.
 CONFIGS = [
-    ('dpmpp_2m', (10, 15, 20, 25), None),
-    ('dpmpp_3m', (10, 15, 20, 25), None),
-    ('heun', (5, 10), None),
-    ('euler', (25, 50), None),
-    ('dpmpp_2m', (20,), 'karras'),
-    ('dpmpp_2m', (20,), 'time_uniform'),
-    ('ode', (None,), None),
-    ('sde', (100,), None),
-    ('pc', (100,), None),
-    ('ddim', (25, 100), None),
-    ('ddpm', (1000,), None),
+    ('dpmpp_2m', (10, 15, 20, 25), None, {}),
+    ('dpmpp_3m', (10, 15, 20, 25), None, {}),
+    ('heun', (5, 10), None, {}),
+    ('heun', (5, 10), None, dict(churn=5.0)),     # Karras' stochastic sampler: γ = √2 − 1
+    ('euler', (25, 50), None, {}),
+    ('dpmpp_2m', (20,), 'karras', {}),
+    ('dpmpp_2m', (20,), 'time_uniform', {}),
+    ('ode', (None,), None, {}),
+    ('sde', (25, 50, 100), None, {}),
+    ('pc', (100,), None, {}),
+    ('ddim', (25, 100), None, {}),
+    ('ddpm', (25, 50, 100), None, {}),          # ancestral, respaced
+    ('ddpm', (1000,), None, {}),
 ]
 
 
@@ -47,6 +49,11 @@ def main(argv=None):
   parser.add_argument('--batch_size', type=int, default=256)
   parser.add_argument('--grid_seeds', type=int, default=10)
   parser.add_argument('--out', default='docs/samplers.md')
+  parser.add_argument('--only', default='',
+                      help='comma-separated KIND or KIND:STEPS: run only these configurations')
+  parser.add_argument('--append', action='store_true',
+                      help='add the rows to an existing samplers.json beside --out (the grid '
+                      'image is left as it is)')
   parser.add_argument('--smoke', action='store_true',
                       help='one step count per sampler, 3 steps for the slow ones; for a quick check')
   args = parser.parse_args(argv)
@@ -61,11 +68,18 @@ def main(argv=None):
   rows, grid_rows = [], []
   grid_labels = tm.default_labels(batch, trained.num_classes)
 
-  for kind, step_counts, schedule in CONFIGS:
+  only = {k for k in args.only.split(',') if k}
+  out_dir = os.path.dirname(args.out) or '.'
+  if args.append:
+    with open(os.path.join(out_dir, 'samplers.json')) as f:
+      rows = json.load(f)
+  for kind, step_counts, schedule, options in CONFIGS:
     for steps in (step_counts[-1:] if args.smoke else step_counts):
+      if only and kind not in only and f'{kind}:{steps}' not in only:
+        continue
       if args.smoke and kind in ('ddpm', 'sde', 'pc'):
         steps = 3
-      cfg = sampling.SamplerConfig(kind, steps=steps, step_schedule=schedule)
+      cfg = sampling.SamplerConfig(kind, steps=steps, step_schedule=schedule, **options)
       run = tm.make_sampler(trained, cfg)
       # The same seeds for every sampler: batch 0 of rng, which also compiles.
       grid, _, _ = tm.generate(trained, cfg, num_samples=batch, rng=rng, run=run,
@@ -77,11 +91,11 @@ def main(argv=None):
       seconds = time.perf_counter() - t0
       q = evaluate.sample_quality(imgs, extractor, reference)
       rows.append(dict(sampler=cfg.describe(), nfe=nfe, seconds=seconds,
-                       label=kind + (f' ({schedule})' if schedule else ''),
+                       label=kind + (f' ({schedule})' if schedule else '')
+                       + ''.join(f' {k} {v:g}' for k, v in options.items()),
                        load=os.getloadavg()[0], **q))
       print(json.dumps(rows[-1]), flush=True)
 
-  out_dir = os.path.dirname(args.out) or '.'
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'samplers.json'), 'w') as f:
     json.dump(rows, f, indent=1)
@@ -94,8 +108,9 @@ def main(argv=None):
     f.write(f'Digits, {n} samples from {args.workdir} (step {trained.step}).\n\n'
             + '\n'.join(lines) + '\n\n![FID against evaluations](samplers_fid.png)\n\n'
             '![the same seeds, one sampler per row (table order)](samplers_grid.png)\n')
-  grid = sampling.make_grid(np.concatenate(grid_rows), ncol=args.grid_seeds)
-  images.save_png(os.path.join(out_dir, 'samplers_grid.png'), grid, scale=4)
+  if not args.append:
+    grid = sampling.make_grid(np.concatenate(grid_rows), ncol=args.grid_seeds)
+    images.save_png(os.path.join(out_dir, 'samplers_grid.png'), grid, scale=4)
   _plot(rows, os.path.join(out_dir, 'samplers_fid.png'))
   print('\n'.join(lines))
 

@@ -27,6 +27,13 @@ def get_config():
   config.training.ema_decay = 0.999
   config.training.sample_every_steps = 1000
   config.training.num_samples = 100
+  # The grid's sampler: Euler–Maruyama on the reverse SDE, 100 steps. On this model it beats
+  # DDPM-1000 (digits FID 1.35 against 2.29) at a tenth of the time; the PF-ODE solvers stop
+  # near 4.7 (docs/samplers.md).
+  config.training.sampler = 'sde'
+  config.training.sample_steps = 100
+  config.eval.sampler = 'sde'
+  config.eval.sample_steps = 100
 
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 200

@@ -13,10 +13,16 @@ from diffusion_jax import host_memory
 
 
 class _QuietOrbax(std_logging.Filter):
-  """Drops orbax's INFO chatter (several lines per checkpoint); keeps its warnings."""
+  """Drops orbax's INFO chatter (several lines per checkpoint); keeps its warnings, and its
+  errors as one line each: a failed save is reported whole, once, by the program's `error:`
+  line (checkpointing.save_or_raise), so the tracebacks of its background threads go."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno >= std_logging.ERROR and record.exc_info:
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= std_logging.WARNING
 
 
 def start(argv: list[str]) -> None:

@@ -135,8 +135,10 @@ class SamplerConfig:
     if self.kind is SamplerKind.ODE:
       return f'ode (rtol {self.rtol:g})'
     steps = f'{self.steps} steps' if self.steps else 'all steps'
-    return f'{self.kind.value}, {steps}' + (f' ({self.schedule.value})' if self.kind.solver
-                                             else '')
+    extra = (f', churn {self.churn:g}' if self.churn else '') + (
+        f', eta {self.eta:g}' if self.kind is SamplerKind.DDIM and self.eta else '')
+    return f'{self.kind.value}, {steps}{extra}' + (f' ({self.schedule.value})'
+                                                    if self.kind.solver else '')
 
   def to_dict(self) -> dict:
     return dict(kind=self.kind.value, steps=self.steps, eta=self.eta,
