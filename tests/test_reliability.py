@@ -56,21 +56,6 @@ def _error_line(result):
   return lines[-1]
 
 
-def _assert_same_checkpoint(want_dir, got_dir, step):
-  """Every leaf and the iterator position of checkpoint `step` equal, bit for bit."""
-  want, want_data = workdirs.restore_checkpoint(want_dir, step)
-  got, got_data = workdirs.restore_checkpoint(got_dir, step)
-  flat_want, tree_want = jax.tree_util.tree_flatten_with_path(want)
-  flat_got, tree_got = jax.tree_util.tree_flatten_with_path(got)
-  assert tree_want == tree_got
-  assert len(flat_want) > 10
-  for (path, a), (_, b) in zip(flat_want, flat_got):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
-                                  err_msg=jax.tree_util.keystr(path))
-  assert int(got['state']['step']) == step
-  assert want_data == got_data and want_data
-
-
 def _steps(workdir):
   return sorted(checkpointing.candidate_steps(workdir))
 
@@ -163,7 +148,7 @@ def test_sigterm_lock_and_sigkill_during_save_resume_bit_identically(env, unbrok
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Took over the stale lock' in result.stderr and f'pid {third.pid}' in result.stderr
   assert 'Resumed from checkpoint 4' in result.stderr
-  _assert_same_checkpoint(unbroken, workdir, 8)
+  workdirs.assert_same_checkpoint(unbroken, workdir, 8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -226,7 +211,7 @@ def test_damaged_checkpoints_fall_back_in_sampling_and_training(env, unbroken, t
   for s in ('8', '6', '4'):
     assert os.path.isdir(os.path.join(workdir, 'set_aside_checkpoints', s, 'state'))
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '10.orbax-checkpoint-tmp'))
-  _assert_same_checkpoint(unbroken, workdir, 8)
+  workdirs.assert_same_checkpoint(unbroken, workdir, 8)
 
 
 def test_no_readable_checkpoint_is_one_line(env, unbroken, tmp_path):
@@ -261,7 +246,7 @@ def test_full_disk_is_one_line_and_earlier_checkpoints_restore(env, unbroken, tm
     assert 'could not write' in line and 'No space left on device' in line, line
     assert os.path.join(workdir, 'checkpoints') in line, line
     assert _steps(workdir) == [4]
-    _assert_same_checkpoint(unbroken, workdir, 4)
+    workdirs.assert_same_checkpoint(unbroken, workdir, 4)
   finally:
     subprocess.run(['umount', '-l', str(disk)], check=False)
 
@@ -457,4 +442,4 @@ def test_two_processes_agree_on_the_preemption_step(env, tmp_path, reaper):
   for p, log in zip(procs, logs[2]):
     assert p.wait(timeout=600) == 0, open(log).read()[-3000:]
     assert f'Resumed from checkpoint {reached}' in open(log).read()
-  _assert_same_checkpoint(whole, broken, 16)
+  workdirs.assert_same_checkpoint(whole, broken, 16)

@@ -56,11 +56,11 @@ def train_cmd(data_dir, workdir, *overrides) -> list[str]:
           f'--config.data.data_dir={data_dir}', *overrides]
 
 
-def restore_checkpoint(workdir, step: int, ckpt_root: str = 'checkpoints'):
+def restore_checkpoint(workdir, step: int):
   """Checkpoint `step` of `workdir` as host arrays, whatever topology saved it: `(dict(state=,
   ema=), {data file name: its text})`. Tests compare these bit for bit."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, ckpt_root, str(step))
+  path = os.path.join(workdir, 'checkpoints', str(step))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   items = {}
   with ocp.StandardCheckpointer() as ckptr:
@@ -75,3 +75,18 @@ def restore_checkpoint(workdir, step: int, ckpt_root: str = 'checkpoints'):
       with open(os.path.join(path, 'data', f)) as fh:
         data[f] = fh.read()
   return items, data
+
+
+def assert_same_checkpoint(want_dir, got_dir, step: int) -> None:
+  """Every leaf and the iterator position of checkpoint `step` equal, bit for bit."""
+  want, want_data = restore_checkpoint(want_dir, step)
+  got, got_data = restore_checkpoint(got_dir, step)
+  flat_want, tree_want = jax.tree_util.tree_flatten_with_path(want)
+  flat_got, tree_got = jax.tree_util.tree_flatten_with_path(got)
+  assert tree_want == tree_got
+  assert len(flat_want) > 10
+  for (path, a), (_, b) in zip(flat_want, flat_got):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                  err_msg=jax.tree_util.keystr(path))
+  assert int(got['state']['step']) == step
+  assert want_data == got_data and want_data
