@@ -38,10 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128             # global, over all devices and hosts
   training.num_train_steps = 800_000
+  training.time_budget_s = 0.0          # > 0: stop earlier, checkpointed, after this wall time
   training.log_every_steps = 100
   training.checkpoint_every_steps = 10_000
   training.keep_checkpoints = 3
   training.ema_decay = 0.9999
+  training.ema_warmup = False           # True: decay min(ema_decay, (1 + n) / (10 + n))
   training.compute_dtype = 'float32'    # or 'bfloat16' (parameters stay float32)
   training.grad_accum_steps = 1         # micro-batches per step, each batch_size / this
   training.label_dropout = 0.1          # class-conditional: p(null label), for guidance

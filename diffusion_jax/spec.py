@@ -17,6 +17,7 @@ any other difference from the stored spec means another model or objective, and
 from __future__ import annotations
 
 import dataclasses
+import math
 import enum
 import typing
 from typing import Any, Mapping
@@ -134,6 +135,7 @@ class TrainingSpec:
   ema_decay: float
   grad_accum_steps: int
   label_dropout: float       # class-conditional: p(null label) for classifier-free guidance
+  ema_warmup: bool = False   # decay min(ema_decay, (1 + n) / (10 + n)) at step n
 
   def __post_init__(self):
     _positive_int(self.batch_size, 'training.batch_size')
@@ -154,8 +156,13 @@ class RunSpec:
   sample_every_steps: int            # 0: no sample grids
   num_samples: int
   sampler: sampling.SamplerConfig    # for the grid
+  time_budget_s: float = 0.0         # > 0: also stop (and checkpoint) after this wall time
 
   def __post_init__(self):
+    if not (isinstance(self.time_budget_s, (int, float)) and math.isfinite(self.time_budget_s)
+            and self.time_budget_s >= 0):
+      raise ValueError('training.time_budget_s must be a finite number of seconds >= 0 (0: '
+                       f'no budget), got {self.time_budget_s!r}')
     for name in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
                  'keep_checkpoints', 'num_samples'):
       _positive_int(getattr(self, name), f'training.{name}')
@@ -240,13 +247,14 @@ class ExperimentSpec:
     t = c.training
     training = TrainingSpec(
         batch_size=t.batch_size, ema_decay=float(t.ema_decay),
-        grad_accum_steps=t.grad_accum_steps,
+        ema_warmup=bool(t.get('ema_warmup', False)), grad_accum_steps=t.grad_accum_steps,
         label_dropout=float(t.label_dropout) if num_classes else 0.0)
     run = RunSpec(
         num_train_steps=t.num_train_steps, log_every_steps=t.log_every_steps,
         checkpoint_every_steps=t.checkpoint_every_steps, keep_checkpoints=t.keep_checkpoints,
         sample_every_steps=t.sample_every_steps, num_samples=t.num_samples,
-        sampler=sampling.SamplerConfig.create(t.get('sampler', 'ddim'), steps=t.sample_steps))
+        sampler=sampling.SamplerConfig.create(t.get('sampler', 'ddim'), steps=t.sample_steps),
+        time_budget_s=t.get('time_budget_s', 0.0))
     e = c.eval
     evaluation = EvalSpec(
         every_steps=e.every_steps, num_samples=e.num_samples, bpd_examples=e.bpd_examples,
@@ -323,6 +331,7 @@ def _to_json(x):
 # else defines the model or the objective. The batch size is not here: the saved data
 # position counts batches, so another batch size would resume elsewhere in the stream.
 RESUMABLE = ('run.', 'eval.', 'data.data_dir', 'optimizer.', 'training.ema_decay',
+             'training.ema_warmup',
              'training.grad_accum_steps')
 
 

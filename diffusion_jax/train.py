@@ -148,27 +148,34 @@ def _format_eta(seconds: float) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
+                       clock_start: float | None = None) -> TrainState:
   """Trains for `config.training.num_train_steps`, resuming from `workdir` if it can.
+
+  With `config.training.time_budget_s` > 0 it stops earlier, once that many seconds have
+  passed since `clock_start` (a `time.time()`; default: this call), dataset preparation and
+  compilation included: the step that ends the budget is checkpointed and sampled like the
+  last one.
 
   `workdir` is a local path or a URL that etils.epath reaches (gs://...). A restart whose
   config changes the model or the objective raises `workdir.SpecMismatchError` before
   anything is written. Returns the final state (replicated over the mesh).
   """
+  clock_start = time.time() if clock_start is None else clock_start
   config = ml_collections.ConfigDict(config.to_dict())  # never mutate the caller's config
   workdir = paths.as_path(workdir)
   is_chief = jax.process_index() == 0
   # One trainer per workdir (process 0 holds the lock); an unusable path is a one-line error.
   lock = workdir_lock.acquire(workdir) if is_chief else None
   try:
-    return _train_locked(config, workdir, is_chief)
+    return _train_locked(config, workdir, is_chief, clock_start)
   finally:
     if lock:
       lock.release()
 
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
-                  is_chief: bool) -> TrainState:
+                  is_chief: bool, clock_start: float) -> TrainState:
   """The run, with the workdir locked by process 0."""
 
   # ---- Spec: the config parsed once, checked against the workdir's. ----------------------
@@ -255,6 +262,20 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
   pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked on the host
   last_time, last_step, start_time, start_step = time.time(), step, time.time(), step
 
+  budget = run.time_budget_s
+
+  def out_of_time(step: int) -> bool:
+    """The time budget is spent. Several processes follow process 0's clock, read at the log
+    steps (one tiny broadcast), so that all stop after the same step."""
+    if not budget:
+      return False
+    if jax.process_count() == 1:
+      return time.time() - clock_start >= budget
+    if step % log_every:
+      return False
+    return bool(multihost_utils.broadcast_one_to_all(
+        np.bool_(time.time() - clock_start >= budget)))
+
   def check_and_log():
     """Fetches pending metrics; raises on a non-finite loss; logs the latest ones."""
     nonlocal last_time, last_step
@@ -287,10 +308,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
     writer.scalars(s, values)
     if is_chief:
       rate = (s - start_step) / max(now - start_time, 1e-9)
+      eta = (total - s) / max(rate, 1e-9)
+      if budget:
+        eta = min(eta, budget - (now - clock_start))
       logging.info('step %d/%d (%.0f%%) loss %.5f grad_norm %.3f lr %.2e | %.2f steps/s '
                    '%.0f img/s | ETA %s', s, total, 100.0 * s / total, values['loss'],
                    values['grad_norm'], values['learning_rate'], steps_per_sec,
-                   values['images_per_sec'], _format_eta((total - s) / max(rate, 1e-9)))
+                   values['images_per_sec'], _format_eta(eta))
 
   restore_signals = preemption.install()  # SIGTERM/SIGINT now only set a flag
   try:
@@ -299,19 +323,21 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
       state, metrics = update(state, batch)
       step += 1
       pending.append((step, metrics))
-      if step % log_every == 0 or step == total:
+      budget_spent = out_of_time(step)
+      last = step == total or budget_spent
+      if step % log_every == 0 or last:
         check_and_log()
       # SIGTERM/SIGINT: save this step, wait, stop (every process agrees on the step).
-      if preemption.should_stop(step) and step < total:
+      if preemption.should_stop(step) and not last:
         check_and_log()
         checkpointing.save_or_raise(manager, step, state, train_iter)
         checkpointing.wait_or_raise(manager)
         raise preemption.Preempted(step, str(manager.directory),
                                    preemption.signal_received() or 'preemption notice')
-      if step % ckpt_every == 0 or step == total:
+      if step % ckpt_every == 0 or last:
         check_and_log()  # never checkpoint a non-finite state
         checkpointing.save_or_raise(manager, step, state, train_iter)
-      if sample_every and (step % sample_every == 0 or step == total):
+      if sample_every and (step % sample_every == 0 or last):
         images = sampling.to_uint8(sample_run(state.ema_params,
                                               jax.random.fold_in(sample_rng, step),
                                               sample_labels)[0])
@@ -325,6 +351,11 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
         if is_chief:
           logging.info('step %d eval: %s', step,
                        ' '.join(f'{k[5:]} {v:.4g}' for k, v in eval_metrics.items()))
+      if budget_spent:
+        if is_chief:
+          logging.info('Time budget of %g s spent after step %d (%.0f s since the start); '
+                       'stopping with a checkpoint', budget, step, time.time() - clock_start)
+        break
   finally:
     restore_signals()
     try:

@@ -39,6 +39,7 @@ class StepConfig:
   snr_gamma: float | None = None
   importance_sampling: bool = False
   ema_decay: float = 0.9999
+  ema_warmup: bool = False         # decay min(ema_decay, (1 + n) / (10 + n)) at update n
   grad_accum_steps: int = 1
   label_dropout: float = 0.0
   num_classes: int | None = None   # class-conditional: label `num_classes` is the null label
@@ -58,8 +59,22 @@ class StepConfig:
     return cls(loss_type=d.loss_type, parameterization=d.parameterization,
                snr_gamma=d.snr_gamma,
                importance_sampling=d.timestep_sampling is TimestepSampling.IMPORTANCE,
-               ema_decay=t.ema_decay, grad_accum_steps=t.grad_accum_steps,
+               ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
+               grad_accum_steps=t.grad_accum_steps,
                label_dropout=t.label_dropout, num_classes=spec.num_classes)
+
+
+def ema_decay(cfg: StepConfig, step: jax.Array) -> jax.Array | float:
+  """The EMA decay of the update made by step `step` (0 for the first).
+
+  With `ema_warmup`, TF's `ExponentialMovingAverage(num_updates=step)` rule (also diffusers'
+  `EMAModel` default): min(decay, (1 + n) / (10 + n)), so the average forgets the
+  initial parameters within the first few hundred steps instead of keeping decay^n of them.
+  """
+  if not cfg.ema_warmup:
+    return cfg.ema_decay
+  n = step.astype(jnp.float32)
+  return jnp.minimum(cfg.ema_decay, (1.0 + n) / (10.0 + n))
 
 
 def _per_example_randomness(rng, state, global_index, shape, diffusion, cfg: StepConfig):
@@ -156,7 +171,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
   new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state,
-      ema_params=ema_update(state.ema_params, params, cfg.ema_decay),
+      ema_params=ema_update(state.ema_params, params, ema_decay(cfg, state.step)),
       loss_history=loss_history)
   metrics = dict(loss=jnp.mean(terms['loss'] * weights), mse=jnp.mean(terms['mse']),
                  vb=jnp.mean(terms['vb']))
