@@ -37,7 +37,7 @@ from diffusion_jax.train_state import OptimizerConfig
 
 # U-Net fields that come from the data, the variance type and the compute dtype, not from
 # `config.model`.
-DERIVED_MODEL_FIELDS = ('out_ch', 'num_classes', 'dtype', 'param_dtype')
+DERIVED_MODEL_FIELDS = ('out_ch', 'num_classes', 'dtype', 'param_dtype', 'time_scale')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
@@ -225,8 +225,9 @@ class ExperimentSpec:
     fields = {k: v for k, v in c.model.to_dict().items() if k != 'class_conditional'}
     derived = sorted(set(fields) & set(DERIVED_MODEL_FIELDS))
     if derived:
-      raise ValueError(f'model.{derived[0]} is derived (from the data, diffusion.var_type and '
-                       'training.compute_dtype); remove it from the config')
+      raise ValueError(f'model.{derived[0]} is derived (from the data, diffusion.var_type, '
+                       'diffusion.num_timesteps and training.compute_dtype); remove it from the '
+                       'config')
     num_classes = None
     if c.model.class_conditional:
       if not info.num_classes:
@@ -234,7 +235,8 @@ class ExperimentSpec:
                          'labels')
       num_classes = info.num_classes
     model = UNetConfig.from_dict({**fields, 'out_ch': param.out_channels(info.image_shape[-1]),
-                                  'num_classes': num_classes, 'dtype': dtype})
+                                  'num_classes': num_classes, 'dtype': dtype,
+                                  'time_scale': float(c.diffusion.num_timesteps)})
     d = c.diffusion
     diffusion = DiffusionSpec(
         schedule=d.schedule, num_timesteps=_positive_int(d.num_timesteps,

@@ -265,14 +265,20 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
   budget = run.time_budget_s
 
   def out_of_time(step: int) -> bool:
-    """The time budget is spent. Several processes follow process 0's clock, read at the log
-    steps (one tiny broadcast), so that all stop after the same step."""
+    """The time budget is spent (checked after every step). Several processes follow process
+    0's clock, read at the log steps (one tiny broadcast), so that all stop after the same
+    step."""
     if not budget:
       return False
+    if jax.process_count() > 1 and step % log_every:
+      return False
+    # The clock counts finished work: wait for the step before this one (one stays in
+    # flight). Otherwise the loop, running ahead of the computation, would see the budget
+    # spent while tens of dispatched steps are still to run.
+    if len(pending) >= 2:
+      jax.block_until_ready(pending[-2][1])
     if jax.process_count() == 1:
       return time.time() - clock_start >= budget
-    if step % log_every:
-      return False
     return bool(multihost_utils.broadcast_one_to_all(
         np.bool_(time.time() - clock_start >= budget)))
 

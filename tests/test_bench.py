@@ -1,7 +1,7 @@
-"""Smoke test of the benchmark: `bench/run.py --tiny` runs end to end and writes its table.
-
-Only the JAX side, a tiny U-Net on 8x8 images and one repeat: no PyTorch environment is made
-and nothing under docs/ is touched. The real benchmark is not part of the test suite.
+"""Smoke tests of the benchmarks: `bench/run.py --tiny` (the JAX side, a tiny U-Net on 8x8
+images, one repeat) and `bench/quality.py --smoke` (both sides, seconds-long budgets) run end
+to end and write their tables; the quality benchmark's copy check on made-up digits. Nothing
+under docs/ is touched; the real benchmarks are not part of the test suite.
 """
 
 import json
@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,3 +53,62 @@ def test_ab_runs_variants_in_one_process_and_rejects_bad_options():
   bad = subprocess.run([sys.executable, ab, 'forward', '--tiny', 'eigen={not json'],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
   assert bad.returncode == 2 and "variant 'eigen={not json'" in bad.stderr
+
+
+def _quality_module():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('quality', os.path.join(ROOT, 'bench',
+                                                                         'quality.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_quality_copy_check_tells_copies_from_new_digits():
+  quality = _quality_module()
+  seed = int(np.random.default_rng().integers(1 << 30))
+  print(f'seed {seed}')
+  rng = np.random.default_rng(seed)
+  train = rng.integers(0, 256, (300, 8, 8, 1)).astype(np.uint8)
+  test = rng.integers(0, 256, (100, 8, 8, 1)).astype(np.uint8)
+  d = quality.nearest_distances(test, train)
+  brute = np.sqrt(((test.reshape(100, 1, -1).astype(np.float64)
+                    - train.reshape(1, 300, -1)) ** 2).sum(-1)).min(1)
+  np.testing.assert_allclose(d, brute, rtol=1e-9)
+  # Training digits replayed: distance 0, every one a copy.
+  copied = quality.copy_check(quality.nearest_distances(train[:50], train), d)
+  assert copied == dict(nn_ratio=0.0, copies=1.0)
+  # Fresh digits from the same distribution: the ratio is near 1, copies near 1%.
+  fresh = rng.integers(0, 256, (400, 8, 8, 1)).astype(np.uint8)
+  new = quality.copy_check(quality.nearest_distances(fresh, train), d)
+  assert 0.9 < new['nn_ratio'] < 1.1 and new['copies'] < 0.05, new
+
+
+@pytest.mark.slow
+def test_quality_smoke_runs_both_sides_and_writes_its_report(tmp_path):
+  """bench/quality.py at seconds-long budgets, both sides (the peer in this Python, which the
+  `bench` extra gives torch and diffusers), the speed table included."""
+  out = tmp_path / 'docs' / 'quality.md'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'bench', 'quality.py'), '--smoke', '--budgets', '0.25',
+       '--config', 'configs/tiny.py', '--samplers', 'sde:2', '--peer_samplers', 'dpm:2',
+       '--num', '48', '--ref_num', '24', '--speed', '--root', str(tmp_path / 'root'),
+       '--torch_python', sys.executable, '--out', str(out)],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  raw = json.loads((out.parent / 'quality.json').read_text())
+  runs = {r['side']: r for r in raw['runs']}
+  assert set(runs) == {'peer', 'ours'}
+  for r in runs.values():  # each stopped on its clock: after the budget, not long after
+    assert r['steps'] >= 1 and 15.0 <= r['train_s'] < 15.0 + 90.0, r
+  rows = {(r['side'], r['sampler']) for r in raw['rows']}
+  assert rows == {('peer', 'DPM-Solver++ 2M-2'), ('peer', 'DDPM-3'),
+                  ('ours', 'sde, 2 steps (logsnr)'), ('ours', 'ddpm, 3 steps')}, rows
+  for r in raw['rows']:
+    assert r['num'] == (24 if 'DDPM' in r['sampler'] or 'ddpm' in r['sampler'] else 48)
+    assert np.isfinite(r['fid']) and r['fid'] > 0 and 0 <= r['copies'] <= 1
+  # The speed table times one U-Net: the same parameter count on both sides.
+  speed = raw['speed']
+  assert len(speed) == 6 and len({r['num_params'] for r in speed}) == 1, speed
+  text = out.read_text()
+  assert '### Training' in text and '### Sampling speed' in text and 'DPM-Solver++ 2M-2' in text

@@ -41,6 +41,30 @@ def test_model_fields_follow_the_data_and_the_variance():
     spec_lib.ExperimentSpec.from_config(config, DIGITS)
 
 
+def test_fourier_time_scale_is_the_number_of_timesteps():
+  config = tiny.get_config()  # T = 100
+  config.model.time_embedding = 'fourier'
+  spec = spec_lib.ExperimentSpec.from_config(config, DIGITS)
+  assert (spec.model.time_embedding, spec.model.time_scale) == ('fourier', 100.0)
+  config.model.time_scale = 1.0
+  with pytest.raises(ValueError, match='model.time_scale is derived'):
+    spec_lib.ExperimentSpec.from_config(config, DIGITS)
+
+
+def test_ema_warmup_and_time_budget_are_resumable_and_checked():
+  old = spec_lib.ExperimentSpec.from_config(tiny.get_config(), DIGITS)
+  changed = tiny.get_config()
+  changed.training.ema_warmup = True
+  changed.training.time_budget_s = 60.0
+  fixed, resumable = spec_lib.differences(old, spec_lib.ExperimentSpec.from_config(changed,
+                                                                                   DIGITS))
+  assert fixed == []
+  assert resumable == [('run.time_budget_s', 0.0, 60.0), ('training.ema_warmup', False, True)]
+  changed.training.time_budget_s = -1.0
+  with pytest.raises(ValueError, match=r'training.time_budget_s .* got -1.0'):
+    spec_lib.ExperimentSpec.from_config(changed, DIGITS)
+
+
 def test_class_conditional_needs_labels():
   config = tiny.get_config()
   config.model.class_conditional = True

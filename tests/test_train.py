@@ -40,7 +40,7 @@ IMAGE = (8, 8, 1)
 
 
 def _setup(mean_type='eps', var_type='fixedlarge', loss_type='mse', *, importance=False,
-           accum=1, ema_decay=0.9, num_classes=None, sgd=False):
+           accum=1, ema_decay=0.9, ema_warmup=False, num_classes=None, sgd=False):
   """A tiny U-Net's state and bound step; `sgd` swaps Adam for SGD(1): params move by −grad.
 
   The equivalence tests use SGD: Adam's first step is g/(|g| + ε), which turns the float
@@ -55,7 +55,7 @@ def _setup(mean_type='eps', var_type='fixedlarge', loss_type='mse', *, importanc
   cfg = step_lib.StepConfig(loss_type=loss_type,
                             parameterization=gd.Parameterization(mean_type, var_type),
                             importance_sampling=importance, ema_decay=ema_decay,
-                            grad_accum_steps=accum, num_classes=num_classes,
+                            ema_warmup=ema_warmup, grad_accum_steps=accum, num_classes=num_classes,
                             label_dropout=0.2 if num_classes else 0.0)
   opt = OptimizerConfig(learning_rate=1e-3, warmup_steps=0)
   tx = optax.sgd(1.0) if sgd else opt.make()
@@ -122,6 +122,24 @@ def test_one_real_step_per_type(mean_type, var_type, loss_type, importance, accu
     np.testing.assert_allclose(e1, 0.9 * p0 + 0.1 * np.asarray(p1), rtol=1e-6, atol=5e-7)
   if importance:  # all 16 examples of the global batch entered the history
     assert int(new.loss_history.counts.sum()) == BATCH
+
+
+def test_ema_warmup_is_tfs_num_updates_rule():
+  cfg = step_lib.StepConfig(ema_decay=0.999, ema_warmup=True)
+  n = np.arange(0, 20000, 7)
+  got = np.asarray(jax.jit(lambda s: step_lib.ema_decay(cfg, s))(jnp.asarray(n, jnp.int32)))
+  np.testing.assert_allclose(got, np.minimum(0.999, (1.0 + n) / (10.0 + n)), rtol=1e-6)
+  assert step_lib.ema_decay(step_lib.StepConfig(ema_decay=0.999), jnp.int32(5)) == 0.999
+  # Two real steps: the EMA is 0.1·p₀ + 0.9·p₁, then (2/11)·that + (9/11)·p₂.
+  state, step_fn = _setup(ema_decay=0.999, ema_warmup=True)
+  update = step_lib.data_parallel_step(step_fn, _mesh(1))
+  p0 = _copy(state.params)
+  s1, _ = update(state, _batch(0))
+  s2, _ = update(s1, _batch(1))
+  for a, b, c, e in zip(jax.tree.leaves(p0), jax.tree.leaves(_copy(s1.params)),
+                        jax.tree.leaves(_copy(s2.params)), jax.tree.leaves(_copy(s2.ema_params))):
+    first = 0.1 * a.astype(np.float64) + 0.9 * b
+    np.testing.assert_allclose(e, 2 / 11 * first + 9 / 11 * c, rtol=1e-5, atol=1e-6)
 
 
 def test_shard_map_and_pmap_agree():
@@ -350,6 +368,20 @@ def test_restart_with_another_model_or_objective_is_refused(env, unbroken, overr
   assert len(errors) == 1, result.stderr[-3000:]
   assert fragment in errors[0] and 'new --workdir' in errors[0], errors[0]
   assert _snapshot(unbroken) == before
+
+
+def test_time_budget_stops_with_a_checkpoint(env, unbroken, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'budget')
+  shutil.copytree(unbroken, workdir)
+  # One second from the start of train.py: spent before the first step ends (compilation).
+  result = _run(env, _train_cmd(env, workdir, '--config.training.num_train_steps=1000',
+                                '--config.training.checkpoint_every_steps=1000',
+                                '--config.training.log_every_steps=100',
+                                '--config.training.time_budget_s=1'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Time budget of 1 s spent after step 9' in result.stderr, result.stderr[-3000:]
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '8', '9']
 
 
 def test_restart_with_resumable_changes_goes_on_and_records_them(env, unbroken, tmp_path):

@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from diffusion_jax.models import UNet, UNetConfig, timestep_embedding
-from diffusion_jax.models.layers import AttnBlock, Downsample, GroupNorm, ResnetBlock, Upsample
+from diffusion_jax.models.layers import (AttnBlock, Downsample, GroupNorm, ResnetBlock, Upsample,
+                                         fourier_embedding)
 
 
 def _unet(**fields) -> UNet:
@@ -424,6 +425,42 @@ def test_timestep_embedding_matches_float64_formula(dim):
   np.testing.assert_allclose(np.asarray(got)[:3], expected[:3], atol=1e-6, rtol=0)
 
 
+def test_fourier_embedding_matches_float64_formula():
+  seed = int(np.random.default_rng().integers(1 << 30))
+  print(f"seed {seed}")
+  rng = np.random.default_rng(seed)
+  t, w = rng.uniform(0, 1, 7), 16.0 * rng.standard_normal(16)
+  args = 2 * np.pi * t[:, None] * w[None, :]
+  expected = np.concatenate([np.sin(args), np.cos(args)], axis=1)  # [7, 32]
+  got = _jit(fourier_embedding)(jnp.asarray(t, jnp.float32), jnp.asarray(w, jnp.float32))
+  assert got.shape == (7, 32) and got.dtype == jnp.float32
+  # float32 arguments up to 2π·|w| ≈ 300 carry ~3e-5 relative error in t and w.
+  np.testing.assert_allclose(np.asarray(got), expected, atol=2e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_fourier_time_embedding_is_fixed_gaussian_and_sees_t_over_time_scale():
+  model = _unet(**{**TINY, "ch": 64}, time_embedding="fourier", fourier_scale=16.0,
+                time_scale=1000.0)
+  x, t = _inputs()
+  params = _init(model, x, t)["params"]
+  w = np.asarray(params["temb_fourier"])
+  assert w.shape == (32,)
+  # 32 draws of N(0, 16²): the sample std is within ±50% with probability ≈ 1 − 1e-8.
+  assert 8.0 < w.std() < 24.0, w.std()
+  params = _perturb(params)
+  apply = _jit(model.apply)
+  # The features see t / time_scale only: doubling both changes nothing.
+  doubled = _unet(**{**TINY, "ch": 64}, time_embedding="fourier", time_scale=2000.0)
+  np.testing.assert_allclose(np.asarray(apply({"params": params}, x, t)),
+                             np.asarray(_jit(doubled.apply)({"params": params}, x, 2 * t)),
+                             atol=1e-5, rtol=1e-5)
+  # The frequencies get no gradient (so no update), every other parameter does.
+  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t) ** 2))(params)
+  assert np.all(np.asarray(grads["temb_fourier"]) == 0)
+  assert float(jnp.abs(grads["temb_dense0"]["kernel"]).max()) > 0
+
+
 def test_timestep_embedding_rejects_tiny_dim():
   with pytest.raises(ValueError, match="dim=2"):
     timestep_embedding(jnp.zeros((2,), jnp.int32), 2)
@@ -466,6 +503,9 @@ def test_upsample_without_conv_is_nearest_neighbour():
   (dict(num_heads=2, num_head_channels=16), "num_head_channels=16"),
   (dict(attn_implementation="flash"), "flash"),
   (dict(dtype=jnp.int32), "int32"),
+  (dict(time_embedding="learned"), "learned"),
+  (dict(fourier_scale=0.0), "fourier_scale=0.0"),
+  (dict(time_scale=float("inf")), "time_scale=inf"),
 ])
 def test_bad_fields_raise_at_construction(bad, match):
   with pytest.raises(ValueError, match=match):

@@ -66,6 +66,24 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> 
   return emb
 
 
+def fourier_embedding(t: jax.Array, w: jax.Array) -> jax.Array:
+  """Random Fourier features of a continuous time (Tancik et al. 2020; score_sde's
+  ``GaussianFourierProjection``): ``[sin(2π t w), cos(2π t w)]`` (sines first).
+
+  Args:
+    t: ``[B]`` times, float.
+    w: ``[half]`` frequencies, drawn once from N(0, scale²) and then kept fixed.
+
+  Returns:
+    ``[B, 2 * half]`` float32.
+  """
+  if t.ndim != 1 or w.ndim != 1:
+    raise ValueError(f"fourier_embedding expects t [B] and w [half]; got shapes {t.shape} and "
+                     f"{w.shape}")
+  args = 2.0 * math.pi * t.astype(jnp.float32)[:, None] * w.astype(jnp.float32)[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)  # [B, 2 * half]
+
+
 def _check_split(layer: str, channels: int, name: str, parts: int) -> None:
   if channels % parts != 0:
     raise ValueError(f"{layer}: {channels} channels cannot be split into {name}={parts} equal parts")

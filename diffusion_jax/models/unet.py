@@ -3,6 +3,7 @@
 The architecture is the one of the paper's released code (``diffusion_tf/models/unet.py``):
 
   t -> sinusoidal embedding [B, ch] -> Dense(4ch) -> swish -> Dense(4ch)        = temb [B, 4ch]
+       (or random Fourier features of t / time_scale, time_embedding="fourier")
   x -> conv_in (3x3, ch)
   down, for each level i (resolution H / 2**i, width ch * ch_mult[i]):
      num_res_blocks x (ResnetBlock, + AttnBlock if the resolution is in attn_resolutions);
@@ -26,6 +27,7 @@ float32 parameters. :class:`UNetConfig` is the typed, hashable description used 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,12 +46,14 @@ from diffusion_jax.models.layers import (
   conv3x3,
   dense,
   group_norm,
+  fourier_embedding,
   timestep_embedding,
 )
 
 Dtype = Any
 
 ATTN_IMPLEMENTATIONS = (None, "xla", "cudnn")
+TIME_EMBEDDINGS = ("sinusoidal", "fourier")
 
 
 def _is_int(v: Any) -> bool:
@@ -107,6 +111,13 @@ def _check_fields(m: Any) -> None:
     if not floating:
       raise ValueError(
         f"{name} must be a floating dtype such as float32 or bfloat16; got {name}={value!r}")
+  if m.time_embedding not in TIME_EMBEDDINGS:
+    raise ValueError(
+      f"time_embedding must be one of {TIME_EMBEDDINGS}; got time_embedding={m.time_embedding!r}")
+  for name in ("fourier_scale", "time_scale"):
+    value = getattr(m, name)
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+      raise ValueError(f"{name} must be a finite number > 0; got {name}={value!r}")
   if m.attn_implementation not in ATTN_IMPLEMENTATIONS:
     raise ValueError(
       f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}; got {m.attn_implementation!r}"
@@ -137,6 +148,11 @@ class UNetConfig:
     attn_implementation: passed to ``jax.nn.dot_product_attention`` (None, 'xla' or 'cudnn').
     dtype: compute dtype (e.g. ``jnp.bfloat16``); the output is always float32.
     param_dtype: parameter dtype.
+    time_embedding: "sinusoidal" (DDPM's, of the timestep index) or "fourier": random Fourier
+      features ``[sin(2π s w), cos(2π s w)]`` of ``s = t / time_scale`` with fixed frequencies
+      ``w ~ N(0, fourier_scale²)`` (``ch // 2`` of them; a parameter that gets no gradient).
+    fourier_scale: the standard deviation of the Fourier frequencies (score_sde's 16).
+    time_scale: the number of timesteps of the diffusion, so that ``s`` lies in [0, 1).
   """
   ch: int = 128
   out_ch: int = 3
@@ -153,6 +169,9 @@ class UNetConfig:
   attn_implementation: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  time_embedding: str = "sinusoidal"
+  fourier_scale: float = 16.0
+  time_scale: float = 1000.0
 
   def __post_init__(self):
     _check_fields(self)
@@ -279,7 +298,13 @@ class UNet(nn.Module):
       )
 
     # Timestep (and label) embedding.
-    temb = timestep_embedding(t, self.config.ch)  # [B, ch] float32
+    if self.config.time_embedding == "fourier":
+      w = self.param("temb_fourier", nn.initializers.normal(self.config.fourier_scale),
+                     (self.config.ch // 2,), jnp.float32)  # [ch / 2], fixed
+      s = t.astype(jnp.float32) / self.config.time_scale  # [B] in [0, 1)
+      temb = fourier_embedding(s, jax.lax.stop_gradient(w))  # [B, ch] float32
+    else:
+      temb = timestep_embedding(t, self.config.ch)  # [B, ch] float32
     temb = dense(4 * self.config.ch, "temb_dense0", dt, pdt)(temb)
     temb = dense(4 * self.config.ch, "temb_dense1", dt, pdt)(nn.swish(temb))  # [B, 4ch]
     if self.config.num_classes is not None:
