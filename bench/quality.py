@@ -11,9 +11,10 @@ two sides alternating, one process at a time (run it on an idle machine; the loa
 recorded with every row):
   1. Training. The peer trains once for the largest budget and saves its EMA weights as the
      clock passes each smaller one: its learning rate is constant, so that snapshot is what a
-     run of that budget would have ended with. Ours runs `train.py` once per budget with
-     `training.time_budget_s` (its schedule may depend on the length). Both clocks start with
-     the process: imports, data and compilation count.
+     run of that budget would have ended with. Ours runs `train.py` on the config as it is
+     (sample grids and checkpoints included) once per budget with `training.time_budget_s`:
+     it stops at the budget or at the config's last step, whichever comes first. Both clocks
+     start with the process: imports, data and compilation count.
   2. Sampling, per budget: the peer's DDIM-100 and DPM-Solver++ 2M-20, then our samplers
      (`--samplers`), `--num` images each; at the largest budget also both sides' 1,000-step
      ancestral references on `--ref_num` images. Our sampling seconds include compilation.
@@ -143,10 +144,10 @@ def train_ours(args, budget_s, root) -> dict:
   workdir = os.path.join(root, f'ours_{budget_s:g}')
   if os.path.exists(workdir):
     raise FileExistsError(f'{workdir} exists: pass a fresh --root')
+  # The config as it is (its sample grids and checkpoints included), stopped by the clock if
+  # it has not finished by then.
   cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '--config', args.config,
-         '--workdir', workdir, f'--config.training.time_budget_s={budget_s}',
-         '--config.training.num_train_steps=100000000',   # the clock alone ends the run
-         '--config.training.checkpoint_every_steps=100000000', '--config.training.sample_every_steps=0']
+         '--workdir', workdir, f'--config.training.time_budget_s={budget_s}']
   if args.data_dir:
     cmd.append(f'--config.data.data_dir={args.data_dir}')
   cmd += [f'--config.{kv}' for kv in args.set]
@@ -202,7 +203,7 @@ def speed(args, torch_py, root) -> list[dict]:
   params = spec.init_params(jax.random.key(0))
   trained = tm.TrainedModel.from_spec(spec, params, jax.sharding.Mesh(jax.devices(), ('data',)))
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  batch = 16 if args.smoke else 256
+  batch = 16 if args.smoke else 128
   rows = []
   pairs = [('ddpm', 'ddpm', 100), ('ddim', 'ddim', 100), ('dpmpp_2m', 'dpm', 20)]
   for ours_kind, peer_kind, steps in pairs:

@@ -18,13 +18,18 @@ def get_config():
   config.model.ch_mult = (1, 2, 2)      # 8×8 → 4×4 → 2×2
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (4,)
-  config.model.dropout = 0.1
+  # No dropout, as in the PyTorch peer recipe: ten minutes are about 110 epochs of the 1,500
+  # training digits, and bench/quality.py's copy check finds no copying without it.
+  config.model.dropout = 0.0
 
   config.training.batch_size = 64
-  config.training.num_train_steps = 3000
+  config.training.num_train_steps = 2600   # ≈ 9.5 minutes on 2 cores, compilation included
   config.training.log_every_steps = 100
   config.training.checkpoint_every_steps = 1000
   config.training.ema_decay = 0.999
+  # The (1 + n) / (10 + n) warm-up: without it the EMA of a 2,600-step run keeps 7% of the
+  # initial parameters (0.999^2600), whose output layer is zero, and under-predicts the noise.
+  config.training.ema_warmup = True
   config.training.sample_every_steps = 1000
   config.training.num_samples = 100
   # The grid's sampler: Euler–Maruyama on the reverse SDE, 100 steps. On this model it beats

@@ -92,7 +92,7 @@ def test_quality_smoke_runs_both_sides_and_writes_its_report(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'bench', 'quality.py'), '--smoke', '--budgets', '0.25',
        '--config', 'configs/tiny.py', '--samplers', 'sde:2', '--peer_samplers', 'dpm:2',
-       '--num', '48', '--ref_num', '24', '--speed', '--root', str(tmp_path / 'root'),
+       '--num', '48', '--ref_num', '24', '--speed', '--set', 'training.num_train_steps=100000', '--root', str(tmp_path / 'root'),
        '--torch_python', sys.executable, '--out', str(out)],
       capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
