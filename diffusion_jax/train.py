@@ -330,6 +330,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
       step += 1
       pending.append((step, metrics))
       budget_spent = out_of_time(step)
+      if budget_spent and is_chief:
+        logging.info('Time budget of %g s spent after step %d (%.0f s since the start); '
+                     'stopping with a checkpoint', budget, step, time.time() - clock_start)
       last = step == total or budget_spent
       if step % log_every == 0 or last:
         check_and_log()
@@ -358,9 +361,6 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
           logging.info('step %d eval: %s', step,
                        ' '.join(f'{k[5:]} {v:.4g}' for k, v in eval_metrics.items()))
       if budget_spent:
-        if is_chief:
-          logging.info('Time budget of %g s spent after step %d (%.0f s since the start); '
-                       'stopping with a checkpoint', budget, step, time.time() - clock_start)
         break
   finally:
     restore_signals()
