@@ -135,8 +135,9 @@ def test_ema_warmup_is_tfs_num_updates_rule():
   update = step_lib.data_parallel_step(step_fn, _mesh(1))
   p0 = _copy(state.params)
   s1, _ = update(state, _batch(0))
+  p1 = _copy(s1.params)  # the next update donates s1
   s2, _ = update(s1, _batch(1))
-  for a, b, c, e in zip(jax.tree.leaves(p0), jax.tree.leaves(_copy(s1.params)),
+  for a, b, c, e in zip(jax.tree.leaves(p0), jax.tree.leaves(p1),
                         jax.tree.leaves(_copy(s2.params)), jax.tree.leaves(_copy(s2.ema_params))):
     first = 0.1 * a.astype(np.float64) + 0.9 * b
     np.testing.assert_allclose(e, 2 / 11 * first + 9 / 11 * c, rtol=1e-5, atol=1e-6)
