@@ -322,7 +322,8 @@ def main(argv=None):
 def report(args, runs, rows, speed_rows):
   out_dir = os.path.dirname(args.out) or '.'
   os.makedirs(out_dir, exist_ok=True)
-  machine = dict(cpu=_cpu(), cores=os.cpu_count(), jax=jax.__version__)
+  import run as bench_run  # pylint: disable=g-import-not-at-top
+  machine = dict(cpu=bench_run.cpu_model(), cores=os.cpu_count(), jax=jax.__version__)
   with open(os.path.join(out_dir, 'quality.json'), 'w') as f:
     json.dump(dict(machine=machine, args=vars(args), runs=runs, rows=rows, speed=speed_rows),
               f, indent=1, default=str)
@@ -360,17 +361,6 @@ def report(args, runs, rows, speed_rows):
   with open(args.out, 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))
-
-
-def _cpu() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return 'unknown CPU'
 
 
 if __name__ == '__main__':
