@@ -61,7 +61,8 @@ def main(argv):
     cli.exit_with_error(e)
   print(f'checkpoint {result["step"]}: {result["num_samples"]} samples, {result["sampler"]}, '
         f'{result["model_evaluations"]} model evaluations each, in '
-        f'{result["sample_seconds"]:.1f} s → {result["output"]}')
+        f'{result["sample_seconds"]:.1f} s (compiling {result["compile_seconds"]:.1f} s, '
+        f'cache {result["compile_cache"]}) → {result["output"]}')
 
 
 if __name__ == '__main__':

@@ -7,9 +7,16 @@ import sys
 from typing import NoReturn
 
 from absl import app
+from absl import flags
 from absl import logging
 
 from diffusion_jax import host_memory
+
+flags.DEFINE_bool('compilation_cache', True, 'Keep compiled programs in a persistent cache '
+                  '(--nocompilation_cache: off; DIFFUSION_JAX_COMPILATION_CACHE=0 too).')
+flags.DEFINE_string('compilation_cache_dir', None, 'The cache folder; default '
+                    '$JAX_COMPILATION_CACHE_DIR, else ~/.cache/diffusion_jax/xla '
+                    '($XDG_CACHE_HOME/diffusion_jax/xla).')
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -27,11 +34,18 @@ class _QuietOrbax(std_logging.Filter):
 
 def start(argv: list[str]) -> None:
   """First thing in a program's main: rejects stray arguments, makes glibc reuse the memory XLA
-  frees (before XLA's first allocation; see host_memory), and quiets orbax's INFO logging."""
+  frees (before XLA's first allocation; see host_memory), quiets orbax's INFO logging, and
+  turns on the persistent compilation cache (compilation.py) unless told not to."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   host_memory.reuse_freed_host_memory()
   logging.get_absl_handler().addFilter(_QuietOrbax())
+  from diffusion_jax import compilation  # pylint: disable=g-import-not-at-top
+  if flags.FLAGS.compilation_cache:
+    compilation.enable_cache(flags.FLAGS.compilation_cache_dir)
+  else:
+    compilation.disable_cache()  # also when JAX_COMPILATION_CACHE_DIR is set
+    logging.info('compilation cache: off (--nocompilation_cache)')
 
 
 def exit_with_error(error: Exception) -> NoReturn:

@@ -30,6 +30,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from diffusion_jax import compilation
 from diffusion_jax import continuous
 from diffusion_jax import features as features_lib
 from diffusion_jax import fid
@@ -302,19 +303,27 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
     raise ValueError(f'--bpd_examples must be at most {test_size} (the test split), got '
                      f'{bpd_examples}')
   extractor = reference = None
+  compiled: dict[str, Any] = {}   # what each program cost to compile, and the cache
+
+  def record(report: compilation.CompileReport) -> None:
+    compiled[f'compile_seconds_{report.name}'] = report.total_seconds
+    compiled[f'compile_cache_{report.name}'] = report.cache
+
   t0 = time.time()
   if num_samples:
     kind = (default_features(spec.data.dataset) if features is None
             else datasets.FeatureKind.parse(features))
-    extractor = features_lib.make_extractor(kind, dataset=spec.data.dataset,
-                                            data_dir=data_dir,
-                                            inception_weights=inception_weights)
-    if reference_stats is not None:
-      reference = features_lib.load_reference_stats(reference_stats,
-                                                     extractor.num_features)
-    else:
-      reference = features_lib.reference_stats(extractor, spec.data.dataset, data_dir,
-                                               'train')
+    with compilation.track('features') as report:
+      extractor = features_lib.make_extractor(kind, dataset=spec.data.dataset,
+                                              data_dir=data_dir,
+                                              inception_weights=inception_weights)
+      if reference_stats is not None:
+        reference = features_lib.load_reference_stats(reference_stats,
+                                                       extractor.num_features)
+      else:
+        reference = features_lib.reference_stats(extractor, spec.data.dataset, data_dir,
+                                                 'train')
+    record(report)
   t_ref = time.time() - t0
 
   trained = trained_model.load_ema_params(wd)
@@ -323,20 +332,26 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
   results: dict[str, Any] = dict(step=trained.step)
   if bpd_examples != 0 and test_size:
     t = time.time()
-    results.update(bpd_on_split(trained, bpd_rng, info=info, data_dir=data_dir,
-                                num_examples=bpd_examples, progress=progress))
+    with compilation.track('bpd') as report:
+      results.update(bpd_on_split(trained, bpd_rng, info=info, data_dir=data_dir,
+                                  num_examples=bpd_examples, progress=progress))
+    record(report)
     results['bpd_seconds'] = time.time() - t
     if likelihood == 'ode':
       t = time.time()
-      results.update(ode_bpd_on_split(trained, jax.random.fold_in(bpd_rng, 1), info=info,
-                                      data_dir=data_dir, num_examples=bpd_examples,
-                                      progress=progress))
+      with compilation.track('bpd_ode') as report:
+        results.update(ode_bpd_on_split(trained, jax.random.fold_in(bpd_rng, 1), info=info,
+                                        data_dir=data_dir, num_examples=bpd_examples,
+                                        progress=progress))
+      record(report)
       results['bpd_ode_seconds'] = time.time() - t
   if num_samples:
     t = time.time()
-    images, _, nfe = trained_model.generate(trained, sampler, num_samples=num_samples,
-                                            rng=sample_rng, batch_size=batch_size,
-                                            progress=progress)
+    with compilation.track('sampler') as report:
+      images, _, nfe = trained_model.generate(trained, sampler, num_samples=num_samples,
+                                              rng=sample_rng, batch_size=batch_size,
+                                              progress=progress)
+    record(report)
     t_sample = time.time() - t
     quality = sample_quality(images, extractor, reference)
     # Skipped metrics are written as null, so that no stale value of an earlier run with
@@ -346,6 +361,7 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
     results.update(
         fid_sampler=sampler.to_dict(), fid_model_evaluations=nfe, sample_seconds=t_sample,
         reference_seconds=t_ref)
+  results.update(compiled)
   if jax.process_index() == 0:
     return _write_json(trained.workdir / 'eval.json', results)
   return results
@@ -419,6 +435,7 @@ def make_periodic_eval(spec: ExperimentSpec, *, model, diffusion, mesh: jax.shar
 
 def _main():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import cli  # pylint: disable=g-import-not-at-top  (defines its flags)
 
   flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
   flags.DEFINE_integer('num_samples', 1000, 'Samples for FID / IS / precision-recall; 0: skip.')
@@ -443,7 +460,6 @@ def _main():
   FLAGS = flags.FLAGS
 
   def main(argv):
-    from diffusion_jax import cli  # pylint: disable=g-import-not-at-top
     cli.start(argv)
     try:
       sampler = sampling.SamplerConfig(

@@ -89,9 +89,13 @@ class DataSpec:
   num_classes: int                    # the dataset's classes (0: no labels)
   data_dir: str | None                # where the TFDS data lives (None: TFDS's default)
   random_flip: bool
+  # How the training stream is read (input_pipeline.DataPipeline); specs written before the
+  # field existed were read with grain.
+  pipeline: input_pipeline.DataPipeline = input_pipeline.DataPipeline.GRAIN
 
   def __post_init__(self):
     object.__setattr__(self, 'image_shape', tuple(int(d) for d in self.image_shape))
+    object.__setattr__(self, 'pipeline', input_pipeline.DataPipeline.parse(self.pipeline))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +269,8 @@ class ExperimentSpec:
     data = DataSpec(dataset=info.name, image_shape=info.image_shape,
                     num_classes=info.num_classes,
                     data_dir=None if c.data.data_dir is None else str(c.data.data_dir),
-                    random_flip=bool(c.data.random_flip))
+                    random_flip=bool(c.data.random_flip),
+                    pipeline=c.data.get('pipeline', 'grain'))
     for s in (run.sampler, evaluation.sampler):
       s.check_steps(diffusion.num_timesteps)
     return cls(seed=int(c.seed), data=data, model=model, diffusion=diffusion,
@@ -330,9 +335,10 @@ def _to_json(x):
 # long and how it is logged, sampled and evaluated, where the data lives, and how it is
 # optimised (a changed learning rate or EMA decay is a common, deliberate step; an optimizer
 # whose state has another structure is refused when its checkpoint is restored). Everything
-# else defines the model or the objective. The batch size is not here: the saved data
+# else defines the model or the objective. (Another data.pipeline resumes at the same batch
+# of another order.) The batch size is not here: the saved data
 # position counts batches, so another batch size would resume elsewhere in the stream.
-RESUMABLE = ('run.', 'eval.', 'data.data_dir', 'optimizer.', 'training.ema_decay',
+RESUMABLE = ('run.', 'eval.', 'data.data_dir', 'data.pipeline', 'optimizer.', 'training.ema_decay',
              'training.ema_warmup',
              'training.grad_accum_steps')
 

@@ -133,3 +133,21 @@ def test_workdir_check_and_record(tmp_path):
   assert sorted(p.name for p in wd.iterdir()) == ['config.json', 'spec.json']
   with pytest.raises(FileNotFoundError, match='spec.json not found'):
     workdir_lib.read_spec(tmp_path / 'nothing')
+
+
+def test_data_pipeline_is_parsed_resumable_and_grain_for_older_specs():
+  spec = spec_lib.ExperimentSpec.from_config(tiny.get_config(), DIGITS)
+  assert spec.data.pipeline is input_pipeline.DataPipeline.MEMORY  # the digits recipe's
+  old = spec.to_json()
+  del old['data']['pipeline']  # a spec.json written before the field existed
+  assert (spec_lib.ExperimentSpec.from_json(old).data.pipeline
+          is input_pipeline.DataPipeline.GRAIN)
+  fixed, resumable = spec_lib.differences(old, spec)
+  assert fixed == [] and resumable == [('data.pipeline', '<absent>', 'memory')]
+  assert spec_lib.ExperimentSpec.from_config(cifar10.get_config(), CIFAR).data.pipeline.value \
+      == 'grain'
+  bad = tiny.get_config()
+  bad.data.pipeline = 'fast'
+  with pytest.raises(ValueError, match=r"unknown data.pipeline 'fast'; allowed: 'grain', "
+                                       r"'memory'"):
+    spec_lib.ExperimentSpec.from_config(bad, DIGITS)

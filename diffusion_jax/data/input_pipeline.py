@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -57,6 +58,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from diffusion_jax.data import datasets
+from diffusion_jax.options import Option
 
 Batch = dict[str, np.ndarray]
 
@@ -326,3 +328,135 @@ def create_eval_iterator(
   ds = ds.batch(local_batch_size, drop_remainder=True)
   ds = ds[process_index::process_count]
   return iter(ds.to_iter_dataset(read_options))
+
+
+# ------------------------------------------------------------- in memory --
+
+
+class DataPipeline(Option):
+  """How the training stream is read: `grain` (element by element from the prepared files,
+  any size) or `memory` (the split loaded into host memory once, batches cut with NumPy: for
+  datasets that fit, far less host time per batch; bench/startup.py measures it)."""
+
+  GRAIN = 'grain'
+  MEMORY = 'memory'
+
+  @classmethod
+  def _what(cls) -> str:
+    return 'data.pipeline'
+
+
+class InMemoryTrainIterator:
+  """Endless, shuffled, checkpointable stream of this process's training batches, cut with
+  NumPy from a split held in host memory.
+
+  Epoch e is the permutation `default_rng([seed, e]).permutation(N)`; with flips, the
+  element at position i of epoch e is mirrored when the same generator's next draw
+  `integers(2, size=N)[i]` is 1. Sharding is `create_train_iterator`'s: process p's batch j is
+  positions [j·G + p·B, j·G + (p+1)·B) of the global stream, so the global batch of step j
+  does not depend on the number of processes. (The order is not grain's: a run keeps the
+  pipeline it started with unless `data.pipeline` is changed on resume.)
+
+  Checkpointing: `get_state()` is the JSON bytes `{"next_index": j}` (the next local batch,
+  as grain counts it) and `set_state` moves the stream there, so grain's orbax handler
+  (`grain.checkpoint.CheckpointSave/Restore`) saves and restores it unchanged.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, *, global_batch_size: int,
+               seed: int, random_flip: bool, process_index: int = 0, process_count: int = 1):
+    self._local = _local_batch_size(global_batch_size, process_index, process_count)
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+      raise ValueError(f'seed must be a non-negative int, got {seed!r}.')
+    self._images = np.ascontiguousarray(images)        # uint8 [N, H, W, C]
+    self._labels = np.asarray(labels, np.int32)        # [N]
+    if self._images.dtype != np.uint8 or self._images.ndim != 4:
+      raise ValueError(f'images must be uint8 [N, H, W, C], got {self._images.dtype} '
+                       f'{self._images.shape}.')
+    if len(self._images) == 0 or self._labels.shape != (len(self._images),):
+      raise ValueError(f'need one label per image, got {self._labels.shape} for '
+                       f'{len(self._images)} images.')
+    self._global = int(global_batch_size)
+    self._offset = int(process_index) * self._local
+    self._seed, self._flip = int(seed), bool(random_flip)
+    self._next = 0
+    self._epochs: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+  def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(permutation [N], flips [N] or None) of epoch e; the last few are kept."""
+    if e not in self._epochs:
+      rng = np.random.default_rng([self._seed, e])
+      n = len(self._images)
+      perm = rng.permutation(n)
+      flips = rng.integers(2, size=n).astype(bool) if self._flip else None
+      if len(self._epochs) >= 4:
+        self._epochs.pop(min(self._epochs))
+      self._epochs[e] = (perm, flips)
+    return self._epochs[e]
+
+  def __iter__(self) -> 'InMemoryTrainIterator':
+    return self
+
+  def __next__(self) -> Batch:
+    n = len(self._images)
+    positions = self._next * self._global + self._offset + np.arange(self._local)  # [B]
+    epochs, within = np.divmod(positions, n)
+    index = np.empty(self._local, np.int64)
+    flip = np.zeros(self._local, bool)
+    for e in np.unique(epochs):
+      sel = epochs == e
+      perm, flips = self._epoch(int(e))
+      index[sel] = perm[within[sel]]
+      if flips is not None:
+        flip[sel] = flips[within[sel]]
+    images = self._images[index]                                    # uint8 [B, H, W, C]
+    if flip.any():
+      images[flip] = images[flip, :, ::-1, :]
+    self._next += 1
+    return {'image': images.astype(np.float32) / 127.5 - 1.0,   # [B, H, W, C] in [-1, 1]
+            'label': self._labels[index]}                         # int32 [B]
+
+  def get_state(self) -> bytes:
+    return json.dumps({'next_index': self._next}).encode()
+
+  def set_state(self, state: bytes | str | Mapping[str, Any]) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    self._next = int(state['next_index'])
+
+  def start_prefetch(self) -> None:
+    """For grain's checkpoint handler, which calls it after a restore: nothing to start."""
+
+
+def load_split(dataset: str, data_dir: str | os.PathLike[str] | None,
+               split: str = 'train') -> tuple[np.ndarray, np.ndarray]:
+  """Every example of a prepared split: uint8 images `[N, H, W, C]` and int32 labels `[N]`
+  (zeros when the dataset has none)."""
+  source, info = _open_split(dataset, data_dir, split)
+  n = len(source)
+  images = np.empty((n,) + tuple(info.image_shape), np.uint8)
+  labels = np.zeros((n,), np.int32)
+  for i in range(n):
+    example = source[i]
+    images[i] = example['image']
+    labels[i] = example.get('label', 0)
+  return images, labels
+
+
+def create_memory_train_iterator(
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None,
+    *,
+    global_batch_size: int,
+    seed: int,
+    random_flip: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: str = 'train',
+) -> InMemoryTrainIterator:
+  """`create_train_iterator`'s stream (other order, same sharding and batches) from the split
+  loaded into host memory: an `InMemoryTrainIterator`."""
+  _local_batch_size(global_batch_size, process_index, process_count)
+  images, labels = load_split(dataset, data_dir, split)
+  return InMemoryTrainIterator(images, labels, global_batch_size=global_batch_size, seed=seed,
+                               random_flip=random_flip, process_index=process_index,
+                               process_count=process_count)
