@@ -530,7 +530,7 @@ PRESETS: dict[str, Preset] = {
                      _DDPM_SCHEDULER, batch_size=64, learning_rate=2e-5,
                      num_train_steps=1_200_000, dropout=0.0),
     'bedroom': Preset('google/ddpm-bedroom-256', 'lsun/bedroom', _UNET_256, _DDPM_SCHEDULER,
-                      batch_size=64, learning_rate=2e-5, num_train_steps=2_400_000,
+                      batch_size=64, learning_rate=2e-5, num_train_steps=1_150_000,
                       dropout=0.0),
     'cat': Preset('google/ddpm-cat-256', 'lsun/cat', _UNET_256, _DDPM_SCHEDULER,
                   batch_size=64, learning_rate=2e-5, num_train_steps=1_760_000, dropout=0.1),
@@ -546,6 +546,11 @@ def build_spec(model: UNetConfig, image_shape: tuple[int, int, int], facts: Sche
   original run, so that a config-built spec of the same preset differs in none."""
   if preset is not None:
     model = dataclasses.replace(model, dropout=preset.dropout)
+  want = facts.diffusion.parameterization.out_channels(image_shape[-1])
+  if model.out_ch != want:
+    param = facts.diffusion.parameterization
+    raise _refuse('out_channels', model.out_ch, f'in_channels={image_shape[-1]} with '
+                  f'variance_type {param.var_type.value} needs {want} output channels')
   sampler = sampling.SamplerConfig.create('ddim', steps=min(100, facts.diffusion.num_timesteps),
                                           clip_denoised=facts.clip_sample)
   return spec_lib.ExperimentSpec(
