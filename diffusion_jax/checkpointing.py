@@ -6,7 +6,9 @@
   * `ema`: the EMA parameters, on their own, so that sampling and evaluation restore just
     them (`restore_ema`) without building an optimizer;
   * `data`: the grain iterator's position, one file per process.
-Saves are asynchronous; the last `keep` are kept. All processes call every function here:
+An imported model (tools/diffusers_checkpoint.py) has an EMA-only checkpoint, written by
+`save_ema_only` and marked so in its metadata: readers restore it as any other; a trainer
+refuses to resume it. Saves are asynchronous; the last `keep` are kept. All processes call every function here:
 orbax writes collectively. Directories are `epath.Path`s (local or gs://).
 """
 
@@ -103,6 +105,32 @@ def restore_ema(manager: ocp.CheckpointManager, step: int, abstract_params: Any)
   return restored['ema']
 
 
+EMA_ONLY = 'ema_only'  # the custom-metadata key that marks an EMA-only checkpoint
+
+
+def save_ema_only(workdir, step: int, ema_params: Any, source: str) -> None:
+  """Writes checkpoint `step` of `workdir` with the `ema` item alone (an imported model has
+  no optimizer state or data position), marked `ema_only` in its metadata with `source`
+  (where the parameters came from), and waits until it is written."""
+  manager = make_manager(checkpoint_dir(workdir), keep=None, async_save=False)
+  try:
+    manager.save(step, args=ocp.args.Composite(ema=ocp.args.StandardSave(ema_params)),
+                 custom_metadata={EMA_ONLY: True, 'source': source}, force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
+def is_ema_only(workdir, step: int) -> bool:
+  """True when checkpoint `step` was written by `save_ema_only` (False when unreadable)."""
+  path = checkpoint_dir(workdir) / str(step) / '_CHECKPOINT_METADATA'
+  try:
+    custom = json.loads(path.read_text()).get('custom_metadata') or {}
+  except (OSError, ValueError, AttributeError):
+    return False
+  return custom.get(EMA_ONLY) is True
+
+
 def abstract_like(state: Any, sharding) -> Any:
   """ShapeDtypeStructs of `state` (arrays or ShapeDtypeStructs) placed with `sharding`."""
   return jax.tree.map(
@@ -157,16 +185,27 @@ def candidate_steps(workdir) -> list[int]:
                 reverse=True)
 
 
-def check_metadata(workdir, step: int) -> Any:
+def check_metadata(workdir, step: int, *, need_state: bool = True) -> Any:
   """Reads the metadata of checkpoint `step`; raises UnreadableCheckpointError if it cannot.
 
-  Returns the saved state's metadata tree (shapes and dtypes, no arrays read).
+  Returns the saved state's metadata tree (shapes and dtypes, no arrays read); for an
+  EMA-only checkpoint (`save_ema_only`), which readers (`need_state=False`) accept, the EMA
+  parameters'. With `need_state` (a trainer's resume) an EMA-only checkpoint is a one-line
+  ValueError, not damage: it is neither skipped nor set aside.
   """
   step_dir = checkpoint_dir(workdir) / str(step)
   if paths.is_remote(step_dir) and not (step_dir / 'commit_success.txt').exists():
     # On buckets orbax writes in place and marks a finished step with this file.
     raise UnreadableCheckpointError(step, 'unfinished (no commit_success.txt)')
-  for name in ('_CHECKPOINT_METADATA', 'state/_METADATA', 'ema/_METADATA'):
+  ema_only = is_ema_only(workdir, step)
+  if ema_only and need_state:
+    raise ValueError(
+        f'checkpoint {step} in {checkpoint_dir(workdir)} holds only EMA parameters (an '
+        'imported model): it samples and evaluates, but training cannot resume from it; '
+        'use a new --workdir')
+  item = 'ema' if ema_only else 'state'
+  names = ('_CHECKPOINT_METADATA', 'ema/_METADATA') + (() if ema_only else ('state/_METADATA',))
+  for name in names:
     path = step_dir / name
     if not path.exists():
       raise UnreadableCheckpointError(step, f'{name} is missing')
@@ -182,12 +221,12 @@ def check_metadata(workdir, step: int) -> Any:
           step, f'data/{path.name} (the input position) is unreadable ({_one_line(e)})') from e
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      saved = checkpointer.metadata(step_dir / 'state').item_metadata
+      saved = checkpointer.metadata(step_dir / item).item_metadata
     if saved is None:
       raise ValueError('no item metadata')
     return saved
   except Exception as e:  # pylint: disable=broad-except
-    raise UnreadableCheckpointError(step, f'state metadata unreadable ({_one_line(e)})') from e
+    raise UnreadableCheckpointError(step, f'{item} metadata unreadable ({_one_line(e)})') from e
 
 
 def _agree(ok: bool) -> bool:
@@ -242,7 +281,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any,
   for s in steps:
     try:
       try:
-        check_metadata(workdir, s)
+        check_metadata(workdir, s, need_state=restore_fn is None)
         failure = None
       except UnreadableCheckpointError as e:
         failure = e
@@ -293,14 +332,14 @@ def latest_good_step(workdir, step: int | None = None) -> int:
     if step not in steps:
       raise FileNotFoundError(f'no checkpoint {step} in {directory}; it has {sorted(steps)}')
     try:
-      check_metadata(workdir, step)
+      check_metadata(workdir, step, need_state=False)
     except UnreadableCheckpointError as e:
       raise NoReadableCheckpointError(f'checkpoint {step} in {directory} cannot be read: '
                                       f'{e.reason}') from e
     return step
   for s in steps:
     try:
-      check_metadata(workdir, s)
+      check_metadata(workdir, s, need_state=False)
       return s
     except UnreadableCheckpointError as e:
       logging.warning('Skipping checkpoint %d in %s: %s', s, directory, e.reason)
