@@ -10,6 +10,7 @@ from absl import app
 from absl import logging
 
 from diffusion_jax import host_memory
+from diffusion_jax import xla_flags
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -27,10 +28,12 @@ class _QuietOrbax(std_logging.Filter):
 
 def start(argv: list[str]) -> None:
   """First thing in a program's main: rejects stray arguments, makes glibc reuse the memory XLA
-  frees (before XLA's first allocation; see host_memory), and quiets orbax's INFO logging."""
+  frees (before XLA's first allocation; see host_memory), sets the opt-in GPU flags
+  (DIFFUSION_JAX_XLA_GPU_FLAGS=1; see xla_flags), and quiets orbax's INFO logging."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   host_memory.reuse_freed_host_memory()
+  xla_flags.set_gpu_flags_if_requested()
   logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
