@@ -46,17 +46,19 @@ def targets_gpu(environ=None) -> bool:
 def set_gpu_flags(flags=GPU_FLAGS, environ=None) -> bool:
   """Appends `flags` to XLA_FLAGS when JAX will run on a GPU; returns whether it did.
 
-  A flag already in XLA_FLAGS (by name) keeps the user's value. Raises RuntimeError once JAX's
-  backends have started, when the flags could no longer take effect.
+  A flag already in XLA_FLAGS (by name) keeps the user's value. On a GPU run, raises
+  RuntimeError once JAX's backends have started, when the flags could no longer take effect.
+  `environ`: a dict to edit instead of this process's environment (for tests).
   """
-  environ = os.environ if environ is None else environ
-  if 'jax' in sys.modules:
+  process = environ is None   # a dict stands in for the environment in tests
+  environ = os.environ if process else environ
+  if not targets_gpu(environ):
+    return False
+  if process and 'jax' in sys.modules:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     if xla_bridge.backends_are_initialized():
       raise RuntimeError('set_gpu_flags must run before JAX starts its backends (before the '
                          'first computation); XLA has already read XLA_FLAGS')
-  if not targets_gpu(environ):
-    return False
   existing = environ.get('XLA_FLAGS', '').split()
   names = {f.split('=', 1)[0] for f in existing}
   added = [f for f in flags if f.split('=', 1)[0] not in names]

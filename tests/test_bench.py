@@ -145,6 +145,7 @@ def test_gpu_bench_path_runs_on_the_cpu(tmp_path):
     assert "our float32 / PyTorch float32-TF32" in table
 
 
+@pytest.mark.slow
 def test_gpu_bench_rejects_bad_sizes_and_a_missing_gpu():
   gpu = os.path.join(ROOT, 'bench', 'gpu.py')
   bad = subprocess.run([sys.executable, gpu, '--device', 'cpu', '--batch', '0'],

@@ -41,11 +41,16 @@ def test_opt_in_by_environment():
     xla_flags.set_gpu_flags_if_requested(environ={xla_flags.ENV: 'yes'})
 
 
-def test_too_late_once_jax_has_started():
+def test_too_late_once_jax_has_started(monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   jax.numpy.zeros(1).block_until_ready()
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert not xla_flags.set_gpu_flags()          # a CPU run: nothing to do, never an error
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda')
   with pytest.raises(RuntimeError, match='before JAX starts its backends'):
-    xla_flags.set_gpu_flags(environ={'JAX_PLATFORMS': 'cuda'})
+    xla_flags.set_gpu_flags()
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8'
 
 
 @pytest.mark.slow
