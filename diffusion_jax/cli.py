@@ -11,6 +11,7 @@ from absl import flags
 from absl import logging
 
 from diffusion_jax import host_memory
+from diffusion_jax import xla_flags
 
 flags.DEFINE_bool('compilation_cache', True, 'Keep compiled programs in a persistent cache '
                   '(--nocompilation_cache: off; DIFFUSION_JAX_COMPILATION_CACHE=0 too).')
@@ -34,11 +35,13 @@ class _QuietOrbax(std_logging.Filter):
 
 def start(argv: list[str]) -> None:
   """First thing in a program's main: rejects stray arguments, makes glibc reuse the memory XLA
-  frees (before XLA's first allocation; see host_memory), quiets orbax's INFO logging, and
-  turns on the persistent compilation cache (compilation.py) unless told not to."""
+  frees (before XLA's first allocation; see host_memory), sets the opt-in GPU flags
+  (DIFFUSION_JAX_XLA_GPU_FLAGS=1; see xla_flags), quiets orbax's INFO logging, and turns on
+  the persistent compilation cache (compilation.py) unless told not to."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   host_memory.reuse_freed_host_memory()
+  xla_flags.set_gpu_flags_if_requested()
   logging.get_absl_handler().addFilter(_QuietOrbax())
   from diffusion_jax import compilation  # pylint: disable=g-import-not-at-top
   if flags.FLAGS.compilation_cache:

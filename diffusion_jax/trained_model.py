@@ -238,7 +238,9 @@ def progressive(trained: TrainedModel, sampler: sampling.SamplerConfig, rng: jax
 def slerp(z0: jax.Array, z1: jax.Array, alpha: jax.Array) -> jax.Array:
   """Spherical interpolation of `z0`, `z1` `[...]` at weights `alpha [K]` → `[K, ...]`."""
   a, b = z0.reshape(-1), z1.reshape(-1)
-  cos = jnp.clip(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)), -1.0, 1.0)
+  # HIGHEST: the angle is exact math; a GPU at the default precision would round to TF32.
+  cos = jnp.clip(jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
+                 / (jnp.linalg.norm(a) * jnp.linalg.norm(b)), -1.0, 1.0)
   theta = jnp.arccos(cos)
   alpha = alpha[:, None]
   small = theta < 1e-4  # nearly parallel: linear interpolation is exact enough

@@ -1,12 +1,54 @@
-"""Test-wide setup: eight fake CPU devices, configured before any JAX computation; and the
-environment of the tests that run the entry points in child processes."""
+"""Test-wide setup: eight fake CPU devices, configured before any JAX computation; the
+environment of the tests that run the entry points in child processes; and `--emulate-tf32`,
+which makes the CPU round matmul operands as a GPU does at the default precision."""
 
 import os
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 jax.config.update('jax_num_cpu_devices', 8)
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+      '--emulate-tf32', action='store_true',
+      help='Round the float32 operands of every dot_general that does not ask for '
+           'Precision.HIGHEST to TF32 (a 10-bit mantissa), as NVIDIA GPUs do at the default '
+           'precision: a CPU check that a test does not rely on exact matmuls.')
+
+
+def _tf32(x):
+  """float32 → the nearest TF32 value (round to nearest even on the low 13 bits)."""
+  if x.dtype != jnp.float32:
+    return x
+  b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  b = (b + jnp.uint32(0xFFF) + ((b >> 13) & jnp.uint32(1))) & jnp.uint32(0xFFFFE000)
+  return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _is_highest(precision):
+  if precision is None:
+    precision = jax.config.jax_default_matmul_precision
+  if isinstance(precision, (tuple, list)):
+    return all(_is_highest(p) for p in precision)
+  return str(precision).lower() in ('highest', 'float32', 'precision.highest', '2')
+
+
+def pytest_configure(config):
+  if not config.getoption('--emulate-tf32'):
+    return
+  from jax._src.lax import lax as lax_impl  # pylint: disable=g-import-not-at-top
+  exact = lax_impl.dot_general
+
+  def dot_general(lhs, rhs, dimension_numbers, precision=None, *args, **kwargs):
+    if not _is_highest(precision):
+      lhs, rhs = _tf32(jnp.asarray(lhs)), _tf32(jnp.asarray(rhs))
+    return exact(lhs, rhs, dimension_numbers, precision, *args, **kwargs)
+
+  lax_impl.dot_general = dot_general
+  jax.lax.dot_general = dot_general
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

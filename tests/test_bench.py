@@ -112,3 +112,46 @@ def test_quality_smoke_runs_both_sides_and_writes_its_report(tmp_path):
   assert len(speed) == 6 and len({r['num_params'] for r in speed}) == 1, speed
   text = out.read_text()
   assert '### Training' in text and '### Sampling speed' in text and 'DPM-Solver++ 2M-2' in text
+
+
+@pytest.mark.slow
+def test_gpu_bench_path_runs_on_the_cpu(tmp_path):
+  """bench/gpu.py's every row, scaled down to a tiny U-Net on the CPU: the GPU path cannot rot
+  unseen. (The PyTorch rows run eagerly on the CPU when this Python has torch and diffusers.)"""
+  out = tmp_path / 'gpu.md'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'bench', 'gpu.py'), '--device', 'cpu', '--model',
+       'tiny', '--batch', '4', '--steps', '2', '--warmup', '1', '--matmul-size', '256',
+       '--forward-batch', '4', '--sample-batch', '4', '--ddpm-steps', '5', '--solver-steps',
+       '3', '--out', str(out)],
+      capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  table = out.read_text()
+  assert proc.stdout.rstrip().endswith(table.rstrip())   # the table is printed last
+  assert 'not measured' not in table, table
+  assert 'not judged: this run is not on a GPU' in table
+  raw = json.loads((tmp_path / 'gpu.json').read_text())['results']
+  for key in ('jax_train_float32_4', 'jax_train_bfloat16_4', 'jax_forward_float32',
+              'jax_forward_bfloat16'):
+    assert raw[key]['seconds'] > 0 and raw[key]['flops'] > 0 and raw[key]['compile_s'] > 0, key
+  assert raw['jax_sample_ddpm']['nfe'] == 5 and raw['jax_sample_dpmpp_2m']['nfe'] > 0
+  assert raw['ceiling_matmul']['flops'] == 2 * 256 ** 3 and raw['ceiling_copy']['bytes'] > 0
+  try:
+    import torch, diffusers  # noqa: F401  pylint: disable=g-import-not-at-top,multiple-imports
+  except ImportError:
+    assert 'PyTorch rows skipped' in table
+  else:
+    assert raw['torch_eager_fp32_4']['seconds'] > 0 and raw['torch_forward_bfloat16']['seconds'] > 0
+    assert "our float32 / PyTorch float32-TF32" in table
+
+
+@pytest.mark.slow
+def test_gpu_bench_rejects_bad_sizes_and_a_missing_gpu():
+  gpu = os.path.join(ROOT, 'bench', 'gpu.py')
+  bad = subprocess.run([sys.executable, gpu, '--device', 'cpu', '--batch', '0'],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert bad.returncode == 2 and '--batch sizes must be >= 1, got [0]' in bad.stderr
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  none = subprocess.run([sys.executable, gpu, '--device', 'gpu'], capture_output=True,
+                        text=True, timeout=120, cwd=ROOT, env=env)
+  assert none.returncode == 1 and 'JAX sees no GPU here' in none.stderr

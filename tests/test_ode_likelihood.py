@@ -18,6 +18,8 @@ T = 1000
 D = 4
 MU = np.array([0.3, -0.1, 0.2, 0.0])
 
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def _seed():
   return int(np.random.SeedSequence().entropy % 2**32)
@@ -40,8 +42,9 @@ def _denoise_fn(p):
     t = (n + 1.0) / T
     a = p.alpha(t)[:, None]
     s = p.sigma(t)[:, None]
-    z = (x - a * mu) @ q  # eigen-coordinates
-    x0 = mu + (a * ev / (a ** 2 * ev + s ** 2) * z) @ q.T
+    # HIGHEST: the oracle is exact math; a GPU's default precision would round to TF32.
+    z = jnp.matmul(x - a * mu, q, precision=HIGHEST)  # eigen-coordinates
+    x0 = mu + jnp.matmul(a * ev / (a ** 2 * ev + s ** 2) * z, q.T, precision=HIGHEST)
     return (x - a * x0) / s
   return fn
 
@@ -66,7 +69,8 @@ def _exact_prior(p):
   prec = jnp.asarray(np.linalg.inv(cov), jnp.float32)
   m = jnp.asarray(mean, jnp.float32)
   const = -0.5 * (np.linalg.slogdet(cov)[1] + D * math.log(2 * math.pi))
-  return lambda x: -0.5 * jnp.einsum('bi,ij,bj->b', x - m, prec, x - m) + const
+  return lambda x: -0.5 * jnp.einsum('bi,ij,bj->b', x - m, prec, x - m,
+                                     precision=HIGHEST) + const
 
 
 def _data(p, seed, b):

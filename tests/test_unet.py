@@ -371,7 +371,9 @@ def test_attention_matches_numpy(num_heads):
   x = rng.standard_normal((2, 4, 4, 64))  # [B, H, W, C]
   block = AttnBlock(num_heads=num_heads)
   params = _random_params(block, jnp.asarray(x, jnp.float32))
-  got = _jit(block.apply)({"params": params}, jnp.asarray(x, jnp.float32))
+  # The layer's mathematics against NumPy: exact contractions (a GPU's default is TF32).
+  with jax.default_matmul_precision("highest"):
+    got = _jit(block.apply)({"params": params}, jnp.asarray(x, jnp.float32))
 
   b, h, w, c = x.shape
   d = c // num_heads
@@ -393,7 +395,8 @@ def test_resnet_block_matches_numpy(scale_shift):
   block = ResnetBlock(out_ch=64, scale_shift=scale_shift)
   xj, tj = jnp.asarray(x, jnp.float32), jnp.asarray(temb, jnp.float32)
   params = _random_params(block, xj, tj, False)
-  got = _jit(block.apply, static_argnums=3)({"params": params}, xj, tj, False)
+  with jax.default_matmul_precision("highest"):  # exact contractions, as above
+    got = _jit(block.apply, static_argnums=3)({"params": params}, xj, tj, False)
 
   h = _np_conv3x3(_np_swish(_np_group_norm(x, params["norm1"])), params["conv1"])
   emb = _np_dense(_np_swish(temb), params["temb_proj"])[:, None, None, :]
