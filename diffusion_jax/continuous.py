@@ -22,6 +22,18 @@ mean output is a fixed linear combination, so it converts like any other output)
 
 Pure and jit/vmap-safe; no IO. Times `t` are float `[B]` (or scalars) in [1/T, 1]; values
 outside are clamped to that interval.
+
+Beside it, two processes of continuous time t ∈ [t_min, 1] with the same interface
+(Song et al. 2021, §3.4 and app. B):
+
+  * `VEProcess` (NCSN's limit): α = 1, σ(t) = σ_min (σ_max/σ_min)^t, f = 0, g² = dσ²/dt;
+    prior N(0, σ_max² I). λ = −log σ.
+  * `SubVPProcess`: α(t) = exp(−½ B(t)), B(t) = ∫₀ᵗ β = β_min t + ½(β_max − β_min) t², and
+    σ(t) = 1 − α², f = −½β, g² = β(1 − e^{−2B}); prior N(0, I).
+
+For all three, g² = dσ²/dt − 2fσ² (the marginals α x₀ + σ ε are the SDE's), so one PF-ODE and
+one reverse SDE serve them; what differs is how α and σ follow from λ (`log_alpha_of_lambda`,
+`log_sigma_of_lambda`) and the network's noise coordinate (`model_timestep`).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.gaussian_diffusion import Array, DenoiseFn, GaussianDiffusion, MeanType
+from diffusion_jax.options import Option
 
 # ᾱ below this is clamped (a zero-terminal-SNR schedule has ᾱ_{T-1} = 0, where λ = −∞).
 MIN_ALPHA_BAR = 1e-10
@@ -42,11 +55,67 @@ MIN_ALPHA_BAR = 1e-10
 # (x, t [B]) -> (x0_hat, eps_hat), each like x.
 Denoiser = Callable[[Array, Array], tuple[Array, Array]]
 
-CONTINUOUS_MEAN_TYPES = (MeanType.EPS, MeanType.XSTART, MeanType.V)
+CONTINUOUS_MEAN_TYPES = (MeanType.EPS, MeanType.XSTART, MeanType.V, MeanType.SCORE)
+
+
+class ProcessKind(Option):
+  VP = 'vp'        # variance preserving: DDPM's process
+  VE = 've'        # variance exploding: NCSN's
+  SUBVP = 'subvp'  # sub-VP (Song et al. 2021)
+
+  @classmethod
+  def _what(cls):
+    return 'diffusion.process'
+
+
+def _sum_flat(v: Array) -> Array:
+  return jnp.sum(v, axis=tuple(range(1, v.ndim)))
+
+
+class _Marginals:
+  """What every process derives from its log α(t) and log σ(t) (mixed into each)."""
+
+  def alpha(self, t: Array) -> Array:
+    return jnp.exp(self.log_alpha_t(t))
+
+  def sigma(self, t: Array) -> Array:
+    return jnp.exp(self.log_sigma_t(t))
+
+  def lam(self, t: Array) -> Array:
+    """λ(t) = log α − log σ (half the log-SNR), decreasing in t."""
+    return self.log_alpha_t(t) - self.log_sigma_t(t)
+
+  def lambda_min(self) -> Array:
+    return self.lam(jnp.asarray(self.t_max))
+
+  def lambda_max(self) -> Array:
+    return self.lam(jnp.asarray(self.t_min))
+
+  def q_sample(self, x0: Array, t: Array, noise: Array) -> Array:
+    """x_t = α(t) x₀ + σ(t) ε: a draw of q(x_t | x₀) given ε ~ N(0, I); t `[B]`."""
+    return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * noise
+
+  def prior_std(self) -> float:
+    return 1.0
+
+  def prior_sample(self, rng: Array, shape, dtype=jnp.float32) -> Array:
+    """x at t = 1 from the prior N(0, prior_std² I)."""
+    return self.prior_std() * jax.random.normal(rng, shape, dtype)
+
+  def prior_logp(self, x: Array) -> Array:
+    """log N(x; 0, prior_std² I) summed over all axes but the first: `[B, ...] -> [B]`."""
+    s = self.prior_std()
+    dim = np.prod(x.shape[1:])
+    return (-0.5 * _sum_flat(jnp.square(x)) / s ** 2
+            - dim * (np.log(s) + 0.5 * np.log(2.0 * np.pi)))
+
+  def input_scale(self, t: Array) -> Array:
+    """The factor on x before the network (1 but for VE, see `VEProcess.input_scale`)."""
+    return jnp.ones_like(jnp.asarray(t, jnp.float32))
 
 
 @flax.struct.dataclass
-class VPProcess:
+class VPProcess(_Marginals):
   """log α at the T nodes t_n = (n+1)/T of a discrete process; a pytree.
 
   Build with `VPProcess.from_diffusion(d)`. The arrays take JAX's default float dtype
@@ -59,9 +128,20 @@ class VPProcess:
   def num_timesteps(self) -> int:
     return self.t_nodes.shape[0]
 
+  kind = ProcessKind.VP
+
   @property
   def t_min(self) -> float:
     return 1.0 / self.num_timesteps
+
+  @property
+  def t_max(self) -> float:
+    return 1.0
+
+  @property
+  def time_scale(self) -> float:
+    """What the U-Net divides `model_timestep` by for its Fourier embedding."""
+    return float(self.num_timesteps)
 
   @classmethod
   def from_diffusion(cls, d: GaussianDiffusion) -> 'VPProcess':
@@ -88,19 +168,8 @@ class VPProcess:
     """log α(t), piecewise linear in t."""
     return jnp.interp(self._clamp(t), self.t_nodes, self.log_alpha)
 
-  def alpha(self, t: Array) -> Array:
-    return jnp.exp(self.log_alpha_t(t))
-
   def log_sigma_t(self, t: Array) -> Array:
     return log_sigma_from_log_alpha(self.log_alpha_t(t))
-
-  def sigma(self, t: Array) -> Array:
-    return jnp.exp(self.log_sigma_t(t))
-
-  def lam(self, t: Array) -> Array:
-    """λ(t) = log α − log σ (half the log-SNR), decreasing in t."""
-    la = self.log_alpha_t(t)
-    return la - log_sigma_from_log_alpha(la)
 
   def t_of_lambda(self, lam: Array) -> Array:
     """The inverse of `lam` on [1/T, 1] (exact for the piecewise-linear log α)."""
@@ -108,11 +177,15 @@ class VPProcess:
     # log α decreases along the nodes; interp needs increasing abscissae.
     return jnp.interp(la, self.log_alpha[::-1], self.t_nodes[::-1])
 
-  def lambda_min(self) -> Array:
-    return self.lam(self.t_nodes[-1])
+  def log_alpha_of_lambda(self, lam: Array) -> Array:
+    return log_alpha_from_lambda(lam)
 
-  def lambda_max(self) -> Array:
-    return self.lam(self.t_nodes[0])
+  def log_sigma_of_lambda(self, lam: Array) -> Array:
+    return log_sigma_from_lambda(lam)
+
+  def dlog_sigma_dlambda(self, lam: Array) -> Array:
+    """d log σ/dλ = −α² (from σ² = sigmoid(−2λ))."""
+    return -jnp.exp(2.0 * log_alpha_from_lambda(lam))
 
   # ----- the SDE coefficients ----------------------------------------------------------
 
@@ -148,6 +221,162 @@ def log_alpha_from_lambda(lam: Array) -> Array:
 def log_sigma_from_lambda(lam: Array) -> Array:
   """σ² = sigmoid(−2λ), so log σ = −½ softplus(2λ)."""
   return -0.5 * jax.nn.softplus(2.0 * lam)
+
+
+def _check_range(lo, hi, lo_name, hi_name):
+  if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
+    raise ValueError(f'{lo_name} must be > 0 and below {hi_name}, got {lo_name}={lo!r}, '
+                     f'{hi_name}={hi!r}')
+
+
+@flax.struct.dataclass
+class VEProcess(_Marginals):
+  """The variance-exploding process on t ∈ [0, 1]: x_t = x₀ + σ(t) ε with the geometric
+  σ(t) = σ_min (σ_max/σ_min)^t (NCSN's levels in the limit; Song et al. 2021 eq. 30).
+
+  As in Song et al., x₀ ~ p_data and the marginal at t has variance σ(t)² about it, so the
+  model's density at t = 0 is that of the data smoothed by N(0, σ_min²).
+  """
+  sigma_min: float = flax.struct.field(pytree_node=False, default=0.01)
+  sigma_max: float = flax.struct.field(pytree_node=False, default=50.0)
+
+  kind = ProcessKind.VE
+  num_timesteps = None  # continuous: any number of solver steps
+  t_min = 0.0
+  t_max = 1.0
+  time_scale = 1.0      # the network's coordinate is log σ itself
+
+  def __post_init__(self):
+    _check_range(self.sigma_min, self.sigma_max, 'sigma_min', 'sigma_max')
+
+  @property
+  def _log_ratio(self) -> float:
+    return float(np.log(self.sigma_max / self.sigma_min))
+
+  def _clamp(self, t: Array) -> Array:
+    return jnp.clip(t, self.t_min, self.t_max)
+
+  def log_alpha_t(self, t: Array) -> Array:
+    return jnp.zeros_like(jnp.asarray(t, jnp.result_type(float)))
+
+  def log_sigma_t(self, t: Array) -> Array:
+    return np.log(self.sigma_min) + self._clamp(t) * self._log_ratio
+
+  def t_of_lambda(self, lam: Array) -> Array:
+    return jnp.clip((-lam - np.log(self.sigma_min)) / self._log_ratio, self.t_min, self.t_max)
+
+  def log_alpha_of_lambda(self, lam: Array) -> Array:
+    return jnp.zeros_like(lam)
+
+  def log_sigma_of_lambda(self, lam: Array) -> Array:
+    return -lam
+
+  def dlog_sigma_dlambda(self, lam: Array) -> Array:
+    return -jnp.ones_like(lam)
+
+  def f(self, t: Array) -> Array:
+    return jnp.zeros_like(jnp.asarray(t, jnp.result_type(float)))
+
+  def g2(self, t: Array) -> Array:
+    """dσ²/dt = 2 σ² log(σ_max/σ_min)."""
+    return 2.0 * self._log_ratio * jnp.square(self.sigma(t))
+
+  def model_timestep(self, t: Array) -> Array:
+    """The network's noise coordinate: log σ(t) (NCSN++'s Fourier features take it)."""
+    return self.log_sigma_t(t)
+
+  def prior_std(self) -> float:
+    return float(self.sigma_max)
+
+  def input_scale(self, t: Array) -> Array:
+    """1/√(1 + σ²): the network sees x at unit scale at every level (Karras et al.'s c_in
+    with unit data scale). Applied where `make_denoiser` calls the network, so training and
+    sampling share it; the parameterisations act on the unscaled x."""
+    return jax.lax.rsqrt(1.0 + jnp.square(self.sigma(t)))
+
+
+@flax.struct.dataclass
+class SubVPProcess(_Marginals):
+  """The sub-VP process on t ∈ [t_min, 1] (Song et al. 2021 eq. 11): β(t) linear from β_min
+  to β_max, α = exp(−½B), σ = 1 − α² (< √(1 − α²), hence 'sub'), B(t) = ∫₀ᵗ β."""
+  beta_min: float = flax.struct.field(pytree_node=False, default=0.1)
+  beta_max: float = flax.struct.field(pytree_node=False, default=20.0)
+  t_min: float = flax.struct.field(pytree_node=False, default=1e-3)
+
+  kind = ProcessKind.SUBVP
+  num_timesteps = None
+  t_max = 1.0
+  time_scale = 1000.0   # the coordinate is 999·t, as in Song et al.'s continuous VP models
+
+  def __post_init__(self):
+    _check_range(self.beta_min, self.beta_max, 'beta_min', 'beta_max')
+    if not 0 < self.t_min < 1:
+      raise ValueError(f'subvp t_min must be in (0, 1), got {self.t_min!r}')
+
+  def _clamp(self, t: Array) -> Array:
+    return jnp.clip(t, self.t_min, self.t_max)
+
+  def _big_b(self, t: Array) -> Array:
+    t = self._clamp(t)
+    return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * jnp.square(t)
+
+  def beta(self, t: Array) -> Array:
+    return self.beta_min + self._clamp(t) * (self.beta_max - self.beta_min)
+
+  def log_alpha_t(self, t: Array) -> Array:
+    return -0.5 * self._big_b(t)
+
+  def log_sigma_t(self, t: Array) -> Array:
+    return jnp.log(-jnp.expm1(-self._big_b(t)))
+
+  def log_alpha_of_lambda(self, lam: Array) -> Array:
+    """α/(1 − α²) = e^λ, so α = 2e^λ/(1 + √(1 + 4e^{2λ})) = 2/(u + √(u² + 4)), u = e^{−λ}.
+
+    For λ ≥ 0 (α near 1) as −log1p((u + u²/(√(u² + 4) + 2))/2), free of cancellation."""
+    u = jnp.exp(-jnp.maximum(lam, 0.0))
+    near_one = -jnp.log1p(0.5 * (u + jnp.square(u) / (jnp.sqrt(jnp.square(u) + 4.0) + 2.0)))
+    neg = jnp.minimum(lam, 0.0)
+    half_log = 0.5 * jnp.logaddexp(0.0, np.log(4.0) + 2.0 * neg)  # log √(1 + 4e^{2λ})
+    small = np.log(2.0) + neg - jnp.logaddexp(0.0, half_log)
+    return jnp.where(lam >= 0.0, near_one, small)
+
+  def log_sigma_of_lambda(self, lam: Array) -> Array:
+    return self.log_alpha_of_lambda(lam) - lam
+
+  def dlog_sigma_dlambda(self, lam: Array) -> Array:
+    """−2α²/(1 + α²)."""
+    a2 = jnp.exp(2.0 * self.log_alpha_of_lambda(lam))
+    return -2.0 * a2 / (1.0 + a2)
+
+  def t_of_lambda(self, lam: Array) -> Array:
+    b = -2.0 * self.log_alpha_of_lambda(lam)
+    d = self.beta_max - self.beta_min
+    t = 2.0 * b / (self.beta_min + jnp.sqrt(self.beta_min ** 2 + 2.0 * d * b))
+    return self._clamp(t)
+
+  def f(self, t: Array) -> Array:
+    return -0.5 * self.beta(t)
+
+  def g2(self, t: Array) -> Array:
+    return self.beta(t) * -jnp.expm1(-2.0 * self._big_b(t))
+
+  def model_timestep(self, t: Array) -> Array:
+    return 999.0 * self._clamp(t)
+
+
+Process = VPProcess | VEProcess | SubVPProcess
+
+
+def make_process(kind, **params) -> Process:
+  """A continuous-time process of kind 've' or 'subvp' from its parameters (VP comes from a
+  discrete `GaussianDiffusion`: `VPProcess.from_diffusion`)."""
+  kind = ProcessKind.parse(kind)
+  if kind is ProcessKind.VE:
+    return VEProcess(**params)
+  if kind is ProcessKind.SUBVP:
+    return SubVPProcess(**params)
+  raise ValueError("the 'vp' process is built from its discrete diffusion: "
+                   'VPProcess.from_diffusion(diffusion)')
 
 
 # ------------------------------------------------------------------------------------------
@@ -227,8 +456,9 @@ def parse_continuous_mean_type(mean_type) -> MeanType:
 def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type) -> Denoiser:
   """`denoiser(x [B, ..., C], t [B]) -> (x0_hat, eps_hat)` at continuous times t.
 
-  Calls `denoise_fn(x, T·t − 1)` once, keeps the first C output channels (a learned
-  variance's channels are ignored) and converts ε / x₀ / v to both x₀ and ε.
+  Calls `denoise_fn(c_in·x, process.model_timestep(t))` once (c_in = `input_scale`: 1 but for
+  VE; the timestep is T·t − 1 for VP, log σ for VE, 999·t for sub-VP), keeps the first C output channels (a learned
+  variance's channels are ignored) and converts ε / x₀ / v / the score to both x₀ and ε.
   """
   mt = parse_continuous_mean_type(mean_type)
 
@@ -236,7 +466,8 @@ def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type) -> Denoi
     chex.assert_rank(t, 1)
     chex.assert_equal(t.shape[0], x.shape[0])
     c = x.shape[-1]
-    out = denoise_fn(x, process.model_timestep(t))
+    out = denoise_fn(x * _bcast(process.input_scale(t), x).astype(x.dtype),
+                     process.model_timestep(t))
     chex.assert_equal(out.shape[:-1], x.shape[:-1])
     if out.shape[-1] not in (c, 2 * c):
       raise ValueError(f'model output has {out.shape[-1]} channels; expected {c} or {2 * c}')
@@ -247,6 +478,9 @@ def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type) -> Denoi
       return x0_from_eps(x, out, alpha, sigma), out
     if mt is MeanType.XSTART:
       return out, eps_from_x0(x, out, alpha, sigma)
+    if mt is MeanType.SCORE:
+      eps = eps_from_score(out, sigma)
+      return x0_from_eps(x, eps, alpha, sigma), eps
     return x0_from_v(x, out, alpha, sigma), eps_from_v(x, out, alpha, sigma)
 
   return denoiser

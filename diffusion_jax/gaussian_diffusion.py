@@ -41,6 +41,7 @@ class MeanType(Option):
   XSTART = 'xstart'  # x₀
   V = 'v'            # v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho 2022)
   XPREV = 'xprev'    # the posterior mean μ̃(x_t, x₀) itself
+  SCORE = 'score'    # ∇ log p_t(x_t) = −ε/σ (score-based models; continuous-time only)
 
   @classmethod
   def _what(cls):
@@ -287,7 +288,14 @@ def _model_variance(d: GaussianDiffusion, var_output, x_t: Array, t: Array, var_
   return jnp.exp(log_variance), log_variance
 
 
+def _refuse_score(mean_type: MeanType) -> None:
+  if mean_type is MeanType.SCORE:
+    raise ValueError("mean_type 'score' is for the continuous-time solvers and the score-"
+                     "matching objectives, not the discrete DDPM chains or losses")
+
+
 def _pred_xstart(d, mean_output, x_t, t, mean_type: MeanType) -> Array:
+  _refuse_score(mean_type)
   if mean_type is MeanType.EPS:
     return predict_start_from_noise(d, x_t, t, mean_output)
   if mean_type is MeanType.XSTART:
@@ -398,6 +406,7 @@ def _vb_terms_bpd(d, model_output, x_start, x_t, t, mean_type, var_type, clip_de
 
 
 def _mse_target(d, x_start, x_t, t, noise, mean_type: MeanType) -> Array:
+  _refuse_score(mean_type)
   if mean_type is MeanType.EPS:
     return noise
   if mean_type is MeanType.XSTART:

@@ -1,12 +1,13 @@
 """Log-likelihood and bits/dim through the probability-flow ODE (Song et al. 2021, app. D).
 
 The PF-ODE is integrated from the data at t = 1/T to t = 1 in s = −λ (increasing), where it
-reads dx/ds = F(x, s) = −α (x̂₀ − α x), α = α(λ = −s). Along a solution
+reads dx/ds = F(x, s) = −(α x̂₀ + (d log σ/dλ) x) at λ = −s (for VP, −α(x̂₀ − αx); the
+field of `solvers.pf_ode_lambda_field`, for any `continuous.Process`). Along a solution
 d log p_s(x(s))/ds = −∇·F, so
 
   log p_{1/T}(x) = log p_1(x(s_1)) + ∫_{s_0}^{s_1} ∇·F(x(s), s) ds,
 
-with the prior log p_1 = log N(x_1; 0, I) by default (any `prior_logp` may be passed, e.g.
+with the prior log p_1 = the process's `prior_logp` (N(0, I); N(0, σ_max² I) for VE) by default (any `prior_logp` may be passed, e.g.
 the exact marginal at t = 1). ∇·F is the exact trace (one JVP per dimension) or Hutchinson–
 Skilling's estimate vᵀ(∂F/∂x)v with Rademacher probes v, fixed along the path and averaged.
 
@@ -33,9 +34,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.continuous import Denoiser, VPProcess, log_alpha_from_lambda
+from diffusion_jax.continuous import Denoiser, Process
 from diffusion_jax.gaussian_diffusion import Array
-from diffusion_jax.solvers import _diffrax_solver, diffrax_nfe
+from diffusion_jax.solvers import _diffrax_solver, diffrax_nfe, pf_ode_lambda_field
 
 BIN_WIDTH = 2.0 / 255.0  # the spacing of the 256-level grid x = k/127.5 − 1
 
@@ -51,10 +52,10 @@ def _sum_flat(v: Array) -> Array:
   return jnp.sum(v, axis=tuple(range(1, v.ndim)))
 
 
-def ode_log_likelihood(process: VPProcess, denoiser: Denoiser, x: Array, rng: Array | None, *,
+def ode_log_likelihood(process: Process, denoiser: Denoiser, x: Array, rng: Array | None, *,
                        exact_trace: bool = False, num_probes: int = 1, rtol: float = 1e-5,
                        atol: float = 1e-5, method: str = 'tsit5', max_steps: int = 4096,
-                       prior_logp: Callable[[Array], Array] = standard_normal_logp):
+                       prior_logp: Callable[[Array], Array] | None = None):
   """log p_{1/T}(x) in nats through the PF-ODE, from t = 1/T to t = 1.
 
   Args:
@@ -73,11 +74,10 @@ def ode_log_likelihood(process: VPProcess, denoiser: Denoiser, x: Array, rng: Ar
   b = x.shape[0]
   dim = math.prod(x.shape[1:])
 
-  def field(s, x):  # dx/ds = −α(x̂₀ − αx), λ = −s
-    alpha = jnp.exp(log_alpha_from_lambda(-s)).astype(x.dtype)
-    t = jnp.full((b,), process.t_of_lambda(-s), x.dtype)
-    x0, _ = denoiser(x, t)
-    return -alpha * (x0 - alpha * x)
+  lambda_field = pf_ode_lambda_field(denoiser, process)
+
+  def field(s, x):  # dx/ds = −dx/dλ at λ = −s
+    return -lambda_field(-s, x)
 
   if exact_trace:
     basis = jnp.eye(dim, dtype=x.dtype).reshape((dim, 1) + x.shape[1:])  # [D, 1, ...]
@@ -111,7 +111,7 @@ def ode_log_likelihood(process: VPProcess, denoiser: Denoiser, x: Array, rng: Ar
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
       saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
   x1, delta = sol.ys[0][-1], sol.ys[1][-1]
-  prior = prior_logp(x1)
+  prior = (process.prior_logp if prior_logp is None else prior_logp)(x1)
   chex.assert_shape([prior, delta], (b,))
   return prior + delta, prior, jnp.asarray(diffrax_nfe(sol.stats, method), jnp.int32)
 
@@ -122,7 +122,7 @@ def dequantize(x: Array, rng: Array) -> Array:
   return x + BIN_WIDTH * (u - 0.5)
 
 
-def ode_bits_per_dim(process: VPProcess, denoiser: Denoiser, x: Array, rng: Array, *,
+def ode_bits_per_dim(process: Process, denoiser: Denoiser, x: Array, rng: Array, *,
                      dequantize_data: bool = True, **likelihood_options):
   """Bits/dim `[B]` of 8-bit data `x` `[B, ...]` (values k/127.5 − 1) through the PF-ODE.
 

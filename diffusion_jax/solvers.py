@@ -11,6 +11,10 @@ denoiser's prediction at the last time ("denoise to zero": what k-diffusion's fi
 σ = 0 computes, and Tweedie's denoising step of Song et al.). It costs one evaluation, counted
 in `num_evaluations`.
 
+Processes: every solver takes any `continuous.Process` (VP, VE, sub-VP); α and σ follow from
+λ by the process's own `log_alpha_of_lambda` / `log_sigma_of_lambda`. `annealed_langevin`
+(NCSN's sampler) is defined for VE only.
+
 Orders: the interpolated α(t) has a kink at every node 1/T, so no solver integrates in raw t.
 Euler and Heun (Karras et al. 2022) work in σ̃ = σ/α = e^{−λ} on x̃ = x/α, where the PF-ODE is
 dx̃/dσ̃ = ε̂; DPM-Solver++ (Lu et al. 2022) and the adaptive solve work in λ. The SDE samplers
@@ -28,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.continuous import (
-    Denoiser, VPProcess, log_alpha_from_lambda, log_sigma_from_lambda)
+from diffusion_jax.continuous import Denoiser, Process, ProcessKind
 from diffusion_jax.gaussian_diffusion import Array
 from diffusion_jax.options import Option
 
@@ -52,6 +55,7 @@ class SolverKind(Option):
   SDE = 'sde'   # Euler–Maruyama on the reverse SDE
   PC = 'pc'     # ancestral predictor + Langevin corrector (Song et al. 2021)
   ODE = 'ode'   # adaptive PF-ODE solve (diffrax)
+  ALD = 'ald'   # annealed Langevin dynamics (Song & Ermon 2019), VE only
 
   @classmethod
   def _what(cls):
@@ -65,8 +69,8 @@ class SolverKind(Option):
 
 @flax.struct.dataclass
 class StepSchedule:
-  """The process and the N + 1 decreasing times t_0 = 1 > … > t_N = 1/T of a solve."""
-  process: VPProcess
+  """The process and the N + 1 decreasing times t_0 = 1 > … > t_N = t_min of a solve."""
+  process: Process
   t: Array  # [N + 1]
 
   @property
@@ -78,15 +82,19 @@ class StepSchedule:
     return self.process.lam(self.t)
 
 
-def step_schedule(process: VPProcess, num_steps: int, kind: str | ScheduleKind = 'logsnr', *,
+def step_schedule(process: Process, num_steps: int, kind: str | ScheduleKind = 'logsnr', *,
                   rho: float = 7.0) -> StepSchedule:
-  """`num_steps` steps from t = 1 down to t = 1/T, spaced as `kind` says."""
+  """`num_steps` steps from t = 1 down to t = t_min (1/T for VP), spaced as `kind` says.
+
+  For VE, 'logsnr' steps are geometric in σ (NCSN's levels)."""
   kind = ScheduleKind.parse(kind)
-  big_t = process.num_timesteps
-  if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= big_t:
-    raise ValueError(f'steps must be an integer in [1, {big_t}], got {num_steps!r}')
+  big_t = process.num_timesteps  # None: a process of continuous time
+  if (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))
+      or num_steps < 1 or (big_t is not None and num_steps > big_t)):
+    bound = f'[1, {big_t}]' if big_t is not None else '[1, ∞)'
+    raise ValueError(f'steps must be an integer in {bound}, got {num_steps!r}')
   u = jnp.linspace(0.0, 1.0, num_steps + 1)  # [N + 1]
-  t_max, t_min = process.t_nodes[-1], process.t_nodes[0]
+  t_max, t_min = jnp.asarray(process.t_max), jnp.asarray(process.t_min)
   if kind is ScheduleKind.TIME_UNIFORM:
     t = t_max + u * (t_min - t_max)
   else:
@@ -102,8 +110,8 @@ def step_schedule(process: VPProcess, num_steps: int, kind: str | ScheduleKind =
   return StepSchedule(process=process, t=t)
 
 
-def schedule_from_times(process: VPProcess, t) -> StepSchedule:
-  """A custom schedule: decreasing times `[N + 1]` within [1/T, 1]."""
+def schedule_from_times(process: Process, t) -> StepSchedule:
+  """A custom schedule: decreasing times `[N + 1]` within [t_min, 1]."""
   t = jnp.asarray(t)
   chex.assert_rank(t, 1)
   if t.shape[0] < 2:
@@ -177,7 +185,7 @@ def heun(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
       noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
       y = y + jnp.sqrt(jnp.maximum(st_hat ** 2 - st[i] ** 2, 0.0)) * s_noise * noise
       t_hat = jnp.where(st_hat > st[i], process.t_of_lambda(-jnp.log(st_hat)), sched.t[i])
-    a_hat = jnp.exp(log_alpha_from_lambda(-jnp.log(st_hat)))
+    a_hat = jnp.exp(process.log_alpha_of_lambda(-jnp.log(st_hat)))
     _, d = denoiser(a_hat * y, _bt(t_hat, x))
     y_pred = y + (st[i + 1] - st_hat) * d
     a_next = jnp.exp(la[i + 1])
@@ -208,8 +216,8 @@ def _multistep_orders(n: int, order: int, lower_order_final: bool) -> np.ndarray
 def _dpmpp(denoiser, x, sched, order, lower_order_final):
   n = sched.num_steps
   lam = sched.lam
-  log_sig = log_sigma_from_lambda(lam)
-  alpha = jnp.exp(log_alpha_from_lambda(lam))
+  log_sig = sched.process.log_sigma_of_lambda(lam)
+  alpha = jnp.exp(sched.process.log_alpha_of_lambda(lam))
   orders = jnp.asarray(_multistep_orders(n, order, lower_order_final))
 
   def step(carry, i):
@@ -260,23 +268,37 @@ def dpmpp_3m(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
 # ------------------------------------------------------------------------------------------
 
 
+def _step_f_g2(sched: StepSchedule, la: Array, sig: Array, i) -> tuple[Array, Array, Array]:
+  """(dt < 0, f, g²) of step i as averages over the step: f = Δ log α/Δt exactly, and
+  g² = dσ²/dt − 2fσ² as Δσ²/Δt − 2f·mean(σ²) (for VP, g² = −2f exactly; for VE, f = 0 and
+  g² Δt = σ²_{i+1} − σ²_i, NCSN's reverse-diffusion step)."""
+  dt = sched.t[i + 1] - sched.t[i]
+  f = (la[i + 1] - la[i]) / dt
+  if sched.process.kind is ProcessKind.VP:
+    return dt, f, -2.0 * f
+  s0, s1 = jnp.square(sig[i]), jnp.square(sig[i + 1])
+  return dt, f, (s1 - s0) / dt - f * (s0 + s1)
+
+
+def _em_step(x, score, z, dt, f, g2):
+  return x + (f * x - g2 * score) * dt + jnp.sqrt(jnp.maximum(g2 * -dt, 0.0)) * z
+
+
 def euler_maruyama(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None) -> Array:
   """Euler–Maruyama on dx = [f x − g² s] dt + g dw̄ (N evaluations); returns x at t_N.
 
-  f and g² = −2f are the step's averages, (log α_{i+1} − log α_i)/(t_{i+1} − t_i).
+  f and g² are the step's averages (`_step_f_g2`).
   """
   _need_rng(rng, 'sde')
   la = _log_alphas(sched)
-  sig = jnp.exp(log_sigma_from_lambda(sched.lam))
+  sig = jnp.exp(sched.process.log_sigma_of_lambda(sched.lam))
 
   def step(x, i):
-    dt = sched.t[i + 1] - sched.t[i]  # < 0
-    f = (la[i + 1] - la[i]) / dt
-    g2 = -2.0 * f
+    dt, f, g2 = _step_f_g2(sched, la, sig, i)
     _, eps = denoiser(x, _bt(sched.t[i], x))
     score = -eps / sig[i]
     z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
-    return x + (f * x - g2 * score) * dt + jnp.sqrt(g2 * -dt) * z, None
+    return _em_step(x, score, z, dt, f, g2), None
 
   x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
   return x
@@ -288,18 +310,21 @@ def _per_example_norm(v: Array) -> Array:
 
 def predictor_corrector(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
                         snr: float = 0.16, corrector_steps: int = 1) -> Array:
-  """Song et al. 2021 Alg. 5 (VP): at each t_i, `corrector_steps` Langevin steps at target
-  `snr`, then one ancestral step to t_{i+1}; N·(1 + corrector_steps) evaluations.
+  """Song et al. 2021 Alg. 5 (VP) and 4 (VE): at each t_i, `corrector_steps` Langevin steps
+  at target `snr`, then one predictor step to t_{i+1}; N·(1 + corrector_steps) evaluations.
 
-  With β_i = 1 − (α_i/α_{i+1})² (the discrete step from t_{i+1} to t_i):
+  With β_i = 1 − (α_i/α_{i+1})² (the discrete step from t_{i+1} to t_i; 0 for VE):
     corrector: ε_L = 2(1 − β_i)(snr·mean‖z‖/mean‖s‖)², x ← x + ε_L s + √(2ε_L) z;
-    predictor: x ← (x + β_i s)/√(1 − β_i) + √β_i z.
+    predictor (VP): the ancestral x ← (x + β_i s)/√(1 − β_i) + √β_i z;
+    predictor (VE, sub-VP): the reverse-diffusion (Euler–Maruyama) step of `euler_maruyama`,
+      for VE x ← x + (σ_i² − σ_{i+1}²) s + √(σ_i² − σ_{i+1}²) z.
   As in Song et al.'s code, the norms are per example and averaged over the batch, so one
   step size serves the batch (per-example ratios are erratic for small inputs).
   """
   _need_rng(rng, 'pc')
   la = _log_alphas(sched)
-  sig = jnp.exp(log_sigma_from_lambda(sched.lam))
+  sig = jnp.exp(sched.process.log_sigma_of_lambda(sched.lam))
+  ancestral = sched.process.kind is ProcessKind.VP
 
   def score(x, i):
     _, eps = denoiser(x, _bt(sched.t[i], x))
@@ -316,10 +341,49 @@ def predictor_corrector(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=N
       x = x + eps_l * s + jnp.sqrt(2.0 * eps_l) * z
     s = score(x, i)
     z = jax.random.normal(jax.random.fold_in(key, 0), x.shape, x.dtype)
-    x = (x + beta * s) * jnp.exp(la[i + 1] - la[i]) + jnp.sqrt(beta) * z
+    if ancestral:
+      x = (x + beta * s) * jnp.exp(la[i + 1] - la[i]) + jnp.sqrt(beta) * z
+    else:
+      x = _em_step(x, s, z, *_step_f_g2(sched, la, sig, i))
     return x, None
 
   x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
+  return x
+
+
+# ------------------------------------------------------------------------------------------
+# Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1), NCSN's sampler.
+# ------------------------------------------------------------------------------------------
+
+
+def annealed_langevin(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
+                      steps_per_level: int = 100, step_size: float = 2e-5) -> Array:
+  """Langevin steps at the N + 1 noise levels σ_i = σ(t_i) of the schedule (largest first),
+  `steps_per_level` (T) at each, with step α_i = ε·σ_i²/σ_L² (ε = `step_size`, σ_L the last
+  level):  x ← x + ½α_i s(x, σ_i) + √α_i z.  (N + 1)·T evaluations in one `lax.scan`;
+  returns x after the last level (`solve` adds Tweedie's x + σ_L² s as its x₀).
+
+  For the 've' process only: the levels perturb x₀ without scaling it (α = 1).
+  """
+  _need_rng(rng, 'ald')
+  if sched.process.kind is not ProcessKind.VE:
+    raise ValueError("solver 'ald' (annealed Langevin dynamics) is defined for the 've' "
+                     f"process only, not {sched.process.kind.value!r}: use sde, pc or ode")
+  if isinstance(steps_per_level, bool) or int(steps_per_level) != steps_per_level \
+      or steps_per_level < 1:
+    raise ValueError(f'ald steps_per_level must be a positive integer, got {steps_per_level!r}')
+  if not step_size > 0:
+    raise ValueError(f'ald step_size must be > 0, got {step_size!r}')
+  sig = jnp.exp(sched.process.log_sigma_t(sched.t))  # [L]
+  alphas = step_size * jnp.square(sig / sig[-1])      # [L]
+
+  def step(x, k):
+    i = k // steps_per_level
+    _, eps = denoiser(x, _bt(sched.t[i], x))
+    z = jax.random.normal(jax.random.fold_in(rng, k), x.shape, x.dtype)
+    return x + 0.5 * alphas[i] * (-eps / sig[i]) + jnp.sqrt(alphas[i]) * z, None
+
+  x, _ = jax.lax.scan(step, x, jnp.arange((sched.num_steps + 1) * steps_per_level))
   return x
 
 
@@ -328,12 +392,16 @@ def predictor_corrector(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=N
 # ------------------------------------------------------------------------------------------
 
 
-def pf_ode_lambda_field(denoiser: Denoiser, process: VPProcess):
-  """The PF-ODE in λ: `field(λ, x) -> dx/dλ = α(λ)(x̂₀(x, t(λ)) − α(λ) x)`."""
+def pf_ode_lambda_field(denoiser: Denoiser, process: Process):
+  """The PF-ODE in λ: `field(λ, x) -> dx/dλ = α x̂₀(x, t(λ)) + (d log σ/dλ) x`.
+
+  (Differentiate x_λ = (σ_λ/σ_s) x_s + σ_λ ∫ e^λ x̂₀ dλ.) For VP d log σ/dλ = −α², so this is
+  α(x̂₀ − αx); for VE it is x̂₀ − x."""
   def field(lam, x):
-    alpha = jnp.exp(log_alpha_from_lambda(lam)).astype(x.dtype)
+    alpha = jnp.exp(process.log_alpha_of_lambda(lam)).astype(x.dtype)
+    kappa = process.dlog_sigma_dlambda(lam).astype(x.dtype)
     x0, _ = denoiser(x, _bt(process.t_of_lambda(lam), x))
-    return alpha * (x0 - alpha * x)
+    return alpha * x0 + kappa * x
   return field
 
 
@@ -391,23 +459,28 @@ _FIXED = {
     SolverKind.DPMPP_3M: dpmpp_3m,
     SolverKind.SDE: euler_maruyama,
     SolverKind.PC: predictor_corrector,
+    SolverKind.ALD: annealed_langevin,
 }
 
 
-def num_evaluations(kind: str | SolverKind, num_steps: int, *, corrector_steps: int = 1) -> int:
+def num_evaluations(kind: str | SolverKind, num_steps: int, *, corrector_steps: int = 1,
+                    steps_per_level: int = 100) -> int:
   """Model evaluations of a fixed-step solve with N steps, the final denoising included:
-  euler, dpmpp_2m/3m, sde: N + 1; heun: 2N + 1; pc: N(1 + corrector_steps) + 1."""
+  euler, dpmpp_2m/3m, sde: N + 1; heun: 2N + 1; pc: N(1 + corrector_steps) + 1;
+  ald: (N + 1)·steps_per_level + 1."""
   kind = SolverKind.parse(kind)
   if kind is SolverKind.ODE:
     raise ValueError("solver 'ode' is adaptive: its evaluations are in Solution.nfe")
+  if kind is SolverKind.ALD:
+    return (num_steps + 1) * steps_per_level + 1
   per_step = {SolverKind.HEUN: 2, SolverKind.PC: 1 + corrector_steps}.get(kind, 1)
   return per_step * num_steps + 1
 
 
 def solve(kind: str | SolverKind, denoiser: Denoiser, x_T: Array, sched: StepSchedule,
           rng: Array | None = None, **options) -> Solution:
-  """Runs solver `kind` from x_T `[B, ...]` at t_0 = 1 over `sched`; jit-safe for fixed
-  `kind` and options (bind them with functools.partial)."""
+  """Runs solver `kind` from x_T `[B, ...]` at t_0 = 1 (a draw of `process.prior_sample`)
+  over `sched`; jit-safe for fixed `kind` and options (bind them with functools.partial)."""
   kind = SolverKind.parse(kind)
   chex.assert_rank(sched.t, 1)
   if kind is SolverKind.ODE:
@@ -415,7 +488,8 @@ def solve(kind: str | SolverKind, denoiser: Denoiser, x_T: Array, sched: StepSch
   else:
     x_end = _FIXED[kind](denoiser, x_T, sched, rng, **options)
     nfe = jnp.asarray(num_evaluations(kind, sched.num_steps,
-                                      corrector_steps=options.get('corrector_steps', 1)) - 1,
+                                      corrector_steps=options.get('corrector_steps', 1),
+                                      steps_per_level=options.get('steps_per_level', 100)) - 1,
                       jnp.int32)
   x0, _ = denoiser(x_end, _bt(sched.t[-1], x_end))
   return Solution(x0=x0, x_end=x_end, nfe=nfe + 1)

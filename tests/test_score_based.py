@@ -1,0 +1,342 @@
+"""The VE and sub-VP processes, their solvers and NCSN's annealed Langevin dynamics, on analytic
+Gaussian data x₀ ~ N(μ, s²) per coordinate, whose perturbed marginal is N(αμ, α²s² + σ²) and
+whose exact denoiser is known in closed form (and on correlated N(μ, Σ) for the likelihood).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from diffusion_jax import continuous as ct
+from diffusion_jax import ode_likelihood as ol
+from diffusion_jax import solvers as sv
+
+MU, S = 0.3, 0.5
+SIGMA_MIN, SIGMA_MAX = 0.01, 10.0
+BETA_MIN, BETA_MAX = 0.1, 20.0
+
+
+def _seed():
+  return int(np.random.SeedSequence().entropy % 2**32)
+
+
+def _ve():
+  return ct.VEProcess(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+
+
+def _subvp():
+  return ct.SubVPProcess(beta_min=BETA_MIN, beta_max=BETA_MAX, t_min=1e-3)
+
+
+PROCESSES = {'ve': _ve, 'subvp': _subvp}
+
+
+def _time_of(p, n):
+  """The continuous time of the network's noise coordinate n (what `model_timestep` gave)."""
+  if p.kind is ct.ProcessKind.VE:
+    return p.t_of_lambda(-n)          # n = log σ
+  return n / 999.0                    # sub-VP: n = 999·t
+
+
+def gaussian_denoise_fn(p, mean_type='eps', mu=MU, s=S):
+  """The exact network of x₀ ~ N(mu, s²) as `denoise_fn(c_in·x, model_timestep)`."""
+  def fn(x_in, n):
+    t = _time_of(p, n)
+    shape = (-1,) + (1,) * (x_in.ndim - 1)
+    x = x_in / p.input_scale(t).reshape(shape).astype(x_in.dtype)
+    a = p.alpha(t).reshape(shape).astype(x.dtype)
+    sg = p.sigma(t).reshape(shape).astype(x.dtype)
+    v = a ** 2 * s ** 2 + sg ** 2
+    x0 = mu + a * s ** 2 / v * (x - a * mu)
+    # ε directly: through (x − αx₀)/σ it would lose all its digits in float32 at small σ.
+    eps = sg / v * (x - a * mu)
+    return {'eps': eps, 'xstart': x0, 'score': -(x - a * mu) / v}[mean_type]
+  return fn
+
+
+# ------------------------------------------------------------------------------------------
+# Float64 closed forms.
+# ------------------------------------------------------------------------------------------
+
+
+class NumpyVE:
+  def alpha(self, t):
+    return np.ones_like(t)
+
+  def sigma(self, t):
+    return SIGMA_MIN * (SIGMA_MAX / SIGMA_MIN) ** t
+
+
+class NumpySubVP:
+  def _b(self, t):
+    return BETA_MIN * t + 0.5 * (BETA_MAX - BETA_MIN) * t ** 2
+
+  def alpha(self, t):
+    return np.exp(-0.5 * self._b(t))
+
+  def sigma(self, t):
+    return 1.0 - np.exp(-self._b(t))
+
+
+NUMPY = {'ve': NumpyVE, 'subvp': NumpySubVP}
+
+
+@pytest.mark.parametrize('name', ['ve', 'subvp'])
+def test_marginals_match_float64_closed_forms(name):
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  with jax.enable_x64(True):
+    p, ref = PROCESSES[name](), NUMPY[name]()
+    t = np.concatenate([rng.uniform(p.t_min, 1.0, 200), [p.t_min, 1.0]])
+    a, sg = ref.alpha(t), ref.sigma(t)
+    lam = np.log(a) - np.log(sg)
+    np.testing.assert_allclose(p.alpha(t), a, rtol=1e-12, err_msg=f'seed {seed}')
+    np.testing.assert_allclose(p.sigma(t), sg, rtol=1e-12, err_msg=f'seed {seed}')
+    np.testing.assert_allclose(p.lam(t), lam, rtol=1e-12, atol=1e-12, err_msg=f'seed {seed}')
+    # λ → t, α, σ (what the solvers in λ use).
+    np.testing.assert_allclose(p.t_of_lambda(jnp.asarray(lam)), t, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(p.log_alpha_of_lambda(jnp.asarray(lam)), np.log(a), atol=1e-12)
+    np.testing.assert_allclose(p.log_sigma_of_lambda(jnp.asarray(lam)), np.log(sg), rtol=1e-12,
+                               atol=1e-12)
+    # d log σ/dλ and the SDE's f = d log α/dt, g² = dσ²/dt − 2fσ², by central differences.
+    ti = rng.uniform(p.t_min + 1e-3, 1.0 - 1e-3, 100)
+    h = 1e-6
+    dla = (np.log(ref.alpha(ti + h)) - np.log(ref.alpha(ti - h))) / (2 * h)
+    ds2 = (ref.sigma(ti + h) ** 2 - ref.sigma(ti - h) ** 2) / (2 * h)
+    np.testing.assert_allclose(p.f(ti), dla, rtol=1e-6, atol=1e-9, err_msg=f'seed {seed}')
+    np.testing.assert_allclose(p.g2(ti), ds2 - 2 * dla * ref.sigma(ti) ** 2, rtol=1e-6,
+                               err_msg=f'seed {seed}')
+    li = np.log(ref.alpha(ti)) - np.log(ref.sigma(ti))
+    dls = ((np.log(ref.sigma(ti + h)) - np.log(ref.sigma(ti - h)))
+           / (np.log(ref.alpha(ti + h) / ref.sigma(ti + h))
+              - np.log(ref.alpha(ti - h) / ref.sigma(ti - h))))
+    np.testing.assert_allclose(p.dlog_sigma_dlambda(jnp.asarray(li)), dls, rtol=1e-6)
+    # q(x_t | x₀) and the prior.
+    x0 = rng.normal(size=(6, 3))
+    noise = rng.normal(size=(6, 3))
+    tt = t[:6]
+    np.testing.assert_allclose(p.q_sample(jnp.asarray(x0), jnp.asarray(tt), jnp.asarray(noise)),
+                               ref.alpha(tt)[:, None] * x0 + ref.sigma(tt)[:, None] * noise,
+                               rtol=1e-12)
+    sd = SIGMA_MAX if name == 've' else 1.0
+    np.testing.assert_allclose(p.prior_logp(jnp.asarray(x0 * sd)),
+                               stats.norm(0, sd).logpdf(x0 * sd).sum(-1), rtol=1e-12)
+    xs = p.prior_sample(jax.random.key(seed), (20000, 4), jnp.float64)
+    assert float(jnp.std(xs)) == pytest.approx(sd, rel=0.02), seed
+
+
+# ------------------------------------------------------------------------------------------
+# The solvers on the new processes.
+# ------------------------------------------------------------------------------------------
+
+
+def exact_map(p, x, t0, t1):
+  """The PF-ODE's exact map of x at t0 to t1 for N(μ, s²) data."""
+  a0, s0, a1, s1 = p.alpha(t0), p.sigma(t0), p.alpha(t1), p.sigma(t1)
+  v0, v1 = a0 ** 2 * S ** 2 + s0 ** 2, a1 ** 2 * S ** 2 + s1 ** 2
+  return a1 * MU + jnp.sqrt(v1 / v0) * (x - a0 * MU)
+
+
+ORDER_CASES = [
+    ('euler', {}, (5, 10, 20), 1.0),
+    ('heun', {}, (10, 20, 40), 2.0),
+    ('dpmpp_2m', {'lower_order_final': False}, (20, 40, 80), 2.0),
+    ('dpmpp_3m', {'lower_order_final': False}, (20, 40, 80), 3.0),
+]
+
+
+@pytest.mark.parametrize('kind,options,steps,order', ORDER_CASES, ids=[c[0] for c in ORDER_CASES])
+def test_ode_solvers_converge_at_their_orders_on_ve(kind, options, steps, order):
+  with jax.enable_x64(True):
+    p = _ve()
+    den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+    seed = _seed()
+    x_t = SIGMA_MAX * jax.random.normal(jax.random.key(seed), (4, 8), jnp.float64)
+    ref = exact_map(p, x_t, 1.0, p.t_min)
+    run = jax.jit(functools.partial(sv.solve, kind, den, **options))
+    errs = []
+    for n in steps:
+      out = run(x_t, sv.step_schedule(p, n, 'karras'))
+      errs.append(float(jnp.max(jnp.abs(out.x_end - ref)) / jnp.max(jnp.abs(ref))))
+    slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    print(f've {kind}: order {slope:.2f} over steps {steps}, relative errors '
+          + ', '.join(f'{e:.2e}' for e in errs) + f' (seed {seed})')
+    assert abs(slope - order) < 0.35, (kind, slope, errs, seed)
+
+
+@pytest.mark.parametrize('name', ['ve', 'subvp'])
+def test_adaptive_ode_follows_the_exact_map(name):
+  seed = _seed()
+  p = PROCESSES[name]()
+  den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+  x_t = p.prior_sample(jax.random.key(seed), (4, 8))
+  ref = exact_map(p, x_t, 1.0, p.t_min)
+  out = jax.jit(functools.partial(sv.solve, 'ode', den, rtol=1e-6, atol=1e-6))(
+      x_t, sv.step_schedule(p, 1))
+  rel = float(jnp.max(jnp.abs(out.x_end - ref)) / jnp.max(jnp.abs(ref)))
+  print(f'{name} adaptive ode: relative error {rel:.2e}, {int(out.nfe)} evaluations (seed {seed})')
+  assert rel < 1e-3, seed
+
+
+def _check_moments(x, what, seed):
+  mean, std = float(jnp.mean(x)), float(jnp.std(x))
+  print(f'{what}: mean {mean:.4f} ({mean / MU - 1:+.2%}), std {std:.4f} ({std / S - 1:+.2%}) '
+        f'(seed {seed})')
+  assert std == pytest.approx(S, rel=0.02), (what, seed)
+  assert mean == pytest.approx(MU, rel=0.01), (what, seed)
+
+
+@pytest.mark.parametrize('name', ['ve', 'subvp'])
+@pytest.mark.parametrize('kind', ['sde', 'pc'])
+def test_sde_and_pc_recover_the_gaussian(name, kind):
+  """From the process's own prior, 1000 steps (log-SNR spaced: geometric in σ for VE)."""
+  seed = _seed()
+  p = PROCESSES[name]()
+  den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+  k_x, k_run = jax.random.split(jax.random.key(seed))
+  x_t = p.prior_sample(k_x, (32768, 16))  # the mean's standard error: 0.23% of μ
+  out = jax.jit(functools.partial(sv.solve, kind, den))(x_t, sv.step_schedule(p, 1000), k_run)
+  _check_moments(out.x0, f'{name} {kind}, 1000 steps', seed)
+
+
+def test_annealed_langevin_recovers_the_gaussian():
+  """NCSN's sampler: 50 geometric levels from σ_max to σ_min, 100 steps each, ε = 2e-5,
+  then Tweedie's denoising step."""
+  seed = _seed()
+  p = _ve()
+  den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+  k_x, k_run = jax.random.split(jax.random.key(seed))
+  x_t = p.prior_sample(k_x, (32768, 16))
+  sched = sv.step_schedule(p, 49)
+  run = jax.jit(functools.partial(sv.solve, 'ald', den, steps_per_level=100, step_size=2e-5))
+  out = run(x_t, sched, k_run)
+  assert int(out.nfe) == sv.num_evaluations('ald', 49, steps_per_level=100) == 50 * 100 + 1
+  _check_moments(out.x0, 'ald, 50 levels x 100 steps', seed)
+  # Without the final denoising the samples are of N(μ, s² + σ_min²).
+  assert float(jnp.std(out.x_end)) == pytest.approx(math.hypot(S, SIGMA_MIN), rel=0.02), seed
+
+
+@pytest.mark.parametrize('mean_type', ['xstart', 'score'])
+def test_parameterisations_give_the_same_samples_on_ve(mean_type):
+  seed = _seed()
+  p = _ve()
+  x_t = p.prior_sample(jax.random.key(seed), (3, 2, 2, 2))
+  sched = sv.step_schedule(p, 6)
+  ref = sv.solve('heun', ct.make_denoiser(p, gaussian_denoise_fn(p, 'eps'), 'eps'), x_t, sched)
+  got = sv.solve('heun', ct.make_denoiser(p, gaussian_denoise_fn(p, mean_type), mean_type),
+                 x_t, sched)
+  np.testing.assert_allclose(got.x0, ref.x0, rtol=2e-4, atol=2e-4, err_msg=f'seed {seed}')
+
+
+# ------------------------------------------------------------------------------------------
+# The PF-ODE likelihood on correlated N(μ, Σ), D = 4.
+# ------------------------------------------------------------------------------------------
+
+D = 4
+MU_VEC = np.array([0.3, -0.1, 0.2, 0.0])
+
+
+def _covariance():
+  q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(D, D)))
+  return q, np.array([0.05, 0.1, 0.2, 0.3])  # Σ = Q diag(ev) Qᵀ
+
+
+def _correlated_denoise_fn(p):
+  q, ev = (jnp.asarray(a, jnp.float32) for a in _covariance())
+  mu = jnp.asarray(MU_VEC, jnp.float32)
+
+  def fn(x_in, n):
+    t = _time_of(p, n)
+    x = x_in / p.input_scale(t)[:, None]
+    a, s = p.alpha(t)[:, None], p.sigma(t)[:, None]
+    z = (x - a * mu) @ q
+    x0 = mu + (a * ev / (a ** 2 * ev + s ** 2) * z) @ q.T
+    return (x - a * x0) / s
+  return fn
+
+
+def _marginal(p, t):
+  q, ev = _covariance()
+  a, s2 = float(p.alpha(t)), float(p.sigma(t)) ** 2
+  return a * MU_VEC, a ** 2 * (q * ev) @ q.T + s2 * np.eye(D)
+
+
+@pytest.mark.parametrize('name', ['ve', 'subvp'])
+def test_pf_ode_likelihood_matches_the_analytic_density(name):
+  seed = _seed()
+  p = PROCESSES[name]()
+  den = ct.make_denoiser(p, _correlated_denoise_fn(p), 'eps')
+  mean1, cov1 = _marginal(p, 1.0)
+  prec = jnp.asarray(np.linalg.inv(cov1), jnp.float32)
+  const = -0.5 * (np.linalg.slogdet(cov1)[1] + D * math.log(2 * math.pi))
+  m1 = jnp.asarray(mean1, jnp.float32)
+  exact_prior = lambda x: -0.5 * jnp.einsum('bi,ij,bj->b', x - m1, prec, x - m1) + const
+  mean0, cov0 = _marginal(p, p.t_min)
+  x = np.random.default_rng(seed).multivariate_normal(mean0, cov0, size=8)
+  fn = jax.jit(functools.partial(ol.ode_log_likelihood, p, den, exact_trace=True,
+                                 prior_logp=exact_prior, rtol=1e-6, atol=1e-6))
+  logp, _, nfe = fn(jnp.asarray(x, jnp.float32), None)
+  want = stats.multivariate_normal(mean0, cov0).logpdf(x)
+  rel = np.max(np.abs(np.asarray(logp) - want) / np.abs(want))
+  print(f'{name}: exact-trace PF-ODE log p, max relative error {rel:.2e} ({int(nfe)} '
+        f'evaluations; seed {seed})')
+  assert rel < 1e-3, seed
+  # The default prior is the process's own (N(0, σ_max² I) for VE), off by the small
+  # difference of N(0, σ_max² I) from N(μ, Σ + σ_max² I) at t = 1 (a few hundredths of a nat;
+  # N(0, I) in its place would be off by ‖x₁‖²/2, about 200 nats for VE).
+  logp_default, _, _ = jax.jit(functools.partial(
+      ol.ode_log_likelihood, p, den, exact_trace=True, rtol=1e-6, atol=1e-6))(
+          jnp.asarray(x, jnp.float32), None)
+  assert np.max(np.abs(np.asarray(logp_default) - want)) < 0.5, seed
+
+
+# ------------------------------------------------------------------------------------------
+# Bad inputs.
+# ------------------------------------------------------------------------------------------
+
+
+def _one_line(excinfo):
+  msg = str(excinfo.value)
+  assert '\n' not in msg, msg
+  return msg
+
+
+def test_bad_inputs_raise_one_line_errors():
+  for lo, hi in ((10.0, 1.0), (1.0, 1.0), (0.0, 1.0)):
+    with pytest.raises(ValueError) as e:
+      ct.VEProcess(sigma_min=lo, sigma_max=hi)
+    assert 'sigma_min' in _one_line(e)
+  with pytest.raises(ValueError) as e:
+    ct.SubVPProcess(beta_min=20.0, beta_max=0.1)
+  assert 'beta_min' in _one_line(e)
+  with pytest.raises(ValueError) as e:
+    ct.make_process('dsm')
+  assert 'diffusion.process' in _one_line(e)
+  # ALD on a VP process.
+  from diffusion_jax import gaussian_diffusion as gd
+  vp = ct.VPProcess.from_diffusion(gd.GaussianDiffusion.from_betas(np.linspace(1e-4, 0.02, 10)))
+  den = lambda x, t: (x, x)
+  with pytest.raises(ValueError) as e:
+    sv.solve('ald', den, jnp.zeros((2, 3)), sv.step_schedule(vp, 4), jax.random.key(0))
+  assert "'ald'" in _one_line(e) and "'vp'" in _one_line(e)
+  with pytest.raises(ValueError) as e:
+    sv.solve('ald', den, jnp.zeros((2, 3)), sv.step_schedule(_ve(), 4), jax.random.key(0),
+             steps_per_level=0)
+  assert 'steps_per_level' in _one_line(e)
+  # Continuous processes take any number of steps, but at least one.
+  assert sv.step_schedule(_ve(), 5000).num_steps == 5000
+  with pytest.raises(ValueError) as e:
+    sv.step_schedule(_subvp(), 0)
+  assert 'steps' in _one_line(e)
+  # A discrete-time DDPM chain refuses the score parameterisation.
+  d = gd.GaussianDiffusion.from_betas(np.linspace(1e-4, 0.02, 10))
+  with pytest.raises(ValueError) as e:
+    gd.training_losses(d, lambda x, t: x, jnp.zeros((2, 4)), jnp.zeros((2,), jnp.int32),
+                       jnp.zeros((2, 4)), loss_type='mse', mean_type='score',
+                       var_type='fixedlarge')
+  assert 'score' in _one_line(e)
