@@ -106,8 +106,8 @@ class Scorer:
   def __init__(self, data_dir):
     self.extractor, _ = features.digits_extractor(data_dir)
     self.reference = features.reference_stats(self.extractor, 'digits', data_dir)
-    self.train, _ = features.load_split('digits', data_dir, 'train')
-    test, _ = features.load_split('digits', data_dir, 'test')
+    self.train, _ = input_pipeline.load_split('digits', data_dir, 'train')
+    test, _ = input_pipeline.load_split('digits', data_dir, 'test')
     self.test_distances = nearest_distances(test, self.train)
 
   def __call__(self, images: np.ndarray, small_n: int) -> dict:

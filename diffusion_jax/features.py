@@ -133,20 +133,6 @@ def _load_npz(path: epath.Path) -> dict[str, np.ndarray]:
     return {k: f[k] for k in f.files}
 
 
-def load_split(dataset: str, data_dir, split: str,
-               batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-  """Every example of a split, in order: uint8 images `[N, H, W, C]` and int labels `[N]`."""
-  images, labels = [], []
-  for batch in input_pipeline.create_eval_iterator(
-      dataset, data_dir, global_batch_size=batch_size, split=split, prefetch_batches=0):
-    keep = batch['mask']
-    # The pipeline scales u ↦ u/127.5 − 1 in float32; this inverts it exactly.
-    images.append(np.clip(np.round((batch['image'][keep] + 1.0) * 127.5), 0, 255)
-                  .astype(np.uint8))
-    labels.append(batch['label'][keep])
-  return np.concatenate(images), np.concatenate(labels)
-
-
 # ------------------------------------------------------------------------------------------
 # Extractors.
 # ------------------------------------------------------------------------------------------
@@ -167,10 +153,10 @@ def digits_extractor(data_dir, *, seed: int = 0,
     test_accuracy = float(flat.pop('test_accuracy'))
     params = traverse_util.unflatten_dict(flat, sep='/')
   else:
-    images, labels = load_split(digits_lib.NAME, data_dir, 'train')
+    images, labels = input_pipeline.load_split(digits_lib.NAME, data_dir, 'train')
     params = jax.device_get(digits_classifier.train(images, labels, seed=seed, cfg=cfg))
-    test_accuracy = digits_classifier.accuracy(params, *load_split(digits_lib.NAME, data_dir,
-                                                                   'test'))
+    test_accuracy = digits_classifier.accuracy(
+        params, *input_pipeline.load_split(digits_lib.NAME, data_dir, 'test'))
     _save_npz(path, test_accuracy=np.float64(test_accuracy),
               **traverse_util.flatten_dict(params, sep='/'))
   return JaxExtractor(name=name, apply=jax.jit(digits_classifier.apply),
@@ -245,7 +231,7 @@ def reference_stats(extractor: FeatureExtractor, dataset: str, data_dir,
     n = int(f['num_examples'])
     return ReferenceStats(mu=f['mu'], sigma=f['sigma'], features=f['features'],
                           num_examples=n, source=f'{dataset} {split} ({n} examples)')
-  images, _ = load_split(dataset, data_dir, split)
+  images, _ = input_pipeline.load_split(dataset, data_dir, split)
   feats, _ = extractor.features_and_logits(images)
   mu, sigma = fid.gaussian_stats(feats)
   keep = np.unique(np.linspace(0, len(feats) - 1, min(len(feats), MAX_PR_REFERENCE))

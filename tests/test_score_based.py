@@ -15,6 +15,7 @@ from scipy import stats
 from diffusion_jax import continuous as ct
 from diffusion_jax import ode_likelihood as ol
 from diffusion_jax import solvers as sv
+from test_solvers import ORDER_CASES  # the same solvers, step counts and orders
 
 MU, S = 0.3, 0.5
 SIGMA_MIN, SIGMA_MAX = 0.01, 10.0
@@ -140,14 +141,6 @@ def exact_map(p, x, t0, t1):
   a0, s0, a1, s1 = p.alpha(t0), p.sigma(t0), p.alpha(t1), p.sigma(t1)
   v0, v1 = a0 ** 2 * S ** 2 + s0 ** 2, a1 ** 2 * S ** 2 + s1 ** 2
   return a1 * MU + jnp.sqrt(v1 / v0) * (x - a0 * MU)
-
-
-ORDER_CASES = [
-    ('euler', {}, (5, 10, 20), 1.0),
-    ('heun', {}, (10, 20, 40), 2.0),
-    ('dpmpp_2m', {'lower_order_final': False}, (20, 40, 80), 2.0),
-    ('dpmpp_3m', {'lower_order_final': False}, (20, 40, 80), 3.0),
-]
 
 
 @pytest.mark.parametrize('kind,options,steps,order', ORDER_CASES, ids=[c[0] for c in ORDER_CASES])
