@@ -5,7 +5,17 @@ Each dataset config imports `get_config()` from here and overrides fields.
 
 import ml_collections
 
+from diffusion_jax import sampling
 from diffusion_jax import spec
+
+
+def _sampler_options(group: ml_collections.ConfigDict) -> None:
+  """The sampler's options other than steps (`sample_steps`), by the names of sample.py's
+  and evaluate's flags (`sampling.OPTIONS`); None: the sampler's default."""
+  kinds = dict(step_schedule=str)
+  for name in sampling.OPTIONS:
+    if name != 'steps':
+      group[name] = ml_collections.config_dict.placeholder(kinds.get(name, float))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -55,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   training.num_samples = 64
   training.sampler = 'ddim'             # the training-time sample grid's sampler (sample.py's)
   training.sample_steps = 100           # and its steps
+  _sampler_options(training)            # and its eta, step_schedule, churn, snr, rtol, ...
 
   config.optimizer = optimizer = ml_collections.ConfigDict()
   optimizer.learning_rate = 2e-4
@@ -69,7 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.num_samples = 256          # samples for FID during training
   evaluation.bpd_examples = 256         # test examples for bits/dim during training
   evaluation.sampler = 'ddim'           # the sampler of those samples
-  evaluation.sample_steps = 100         # and its steps
+  evaluation.sample_steps = 100         # and its steps; with its options below, the sampler
+  _sampler_options(evaluation)          # that sample.py and evaluate use unless told otherwise
   # FID network weights for datasets other than digits (digits use their own classifier);
   # None: no sample metrics there. See diffusion_jax/models/inception.py.
   evaluation.inception_weights = ml_collections.config_dict.placeholder(str)

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from diffusion_jax import faults
 from diffusion_jax import paths
 
 ITEMS = ('state', 'ema', 'data')
@@ -38,9 +39,13 @@ def checkpoint_dir(workdir) -> epath.Path:
 
 def make_manager(directory: epath.Path, *, keep: int | None = 3, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
-  """A manager of the checkpoints in `directory` (`checkpoint_dir(WORKDIR)`)."""
+  """A manager of the checkpoints in `directory` (`checkpoint_dir(WORKDIR)`).
+
+  `read_only`: for sampling and evaluation, which never save: nothing is created or pruned.
+  It is not orbax's `read_only` option, which logs three warnings at every construction.
+  """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
+      max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save,
       create=not read_only)
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
@@ -53,6 +58,21 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator=No
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
+  faults.at(faults.Point.SAVE_STARTED, step)
+
+
+def item_metadata(path: epath.Path) -> Any:
+  """The array metadata tree of one item folder (`<step>/ema`), read by the item's handler.
+
+  Not through a `Checkpointer`: that treats the folder as a whole checkpoint and looks for
+  the step's `_CHECKPOINT_METADATA` inside it (orbax keeps it one level up, in `<step>/`),
+  warning "Metadata file does not exist" for every checkpoint the trainer wrote.
+  """
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.metadata(path)
+  finally:
+    handler.close()
 
 
 def _param_shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -62,9 +82,7 @@ def _param_shapes(tree) -> dict[str, tuple[int, ...]]:
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> None:
   """Raises a one-line ValueError when checkpoint `step` holds another model's parameters."""
-  path = epath.Path(manager.directory) / str(step) / 'ema'
-  with ocp.StandardCheckpointer() as checkpointer:
-    saved = checkpointer.metadata(path).item_metadata
+  saved = item_metadata(epath.Path(manager.directory) / str(step) / 'ema')
   have, want = _param_shapes(saved), _param_shapes(abstract_params)
   where = f'checkpoint {step} in {manager.directory}'
   for name in sorted(set(have) | set(want)):
@@ -220,8 +238,7 @@ def check_metadata(workdir, step: int, *, need_state: bool = True) -> Any:
       raise UnreadableCheckpointError(
           step, f'data/{path.name} (the input position) is unreadable ({_one_line(e)})') from e
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      saved = checkpointer.metadata(step_dir / item).item_metadata
+    saved = item_metadata(step_dir / item)
     if saved is None:
       raise ValueError('no item metadata')
     return saved

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from typing import Any, Callable, Iterable
 
@@ -264,7 +265,7 @@ def _write_json(path: epath.Path, results: dict[str, Any]) -> dict[str, Any]:
 def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = None,
              features: str | None = None, inception_weights: str | None = None,
              reference_stats: str | None = None,
-             sampler: sampling.SamplerConfig = sampling.SamplerConfig('ddim', steps=100),
+             sampler: sampling.SamplerConfig | None = None,
              batch_size: int | None = None, seed: int = 0, data_dir=None,
              likelihood: str = 'vlb', progress: bool = True) -> dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir`; merges the results into WORKDIR/eval.json.
@@ -275,7 +276,8 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
     needs `inception_weights`).
   reference_stats: an .npz with `mu`, `sigma` (e.g. TTUR's CIFAR-10 train statistics) to
     compare against instead of statistics computed from the dataset's train split.
-  sampler: how the samples are drawn.
+  sampler: how the samples are drawn (None: the workdir's recommended sampler, the eval
+    sampler of its spec).
   likelihood: 'vlb' (the variational bound's bits/dim) or 'ode' (also the probability-flow
     ODE's, beside it: `bpd_ode`, its standard error and evaluations per example).
   data_dir: where the dataset is (default: the spec's); needed for bits/dim and for
@@ -292,6 +294,7 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
   if likelihood not in LIKELIHOODS:
     raise ValueError(f'unknown likelihood {likelihood!r}; allowed: {", ".join(LIKELIHOODS)}')
   wd = trained_model.read_workdir(workdir)
+  sampler = wd.spec.eval.sampler if sampler is None else sampler
   sampler.check_steps(wd.num_timesteps)
   if likelihood == 'ode':
     continuous.parse_continuous_mean_type(wd.spec.parameterization.mean_type)
@@ -436,6 +439,7 @@ def make_periodic_eval(spec: ExperimentSpec, *, model, diffusion, mesh: jax.shar
 def _main():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from diffusion_jax import cli  # pylint: disable=g-import-not-at-top  (defines its flags)
+  from diffusion_jax import sampler_flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
   flags.DEFINE_integer('num_samples', 1000, 'Samples for FID / IS / precision-recall; 0: skip.')
@@ -446,25 +450,22 @@ def _main():
                       'format in diffusion_jax/models/inception.py).')
   flags.DEFINE_string('reference_stats', None, 'An .npz with mu and sigma of the real '
                       'data (same network); default: computed from the train split.')
-  flags.DEFINE_string('sampler', 'ddim', 'The sampler of the FID samples (see sample.py).')
-  flags.DEFINE_integer('steps', 100, 'Sampling steps for the FID samples (max: T).')
-  flags.DEFINE_float('eta', 0.0, 'DDIM η.')
+  sampler_flags.define_flags()  # the flags of sample.py's sampler, the same definitions
   flags.DEFINE_integer('batch_size', None, 'Samples per call, a multiple of the device count.')
   flags.DEFINE_integer('seed', 0, 'Random seed.')
   flags.DEFINE_string('data_dir', None, "Where the dataset is; default: the workdir's spec.")
   flags.DEFINE_string('likelihood', 'vlb', "'vlb': bits/dim of the variational bound; 'ode': "
                       'also through the probability-flow ODE, beside it.')
-  flags.DEFINE_string('step_schedule', None, 'Solvers: time_uniform, logsnr or karras.')
-  flags.DEFINE_float('rtol', 1e-3, 'The ode sampler\'s tolerance.')
   flags.mark_flags_as_required(['workdir'])
   FLAGS = flags.FLAGS
 
   def main(argv):
     cli.start(argv)
     try:
-      sampler = sampling.SamplerConfig(
-          FLAGS.sampler, steps=None if FLAGS.sampler == 'ode' else FLAGS.steps, eta=FLAGS.eta,
-          step_schedule=FLAGS.step_schedule, rtol=FLAGS.rtol)
+      sampler, source = sampler_flags.from_flags(
+          trained_model.read_workdir(FLAGS.workdir).spec.eval.sampler)
+      if FLAGS.num_samples:
+        print(f'sampler: {sampler.describe()} ({source})', file=sys.stderr, flush=True)
       results = evaluate(FLAGS.workdir, num_samples=FLAGS.num_samples,
                          bpd_examples=FLAGS.bpd_examples, features=FLAGS.features,
                          inception_weights=FLAGS.inception_weights,

@@ -109,6 +109,18 @@ class SamplerConfig:
   def create(cls, kind: str | SamplerKind = 'ddpm', **kwargs) -> 'SamplerConfig':
     return cls(kind=kind, **kwargs)
 
+  def with_options(self, kind: str | SamplerKind | None = None, **options) -> 'SamplerConfig':
+    """This sampler with `options` (names in `OPTIONS`; None: keep) replaced. A `kind` other
+    than this one starts from that kind's defaults, since options of one sampler (eta, churn)
+    may not apply to another."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+      raise ValueError(f'unknown sampler option {unknown[0]!r}; allowed: {", ".join(OPTIONS)}')
+    base = self
+    if kind is not None and SamplerConfig(kind).kind is not self.kind:
+      base = SamplerConfig(kind, clip_denoised=self.clip_denoised)
+    return dataclasses.replace(base, **{k: v for k, v in options.items() if v is not None})
+
   @property
   def schedule(self) -> 'solvers.ScheduleKind':
     """The solvers' step schedule, with the solver's default filled in."""
@@ -133,10 +145,13 @@ class SamplerConfig:
   def describe(self) -> str:
     """'dpmpp_2m, 20 steps (logsnr)' and the like, for logs and file names."""
     if self.kind is SamplerKind.ODE:
-      return f'ode (rtol {self.rtol:g})'
+      return f'ode (rtol {self.rtol:g})' + (
+          f', guidance {self.guidance_scale:g}' if self.guidance_scale else '')
     steps = f'{self.steps} steps' if self.steps else 'all steps'
     extra = (f', churn {self.churn:g}' if self.churn else '') + (
-        f', eta {self.eta:g}' if self.kind is SamplerKind.DDIM and self.eta else '')
+        f', eta {self.eta:g}' if self.kind is SamplerKind.DDIM and self.eta else '') + (
+        f', snr {self.snr:g}' if self.kind is SamplerKind.PC else '') + (
+        f', guidance {self.guidance_scale:g}' if self.guidance_scale else '')
     return f'{self.kind.value}, {steps}{extra}' + (f' ({self.schedule.value})'
                                                     if self.kind.solver else '')
 
@@ -149,6 +164,11 @@ class SamplerConfig:
   @classmethod
   def from_dict(cls, d) -> 'SamplerConfig':
     return cls(**d)
+
+
+# The options of every sampler, by the one name that sample.py's and evaluate's flags
+# (diffusion_jax/sampler_flags.py) and the config groups `training` and `eval` give them.
+OPTIONS = ('steps', 'eta', 'step_schedule', 'churn', 'snr', 'rtol', 'guidance_scale')
 
 
 def make_denoise_fn(model: nn.Module, params, labels: jax.Array | None = None, *,

@@ -187,6 +187,14 @@ class EvalSpec:
       _non_negative_int(getattr(self, name), f'eval.{name}')
 
 
+def _sampler_of(group: ml_collections.ConfigDict) -> sampling.SamplerConfig:
+  """The sampler of config group `training` or `eval`: `sampler`, `sample_steps` and the
+  options of `sampling.OPTIONS` that the group sets (configs older than them set none)."""
+  options = {k: group.get(k) for k in sampling.OPTIONS if k != 'steps'}
+  return sampling.SamplerConfig.create(group.get('sampler', 'ddim'), steps=group.sample_steps,
+                                       **{k: v for k, v in options.items() if v is not None})
+
+
 # ------------------------------------------------------------------------------------------
 # The spec.
 # ------------------------------------------------------------------------------------------
@@ -259,12 +267,12 @@ class ExperimentSpec:
         num_train_steps=t.num_train_steps, log_every_steps=t.log_every_steps,
         checkpoint_every_steps=t.checkpoint_every_steps, keep_checkpoints=t.keep_checkpoints,
         sample_every_steps=t.sample_every_steps, num_samples=t.num_samples,
-        sampler=sampling.SamplerConfig.create(t.get('sampler', 'ddim'), steps=t.sample_steps),
+        sampler=_sampler_of(t),
         time_budget_s=t.get('time_budget_s', 0.0))
     e = c.eval
     evaluation = EvalSpec(
         every_steps=e.every_steps, num_samples=e.num_samples, bpd_examples=e.bpd_examples,
-        sampler=sampling.SamplerConfig.create(e.get('sampler', 'ddim'), steps=e.sample_steps),
+        sampler=_sampler_of(e),
         inception_weights=e.get('inception_weights'))
     data = DataSpec(dataset=info.name, image_shape=info.image_shape,
                     num_classes=info.num_classes,

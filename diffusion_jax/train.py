@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from diffusion_jax import checkpointing
 from diffusion_jax import compilation
 from diffusion_jax import evaluate
+from diffusion_jax import faults
 from diffusion_jax import parallel
 from diffusion_jax import paths
 from diffusion_jax import preemption
@@ -386,7 +387,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
       if step == first_step:
         # The first step compiles: measured, and waited for once, for the startup line.
         with compilation.track('train_step', log=is_chief) as report:
-          state, metrics = update(state, next(batches))
+          batch = next(batches)
+          if jax.process_count() > 1:
+            # Compiled before any process runs it, so all reach its collectives together.
+            update.compile(state, batch)
+            parallel.host_barrier('train step compiled')
+          state, metrics = update(state, batch)
+          del batch
           jax.block_until_ready(metrics)
         timeline.mark('first step')
         compile_scalars.update(report.scalars())
@@ -404,6 +411,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
       last = step == total or budget_spent
       if step % log_every == 0 or last:
         check_and_log()
+        faults.at(faults.Point.AFTER_STEP, step)  # tests only: DIFFUSION_JAX_FAULT
       # SIGTERM/SIGINT: save this step, wait, stop (every process agrees on the step).
       if preemption.should_stop(step) and not last:
         check_and_log()

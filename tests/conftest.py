@@ -53,6 +53,14 @@ def pytest_configure(config):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_collection_modifyitems(items):
+  """Every test that runs an entry point in a child process (through `child_env`, directly or
+  by a fixture built on it) is `slow`: `pytest -m "not slow"` is the fast tier."""
+  for item in items:
+    if 'child_env' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope='module')
 def child_env(tmp_path_factory):
   """The digits prepared in a fresh TFDS folder, and the environment for child processes:

@@ -12,7 +12,6 @@ the paper's alpha-bar_1 and ``alphas_cumprod_prev[0] = 1`` is its alpha-bar_0.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from scipy import special, stats
@@ -20,10 +19,10 @@ from scipy import special, stats
 LOG2 = math.log(2.0)
 
 
-def new_rng() -> tuple[np.random.Generator, int]:
-  """A fresh generator and its seed (print the seed so a failure can be replayed)."""
-  seed = int.from_bytes(os.urandom(4), "little")
-  return np.random.default_rng(seed), seed
+try:  # the seed helper lives in tests/oracles.py (it imports nothing of diffusion_jax either)
+  from tests.oracles import new_rng  # pylint: disable=unused-import
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+  from oracles import new_rng  # pylint: disable=unused-import
 
 
 # ----------------------------------------------------------------------------------------------

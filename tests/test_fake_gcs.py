@@ -311,6 +311,7 @@ kv.write('from_child.ts', b'tensorstore').result()
 '''
 
 
+@pytest.mark.slow
 def test_child_process(fake_gcs, fake_gcs_server, empty_cwd):
   """A child process given `server.env()` reaches the same bucket with gcsfs and TensorStore."""
   root = epath.Path(fake_gcs) / 'shared'

@@ -19,11 +19,14 @@ from scipy import stats
 
 import diffusion_jax
 from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import timestep_sampler as ts
 
 try:
   from tests import numpy_reference as ref
+  from tests import oracles
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
   import numpy_reference as ref
+  import oracles
 
 T = 1000
 # (schedule, zero_terminal_snr): every schedule, and two rescaled to zero terminal SNR.
@@ -771,15 +774,8 @@ def test_training_losses_min_snr(rng, var_type):
 
 
 def gaussian_oracle_eps(c, mu, s):
-  """E[eps | x_t] for x0 iid N(mu, s^2) as a JAX denoise_fn (tables from the float64 schedule)."""
-  ab = c.alphas_cumprod
-  a_tab = jnp.asarray(np.sqrt(ab), jnp.float32)
-  k_tab = jnp.asarray(np.sqrt(1 - ab) / (ab * s * s + (1 - ab)), jnp.float32)
-
-  def denoise_fn(xt, t):
-    shape = (-1,) + (1,) * (xt.ndim - 1)
-    return k_tab[t].reshape(shape) * (xt - a_tab[t].reshape(shape) * mu)
-  return denoise_fn
+  """E[eps | x_t] for x0 iid N(mu, s^2) as a JAX denoise_fn (tests/oracles.py)."""
+  return oracles.gaussian_denoise_fn(oracles.table_alpha_sigma(c.alphas_cumprod), mu, s, 'eps')
 
 
 def test_training_losses_mse_expectation_for_the_gaussian_oracle(rng):
@@ -1140,7 +1136,6 @@ def test_unknown_strings_raise_listing_allowed_values():
 
 
 def test_uniform_timestep_sampler(rng):
-  ts = pytest.importorskip("diffusion_jax.timestep_sampler")
   t, w = jax.jit(ts.sample_uniform, static_argnums=(1, 2))(jax.random.key(int(rng.integers(2**31))),
                                                             20_000, 7)
   t, w = np.asarray(t), np.asarray(w)
@@ -1153,7 +1148,6 @@ def test_uniform_timestep_sampler(rng):
 
 
 def test_importance_timestep_sampler(rng):
-  ts = pytest.importorskip("diffusion_jax.timestep_sampler")
   num_t, k, u = 12, 4, 1e-3
   hist = ts.LossHistory.create(num_t, history_per_term=k)
   update = jax.jit(ts.update_history)

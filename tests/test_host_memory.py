@@ -52,6 +52,7 @@ def _probe(mode: str) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt: Linux only')
+@pytest.mark.slow
 def test_temporaries_are_reused_instead_of_faulted_in_every_call():
   default = _probe('default')
   reused = _probe('reuse')

@@ -78,12 +78,14 @@ MATH = ['diffusion_jax.gaussian_diffusion', 'diffusion_jax.schedules', 'diffusio
 
 
 @pytest.mark.parametrize('module', INFERENCE)
+@pytest.mark.slow
 def test_sampling_and_evaluation_never_load_the_trainer(module):
   loaded = _loaded_by(module)
   assert module in loaded
   assert 'diffusion_jax.train' not in loaded and 'diffusion_jax.train_step' not in loaded
 
 
+@pytest.mark.slow
 def test_math_modules_load_no_io():
   loaded = _loaded_by(', '.join(MATH))  # one process: what the math needs, together
   io = {m.split('.')[0] for m in loaded} & {'orbax', 'tensorflow_datasets', 'grain', 'PIL',

@@ -222,6 +222,7 @@ def _one_error_line(result, *fragments):
     assert f in errors[0], (f, errors[0])
 
 
+@pytest.mark.slow
 def test_converter_bad_sources_are_one_error_line(tmp_path, capsys):
   out = str(tmp_path / 'out.npz')
   # Through `python -m` once; the other cases call the same main() in-process.

@@ -26,7 +26,8 @@ from diffusion_jax import checkpointing
 from diffusion_jax import preemption
 from diffusion_jax import workdir_lock
 
-import workdirs  # tests/ is on sys.path under pytest's rootdir conftest
+import oracles  # tests/ is on sys.path under pytest's rootdir conftest
+import workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ('--config.training.num_train_steps=8', '--config.training.log_every_steps=1',
@@ -82,6 +83,23 @@ def reaper():
       p.wait()
 
 
+def _fault_env(env, fault):
+  """The child environment with a fault planted (diffusion_jax/faults.py)."""
+  return dict(env['env'], DIFFUSION_JAX_FAULT=fault)
+
+
+def _wait_until_stopped(proc, log, timeout=600):
+  """Waits until `proc` has stopped itself (state T in /proc): a state, not a time window."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, open(log).read()[-3000:]
+    with open(f'/proc/{proc.pid}/stat') as f:
+      if f.read().rsplit(')', 1)[1].split()[0] in ('T', 't'):
+        return
+    time.sleep(0.05)
+  raise AssertionError(f'pid {proc.pid} did not stop: ' + open(log).read()[-3000:])
+
+
 def _wait_for_line(path, pattern, proc, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline:
@@ -102,45 +120,39 @@ def test_sigterm_lock_and_sigkill_during_save_resume_bit_identically(env, unbrok
   workdir = str(tmp_path / 'run')
   log = [str(tmp_path / f'log_{i}.txt') for i in range(3)]
 
-  # 1. A trainer, paused right after step 1 (it holds the lock)...
+  # 1. A trainer that stops itself (SIGSTOP) right after step 1, holding the lock...
   with open(log[0], 'w') as f:
-    first = subprocess.Popen(_train_cmd(env, workdir, *EVERY_4), env=env['env'], cwd=ROOT,
+    first = subprocess.Popen(_train_cmd(env, workdir, *EVERY_4),
+                             env=_fault_env(env, 'after_step:1:stop'), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=f)
   reaper.append(first)
-  _wait_for_line(log[0], r'step 1/8', first)
-  first.send_signal(signal.SIGSTOP)
+  _wait_until_stopped(first, log[0])
   # 2. ...so a second trainer on the workdir is refused, naming the holder.
   second = _run(env, _train_cmd(env, workdir, *EVERY_4))
   line = _error_line(second)
   for fragment in ('being trained by', f'pid {first.pid}', socket.gethostname(), 'started'):
     assert fragment in line, (fragment, line)
-  # 3. SIGTERM: the step in flight finishes, is saved, and the trainer exits with 75.
+  # 3. SIGTERM while stopped, then SIGCONT: the handler runs before the loop's stop check of
+  # step 1, so step 1 is saved (not a periodic save: those are every 4), and the exit is 75.
   first.send_signal(signal.SIGTERM)
   first.send_signal(signal.SIGCONT)
   assert first.wait(timeout=300) == preemption.EXIT_CODE, open(log[0]).read()[-3000:]
   stopped = re.findall(r'Stopped on SIGTERM: saved checkpoint (\d+)', open(log[0]).read())
-  assert len(stopped) == 1, open(log[0]).read()[-3000:]
-  reached = int(stopped[0])
-  # Not a periodic save (every 4): the step reached when the signal came.
-  assert reached in (2, 3), reached
+  assert stopped == ['1'], open(log[0]).read()[-3000:]
+  reached = 1
   assert _steps(workdir) == [reached]
   assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))
 
-  # 4. The rerun resumes there; SIGKILL while the asynchronous save of step 8 is in flight.
+  # 4. The rerun resumes there and kills itself (SIGKILL) once the asynchronous save of step 8
+  # is started: orbax has committed 4 (a save waits for the previous one), not 8.
   with open(log[1], 'w') as f:
-    third = subprocess.Popen(_train_cmd(env, workdir, *EVERY_4), env=env['env'], cwd=ROOT,
+    third = subprocess.Popen(_train_cmd(env, workdir, *EVERY_4),
+                             env=_fault_env(env, 'save_started:8:kill'), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=f)
   reaper.append(third)
-  ckpts = os.path.join(workdir, 'checkpoints')
-  deadline = time.time() + 300
-  while not glob.glob(os.path.join(ckpts, '8.orbax-checkpoint-tmp*')):
-    assert third.poll() is None, 'finished before the save of 8 was seen: ' + open(log[1]).read()
-    assert time.time() < deadline
-    time.sleep(0.002)
-  third.send_signal(signal.SIGKILL)
-  third.wait()
+  assert third.wait(timeout=600) == -signal.SIGKILL, open(log[1]).read()[-3000:]
   assert f'Resumed from checkpoint {reached}' in open(log[1]).read()
-  assert _steps(workdir) == [reached, 4], 'the save of 8 finished before the kill'
+  assert _steps(workdir) == [reached, 4], 'the save of 8 was committed before the kill'
   assert os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))  # left by the killed one
 
   # 5. The next run takes over the stale lock, resumes from 4 and ends where the unbroken run did.
@@ -354,7 +366,7 @@ def test_bad_optimizer_and_ema_values(section, key, value, allowed):
   with pytest.raises(ValueError) as info:
     ExperimentSpec.from_config(ml_collections.ConfigDict(config.to_dict()), digits)
   message = str(info.value)
-  assert f'{section}.{key}' in message and allowed in message and '\n' not in message, message
+  oracles.assert_one_line_error(message, f'{section}.{key}', allowed)
 
 
 def test_unknown_config_key_names_the_closest(env, tmp_path):

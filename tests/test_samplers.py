@@ -21,8 +21,10 @@ from diffusion_jax import samplers
 
 try:
   from tests import numpy_reference as ref
+  from tests import oracles
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
   import numpy_reference as ref
+  import oracles
 
 T = 1000
 MU, S = 0.3, 0.5
@@ -49,29 +51,10 @@ def linear_process():
 
 
 def oracle(c, mean_type="eps"):
-  """The exact denoiser for the ORIGINAL process c, indexed by the timestep it is fed."""
-  ab = c.alphas_cumprod
-  den = ab * S * S + 1 - ab
-  a_tab = jnp.asarray(np.sqrt(ab), jnp.float32)
-  sig_tab = jnp.asarray(np.sqrt(1 - ab), jnp.float32)
-  k_tab = jnp.asarray(np.sqrt(1 - ab) / den, jnp.float32)
-  # E[x0 | x_t] = g x_t + h, finite also where alpha-bar = 0 (zero terminal SNR).
-  g_tab = jnp.asarray(np.sqrt(ab) * S * S / den, jnp.float32)
-  h_tab = jnp.asarray((1 - ab) * MU / den, jnp.float32)
-
-  def denoise_fn(xt, t):
-    shape = (-1,) + (1,) * (xt.ndim - 1)
-    a, sig, k, g, h = (v[t].reshape(shape) for v in (a_tab, sig_tab, k_tab, g_tab, h_tab))
-    eps = k * (xt - a * MU)
-    if mean_type == "eps":
-      return eps
-    x0 = g * xt + h
-    if mean_type == "xstart":
-      return x0
-    if mean_type == "v":
-      return a * eps - sig * x0
-    raise KeyError(mean_type)
-  return denoise_fn
+  """The exact denoiser for the ORIGINAL process c, indexed by the timestep it is fed
+  (tests/oracles.py; finite at alpha-bar = 0, zero terminal SNR)."""
+  return oracles.gaussian_denoise_fn(oracles.table_alpha_sigma(c.alphas_cumprod), MU, S,
+                                     mean_type)
 
 
 def assert_gaussian_stats(x, mean, std, what, n_se=5.0):
