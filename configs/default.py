@@ -48,6 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.loss_type = 'mse'
   diffusion.snr_gamma = ml_collections.config_dict.placeholder(float)  # None: unweighted
   diffusion.timestep_sampler = 'uniform'  # or 'importance' (by the L_vlb history)
+  # The score-based family (docs/score_based.md): the process ('vp', DDPM's; 've', NCSN's;
+  # 'subvp') and the objective ('ddpm': the losses above at discrete timesteps, 'vp' only;
+  # 'dsm' or 'ssm': score matching at continuous t). sigma_min/max: the 've' process's range.
+  diffusion.process = 'vp'
+  diffusion.objective = 'ddpm'
+  diffusion.sigma_min = 0.01
+  diffusion.sigma_max = 50.0
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128             # global, over all devices and hosts

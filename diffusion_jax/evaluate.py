@@ -106,12 +106,15 @@ def mean_bpd(run, params, rng: jax.Array, batches: Iterable[dict[str, np.ndarray
 
 def make_ode_bpd_fn(model, diffusion: gd.GaussianDiffusion, *,
                     parameterization: gd.Parameterization, num_classes: int | None,
-                    mesh: jax.sharding.Mesh, rtol: float = 1e-5, num_probes: int = 1):
+                    mesh: jax.sharding.Mesh, rtol: float = 1e-5, num_probes: int = 1,
+                    process: continuous.Process | None = None):
   """Jitted `run(params, rng, images [B, H, W, C], labels [B]) -> (bpd [B], nfe [B])`: bits/dim
   through the probability-flow ODE (`ode_likelihood.ode_bits_per_dim`: uniform
-  dequantization, Hutchinson's trace with Rademacher probes), data-parallel."""
+  dequantization, Hutchinson's trace with Rademacher probes), data-parallel. `process`: the
+  model's (`DiffusionSpec.make_process`); None reads `diffusion` as a VP-SDE."""
   continuous.parse_continuous_mean_type(parameterization.mean_type)
-  process = continuous.VPProcess.from_diffusion(diffusion)
+  if process is None:
+    process = continuous.VPProcess.from_diffusion(diffusion)
 
   def per_device(params, rng, images, labels):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
@@ -136,7 +139,8 @@ def ode_bpd_on_split(trained: trained_model.TrainedModel, rng: jax.Array, *,
   n, batch_size = _bpd_examples_and_batch(trained, info, num_examples, split, batch_size)
   run = make_ode_bpd_fn(trained.model, trained.diffusion,
                         parameterization=trained.parameterization,
-                        num_classes=trained.num_classes, mesh=trained.mesh)
+                        num_classes=trained.num_classes, mesh=trained.mesh,
+                        process=trained.spec.diffusion.make_process())
   batches = _split_batches(info, data_dir, split, n, batch_size)
   bpd, nfe = _masked_outputs(run, trained.ema_params, rng, batches, trained.mesh, progress,
                              'ODE bits/dim')
@@ -295,7 +299,15 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
     raise ValueError(f'unknown likelihood {likelihood!r}; allowed: {", ".join(LIKELIHOODS)}')
   wd = trained_model.read_workdir(workdir)
   sampler = wd.spec.eval.sampler if sampler is None else sampler
-  sampler.check_steps(wd.num_timesteps)
+  wd.spec.diffusion.check_sampler(sampler)
+  if likelihood == 'vlb' and wd.spec.diffusion.process is not continuous.ProcessKind.VP:
+    process = wd.spec.diffusion.process.value
+    if bpd_examples:
+      raise ValueError(f"--likelihood vlb (DDPM's discrete bound) needs the 'vp' process, not "
+                       f'{process!r}: use --likelihood ode')
+    print(f"No bits/dim: DDPM's discrete bound needs the 'vp' process, not {process!r} "
+          '(--likelihood ode gives the PF-ODE\'s).', file=sys.stderr, flush=True)
+    bpd_examples = 0
   if likelihood == 'ode':
     continuous.parse_continuous_mean_type(wd.spec.parameterization.mean_type)
   spec = wd.spec
@@ -334,12 +346,13 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
   bpd_rng, sample_rng = jax.random.split(rng)
   results: dict[str, Any] = dict(step=trained.step)
   if bpd_examples != 0 and test_size:
-    t = time.time()
-    with compilation.track('bpd') as report:
-      results.update(bpd_on_split(trained, bpd_rng, info=info, data_dir=data_dir,
-                                  num_examples=bpd_examples, progress=progress))
-    record(report)
-    results['bpd_seconds'] = time.time() - t
+    if spec.diffusion.process is continuous.ProcessKind.VP:  # DDPM's bound: 'vp' only
+      t = time.time()
+      with compilation.track('bpd') as report:
+        results.update(bpd_on_split(trained, bpd_rng, info=info, data_dir=data_dir,
+                                    num_examples=bpd_examples, progress=progress))
+      record(report)
+      results['bpd_seconds'] = time.time() - t
     if likelihood == 'ode':
       t = time.time()
       with compilation.track('bpd_ode') as report:
@@ -405,6 +418,8 @@ def make_periodic_eval(spec: ExperimentSpec, *, model, diffusion, mesh: jax.shar
 
   test_size = info.num_examples.get('test', 0)
   bpd_n = min(int(ev.bpd_examples), test_size)
+  if spec.diffusion.process is not continuous.ProcessKind.VP:
+    bpd_n = 0   # DDPM's discrete bound: the 'vp' process only
   bpd_batch = trained_model.default_batch_size(bpd_n, n_dev, DEFAULT_BPD_BATCH) if bpd_n else 0
   bpd_run = (make_bpd_fn(model, diffusion, parameterization=spec.parameterization,
                          num_classes=spec.num_classes, mesh=mesh)

@@ -19,7 +19,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string(
       'sampler', None, 'ddpm (ancestral), ddim, or a solver of the continuous-time process: '
       'euler, heun, dpmpp_2m, dpmpp_3m (PF-ODE), sde (reverse SDE, Euler-Maruyama), pc '
-      '(predictor-corrector), ode (adaptive PF-ODE). Default: the workdir\'s recommended '
+      '(predictor-corrector), ode (adaptive PF-ODE), ald (annealed Langevin dynamics, ve models). Default: the workdir\'s recommended '
       'sampler (eval.sampler in its spec.json).', **fv)
   flags.DEFINE_integer('steps', None, 'Sampling steps (not for ode; at most T). Default: the '
                        'recommended sampler\'s, or all T for another --sampler.', **fv)
@@ -30,6 +30,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_float('snr', None, 'pc: the Langevin corrector\'s target signal-to-noise '
                      'ratio.', **fv)
   flags.DEFINE_float('rtol', None, 'ode: relative (and absolute) tolerance.', **fv)
+  flags.DEFINE_integer('langevin_steps', None, 'ald: Langevin steps per noise level.', **fv)
+  flags.DEFINE_float('langevin_step_size', None, 'ald: the step ε (ε·σ_i²/σ_L² at level i).',
+                     **fv)
   flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance w (class-conditional '
                      'models).', **fv)
 

@@ -35,6 +35,7 @@ class SamplerKind(enum.Enum):
   SDE = 'sde'            # Euler–Maruyama on the reverse SDE
   PC = 'pc'              # predictor–corrector (Song et al. 2021)
   ODE = 'ode'            # adaptive PF-ODE solve (diffrax); reports its evaluations
+  ALD = 'ald'            # annealed Langevin dynamics (Song & Ermon 2019): the 've' process
 
   @property
   def solver(self) -> 'solvers.SolverKind | None':
@@ -62,6 +63,8 @@ class SamplerConfig:
   step_schedule: the solvers' time steps ('time_uniform', 'logsnr', 'karras'; None: the
     solver's default). rtol: the adaptive 'ode' solve's tolerance (rtol = atol).
   clip_denoised: clip x̂₀ to [-1, 1] at each model evaluation (ε̂ follows from it).
+  langevin_steps, langevin_step_size: ald's steps per noise level (T) and its ε (the step at
+    level i is ε·σ_i²/σ_L²); `steps` is then the number of levels less one.
   """
   kind: SamplerKind = SamplerKind.DDPM
   steps: int | None = None
@@ -72,6 +75,8 @@ class SamplerConfig:
   churn: float = 0.0
   snr: float = 0.16
   rtol: float = 1e-3
+  langevin_steps: int = 100
+  langevin_step_size: float = 2e-5
 
   def __post_init__(self):
     if not isinstance(self.kind, SamplerKind):
@@ -104,6 +109,11 @@ class SamplerConfig:
       raise ValueError(f'snr must be > 0, got {self.snr}')
     if not 0 < self.rtol < 1:
       raise ValueError(f'rtol must be in (0, 1), got {self.rtol}')
+    if (isinstance(self.langevin_steps, bool) or int(self.langevin_steps) != self.langevin_steps
+        or self.langevin_steps < 1):
+      raise ValueError(f'langevin_steps must be a positive integer, got {self.langevin_steps!r}')
+    if not self.langevin_step_size > 0:
+      raise ValueError(f'langevin_step_size must be > 0, got {self.langevin_step_size!r}')
 
   @classmethod
   def create(cls, kind: str | SamplerKind = 'ddpm', **kwargs) -> 'SamplerConfig':
@@ -140,7 +150,7 @@ class SamplerConfig:
       return steps
     if self.kind is SamplerKind.ODE:
       return None
-    return solvers.num_evaluations(self.kind.solver, steps)
+    return solvers.num_evaluations(self.kind.solver, steps, steps_per_level=self.langevin_steps)
 
   def describe(self) -> str:
     """'dpmpp_2m, 20 steps (logsnr)' and the like, for logs and file names."""
@@ -151,6 +161,8 @@ class SamplerConfig:
     extra = (f', churn {self.churn:g}' if self.churn else '') + (
         f', eta {self.eta:g}' if self.kind is SamplerKind.DDIM and self.eta else '') + (
         f', snr {self.snr:g}' if self.kind is SamplerKind.PC else '') + (
+        f', {self.langevin_steps} per level, step {self.langevin_step_size:g}'
+        if self.kind is SamplerKind.ALD else '') + (
         f', guidance {self.guidance_scale:g}' if self.guidance_scale else '')
     return f'{self.kind.value}, {steps}{extra}' + (f' ({self.schedule.value})'
                                                     if self.kind.solver else '')
@@ -159,7 +171,9 @@ class SamplerConfig:
     return dict(kind=self.kind.value, steps=self.steps, eta=self.eta,
                 clip_denoised=self.clip_denoised, guidance_scale=self.guidance_scale,
                 step_schedule=self.step_schedule.value if self.step_schedule else None,
-                churn=self.churn, snr=self.snr, rtol=self.rtol)
+                churn=self.churn, snr=self.snr, rtol=self.rtol,
+                langevin_steps=self.langevin_steps,
+                langevin_step_size=self.langevin_step_size)
 
   @classmethod
   def from_dict(cls, d) -> 'SamplerConfig':
@@ -168,7 +182,8 @@ class SamplerConfig:
 
 # The options of every sampler, by the one name that sample.py's and evaluate's flags
 # (diffusion_jax/sampler_flags.py) and the config groups `training` and `eval` give them.
-OPTIONS = ('steps', 'eta', 'step_schedule', 'churn', 'snr', 'rtol', 'guidance_scale')
+OPTIONS = ('steps', 'eta', 'step_schedule', 'churn', 'snr', 'rtol', 'guidance_scale',
+           'langevin_steps', 'langevin_step_size')
 
 
 def make_denoise_fn(model: nn.Module, params, labels: jax.Array | None = None, *,
@@ -199,15 +214,25 @@ def make_denoise_fn(model: nn.Module, params, labels: jax.Array | None = None, *
 
 def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *,
               parameterization: gd.Parameterization, sampler: SamplerConfig,
-              num_classes: int | None = None):
+              num_classes: int | None = None, process: continuous.Process | None = None):
   """`fn(params, rng, labels, x_shape) -> (images [B, H, W, C] in [-1, 1], nfe)` on one
   device; nfe (int32 []) counts the model evaluations per sample.
 
   Everything fixed is resolved here, on the host, once: the respaced process of a DDPM with
   fewer steps, or the continuous-time process and step schedule of a solver. A parameterisation
   that a solver cannot use (`xprev` with an ODE/SDE solver) is a one-line ValueError.
+
+  `process`: the model's continuous-time process (`DiffusionSpec.make_process`); None reads
+  `diffusion` as a VP-SDE. The solvers start from its prior; ddpm and ddim need 'vp'.
   """
-  sampler.check_steps(diffusion.num_timesteps)
+  if process is None:
+    process = continuous.VPProcess.from_diffusion(diffusion)
+  if process.kind is not continuous.ProcessKind.VP and sampler.kind.solver is None:
+    raise ValueError(f'sampler {sampler.kind.value!r} runs the discrete DDPM chain, which the '
+                     f'{process.kind.value!r} process does not have: use a solver (sde, pc, '
+                     'ode, ...)')
+  if process.kind is continuous.ProcessKind.VP:
+    sampler.check_steps(diffusion.num_timesteps)
   mean_type, var_type = parameterization.mean_type, parameterization.var_type
   steps = sampler.steps or diffusion.num_timesteps
   kind = sampler.kind
@@ -216,12 +241,15 @@ def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *,
     d = samplers.respace(diffusion, samplers.space_timesteps(diffusion.num_timesteps, steps))
   if kind.solver is not None:
     continuous.parse_continuous_mean_type(mean_type)
-    process = continuous.VPProcess.from_diffusion(diffusion)
+    if process.num_timesteps is None and not sampler.steps:
+      steps = 100 if kind is not SamplerKind.ALD else 10   # a continuous process has no T
     schedule = solvers.step_schedule(process, 1 if kind is SamplerKind.ODE else steps,
                                      sampler.schedule)
     options = {SamplerKind.HEUN: dict(s_churn=sampler.churn),
                SamplerKind.PC: dict(snr=sampler.snr),
-               SamplerKind.ODE: dict(rtol=sampler.rtol, atol=sampler.rtol)}.get(kind, {})
+               SamplerKind.ODE: dict(rtol=sampler.rtol, atol=sampler.rtol),
+               SamplerKind.ALD: dict(steps_per_level=sampler.langevin_steps,
+                                     step_size=sampler.langevin_step_size)}.get(kind, {})
 
   def fn(params, rng, labels, x_shape):
     denoise = make_denoise_fn(model, params, labels if num_classes else None,
@@ -240,7 +268,7 @@ def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *,
     if sampler.clip_denoised:
       denoiser = continuous.clip_x0(process, denoiser)
     init_rng, loop_rng = jax.random.split(rng)
-    x_T = jax.random.normal(init_rng, x_shape, jnp.float32)  # at t = 1
+    x_T = process.prior_sample(init_rng, x_shape, jnp.float32)  # at t = 1
     solution = solvers.solve(kind.solver, denoiser, x_T, schedule, loop_rng, **options)
     x0 = solution.x0
     if sampler.clip_denoised:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from diffusion_jax import continuous
 from diffusion_jax import gaussian_diffusion as gd
 from diffusion_jax import sampling
 from diffusion_jax import schedules
@@ -82,6 +83,17 @@ def _non_negative_int(value, name: str) -> int:
 # ------------------------------------------------------------------------------------------
 
 
+class Objective(Option):
+  """What the network is trained to minimise (Song et al. 2021 fit all three to one model)."""
+  DDPM = 'ddpm'  # DDPM's losses over discrete timesteps (loss_type): the 'vp' process only
+  DSM = 'dsm'    # denoising score matching over continuous t, weighting λ = σ² (Song & Ermon)
+  SSM = 'ssm'    # sliced score matching of the perturbed marginals (Song et al. 2019)
+
+  @classmethod
+  def _what(cls):
+    return 'diffusion.objective'
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
   dataset: str                        # TFDS name
@@ -110,11 +122,22 @@ class DiffusionSpec:
   loss_type: gd.LossType
   snr_gamma: float | None
   timestep_sampling: TimestepSampling
+  # The score-based family (docs/score_based.md). Specs written before these fields read as
+  # the defaults: DDPM's process and losses.
+  process: continuous.ProcessKind = continuous.ProcessKind.VP
+  objective: Objective = Objective.DDPM
+  sigma_min: float = 0.01   # the 've' process: σ(t) = σ_min (σ_max/σ_min)^t
+  sigma_max: float = 50.0
 
   def __post_init__(self):
     object.__setattr__(self, 'loss_type', gd.LossType.parse(self.loss_type))
     object.__setattr__(self, 'timestep_sampling',
                        TimestepSampling.parse(self.timestep_sampling))
+    object.__setattr__(self, 'process', continuous.ProcessKind.parse(self.process))
+    object.__setattr__(self, 'objective', Objective.parse(self.objective))
+    object.__setattr__(self, 'sigma_min', float(self.sigma_min))
+    object.__setattr__(self, 'sigma_max', float(self.sigma_max))
+    self._check_score_based()
     if self.snr_gamma is not None:
       if self.parameterization.mean_type is gd.MeanType.XPREV:
         raise ValueError('snr_gamma (min-SNR weighting) is defined for mean_type eps, v and '
@@ -130,6 +153,58 @@ class DiffusionSpec:
 
   def make(self) -> gd.GaussianDiffusion:
     return gd.GaussianDiffusion.from_betas(self.betas())
+
+  @property
+  def continuous_time(self) -> bool:
+    """Trained at continuous t (dsm, ssm) rather than at DDPM's discrete timesteps."""
+    return self.objective is not Objective.DDPM
+
+  def make_process(self) -> continuous.Process:
+    """The continuous-time process: the discrete schedule read as a VP-SDE for 'vp'."""
+    if self.process is continuous.ProcessKind.VP:
+      return continuous.VPProcess.from_diffusion(self.make())
+    if self.process is continuous.ProcessKind.VE:
+      return continuous.make_process('ve', sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+    return continuous.make_process(self.process)
+
+  def _check_score_based(self) -> None:
+    kind, obj = self.process.value, self.objective.value
+    if self.process is not continuous.ProcessKind.VP and not self.continuous_time:
+      raise ValueError(f"diffusion.objective 'ddpm' (DDPM's losses) is defined for the 'vp' "
+                       f"process only, not {kind!r}: use 'dsm' or 'ssm'")
+    if self.process is continuous.ProcessKind.VE:
+      continuous.VEProcess(sigma_min=self.sigma_min, sigma_max=self.sigma_max)  # checks range
+    if not self.continuous_time:
+      return
+    mt = self.parameterization.mean_type
+    if mt not in continuous.CONTINUOUS_MEAN_TYPES:
+      allowed = ', '.join(repr(m.value) for m in continuous.CONTINUOUS_MEAN_TYPES)
+      raise ValueError(f'diffusion.mean_type {mt.value!r} has no meaning for objective {obj!r}; '
+                       f'allowed: {allowed}')
+    if self.parameterization.var_type.is_learned:
+      raise ValueError(f'diffusion.var_type {self.parameterization.var_type.value!r} is learned '
+                       f"by DDPM's L_vlb: objective {obj!r} needs a fixed variance "
+                       "('fixedlarge' or 'fixedsmall')")
+    if self.loss_type is not gd.LossType.MSE:
+      raise ValueError(f'diffusion.loss_type {self.loss_type.value!r} is a DDPM loss: objective '
+                       f"{obj!r} needs loss_type 'mse'")
+    if self.snr_gamma is not None or self.timestep_sampling is not TimestepSampling.UNIFORM:
+      raise ValueError(f'diffusion.snr_gamma and timestep_sampler=importance are DDPM options, '
+                       f'not for objective {obj!r}')
+
+  def check_sampler(self, sampler: 'sampling.SamplerConfig') -> None:
+    """A one-line ValueError where `sampler` has no meaning for this process."""
+    kind = sampler.kind
+    if self.process is not continuous.ProcessKind.VP:
+      if kind.solver is None:
+        raise ValueError(f'sampler {kind.value!r} runs the discrete DDPM chain, which the '
+                         f'{self.process.value!r} process does not have: use ald (ve), sde, '
+                         'pc, ode, euler, heun, dpmpp_2m or dpmpp_3m')
+      return
+    if kind is sampling.SamplerKind.ALD:
+      raise ValueError("sampler 'ald' (annealed Langevin dynamics) is defined for the 've' "
+                       "process only, not 'vp': use sde, pc or ode")
+    sampler.check_steps(self.num_timesteps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,10 +321,15 @@ class ExperimentSpec:
         raise ValueError(f'model.class_conditional=True but dataset {info.name!r} has no '
                          'labels')
       num_classes = info.num_classes
+    d = c.diffusion
+    process = continuous.ProcessKind.parse(d.get('process', 'vp'))
+    # The network's noise coordinate is `process.model_timestep(t)`: the timestep T·t − 1 for
+    # vp, log σ for ve, 999·t for sub-VP; time_scale brings it to the embedding's range.
+    time_scale = (float(d.num_timesteps) if process is continuous.ProcessKind.VP
+                  else float(continuous.make_process(process).time_scale))
     model = UNetConfig.from_dict({**fields, 'out_ch': param.out_channels(info.image_shape[-1]),
                                   'num_classes': num_classes, 'dtype': dtype,
-                                  'time_scale': float(c.diffusion.num_timesteps)})
-    d = c.diffusion
+                                  'time_scale': time_scale})
     diffusion = DiffusionSpec(
         schedule=d.schedule, num_timesteps=_positive_int(d.num_timesteps,
                                                          'diffusion.num_timesteps'),
@@ -257,7 +337,9 @@ class ExperimentSpec:
         zero_terminal_snr=bool(d.zero_terminal_snr), parameterization=param,
         loss_type=d.loss_type,
         snr_gamma=None if d.snr_gamma is None else float(d.snr_gamma),
-        timestep_sampling=d.timestep_sampler)
+        timestep_sampling=d.timestep_sampler, process=process,
+        objective=d.get('objective', 'ddpm'), sigma_min=d.get('sigma_min', 0.01),
+        sigma_max=d.get('sigma_max', 50.0))
     t = c.training
     training = TrainingSpec(
         batch_size=t.batch_size, ema_decay=float(t.ema_decay),
@@ -280,7 +362,7 @@ class ExperimentSpec:
                     random_flip=bool(c.data.random_flip),
                     pipeline=c.data.get('pipeline', 'grain'))
     for s in (run.sampler, evaluation.sampler):
-      s.check_steps(diffusion.num_timesteps)
+      diffusion.check_sampler(s)
     return cls(seed=int(c.seed), data=data, model=model, diffusion=diffusion,
                optimizer=OptimizerConfig(**c.optimizer.to_dict()), training=training, run=run,
                eval=evaluation)
@@ -361,6 +443,17 @@ def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
+def _normalised(spec: ExperimentSpec | Mapping[str, Any]) -> Mapping[str, Any]:
+  """The JSON of a spec; a stored one is read and written again, so that fields added since
+  it was written (with defaults that keep its meaning) do not count as differences."""
+  if isinstance(spec, ExperimentSpec):
+    return spec.to_json()
+  try:
+    return ExperimentSpec.from_json(spec).to_json()
+  except ValueError:
+    return spec
+
+
 def differences(old: ExperimentSpec | Mapping[str, Any], new: ExperimentSpec | Mapping[str, Any]
                 ) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
   """(fixed, resumable): the fields that differ, each (dotted name, old value, new value).
@@ -368,8 +461,8 @@ def differences(old: ExperimentSpec | Mapping[str, Any], new: ExperimentSpec | M
   `fixed` are those that define the model or the objective (a resume must refuse them);
   `resumable` those in `RESUMABLE`.
   """
-  a = _flatten(old.to_json() if isinstance(old, ExperimentSpec) else old)
-  b = _flatten(new.to_json() if isinstance(new, ExperimentSpec) else new)
+  a = _flatten(_normalised(old))
+  b = _flatten(_normalised(new))
   fixed, resumable = [], []
   for name in sorted(set(a) | set(b)):
     if a.get(name, '<absent>') != b.get(name, '<absent>'):

@@ -287,7 +287,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
     n = -(-run.num_samples // jax.device_count()) * jax.device_count()
     sample_run = sampling.data_parallel_sampler(
         sampling.sample_fn(model, diffusion, parameterization=spec.parameterization,
-                           sampler=run.sampler, num_classes=spec.num_classes),
+                           sampler=run.sampler, num_classes=spec.num_classes,
+                           process=spec.diffusion.make_process()),
         mesh, spec.data.image_shape)
     sample_labels = np.arange(n) % max(spec.data.num_classes, 1)
 

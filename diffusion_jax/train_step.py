@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffusion_jax import continuous
 from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax import score_matching
 from diffusion_jax import timestep_sampler
 from diffusion_jax.parallel import AXIS
-from diffusion_jax.spec import ExperimentSpec, TimestepSampling
+from diffusion_jax.spec import ExperimentSpec, Objective, TimestepSampling
 from diffusion_jax.train_state import TrainState, ema_update
 
 
@@ -43,9 +45,17 @@ class StepConfig:
   grad_accum_steps: int = 1
   label_dropout: float = 0.0
   num_classes: int | None = None   # class-conditional: label `num_classes` is the null label
+  # Score matching (objective dsm or ssm) at continuous t under `process`; 'ddpm': DDPM's
+  # losses at discrete timesteps, and `process` is None.
+  objective: Objective = Objective.DDPM
+  process: continuous.Process | None = None
 
   def __post_init__(self):
     object.__setattr__(self, 'loss_type', gd.LossType.parse(self.loss_type))
+    object.__setattr__(self, 'objective', Objective.parse(self.objective))
+    if (self.objective is Objective.DDPM) != (self.process is None):
+      raise ValueError(f'objective {self.objective.value!r} needs a process if and only if it '
+                       "is not 'ddpm'")
     if self.grad_accum_steps < 1:
       raise ValueError(f'grad_accum_steps must be >= 1, got {self.grad_accum_steps}')
     if not 0.0 <= self.ema_decay < 1.0:   # 1 would freeze the EMA at the initial params
@@ -61,7 +71,9 @@ class StepConfig:
                importance_sampling=d.timestep_sampling is TimestepSampling.IMPORTANCE,
                ema_decay=t.ema_decay, ema_warmup=t.ema_warmup,
                grad_accum_steps=t.grad_accum_steps,
-               label_dropout=t.label_dropout, num_classes=spec.num_classes)
+               label_dropout=t.label_dropout, num_classes=spec.num_classes,
+               objective=d.objective,
+               process=d.make_process() if d.continuous_time else None)
 
 
 def ema_decay(cfg: StepConfig, step: jax.Array) -> jax.Array | float:
@@ -81,7 +93,12 @@ def _per_example_randomness(rng, state, global_index, shape, diffusion, cfg: Ste
   """t `[b]`, weights `[b]`, noise `[b, H, W, C]` and label-drop flags `[b]`, per example."""
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(global_index)  # [b] keys
   split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)            # [b, 3]
-  if cfg.importance_sampling:
+  if cfg.process is not None:   # continuous time: t ~ U(t_min, t_max), float32
+    p = cfg.process
+    t = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, p.t_min, p.t_max))(
+        split[:, 0])
+    weights = jnp.ones(t.shape, jnp.float32)
+  elif cfg.importance_sampling:
     p = timestep_sampler.importance_probs(state.loss_history)
     t = jax.vmap(lambda k: jax.random.choice(k, diffusion.num_timesteps, p=p))(split[:, 0])
     weights = 1.0 / (diffusion.num_timesteps * p[t])
@@ -90,7 +107,35 @@ def _per_example_randomness(rng, state, global_index, shape, diffusion, cfg: Ste
     weights = jnp.ones(t.shape, jnp.float32)
   noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(split[:, 1])
   drop = jax.vmap(lambda k: jax.random.bernoulli(k, cfg.label_dropout))(split[:, 2])
-  return t.astype(jnp.int32), weights, noise, drop
+  if cfg.process is None:
+    t = t.astype(jnp.int32)
+  return t, weights, noise, drop
+
+
+def score_matching_terms(process: continuous.Process, denoise, mean_type, x0, t, noise, rng,
+                         objective: Objective) -> dict[str, jax.Array]:
+  """The per-example loss `[b]` of objective dsm or ssm, averaged over pixels like DDPM's.
+
+  The network's output (ε, x₀, v or the score, `continuous.make_denoiser`) is read as the
+  score s = −ε̂/σ(t). dsm: σ²·½‖s + z/σ‖² = ½‖ε̂ − z‖² at x_t = α x₀ + σ z. ssm: σ² times
+  sliced score matching's estimate (one Rademacher projection, the variance-reduced form) of
+  the perturbed marginal's Fisher divergence, up to a constant; it needs no z at all.
+  """
+  denoiser = continuous.make_denoiser(process, denoise, mean_type)
+  dim = x0[0].size
+
+  def score_fn(x, tt):
+    sigma = process.sigma(tt)                                      # [b]
+    return -denoiser(x, tt)[1] / sigma.reshape(sigma.shape + (1,) * (x.ndim - 1))
+
+  if objective is Objective.DSM:
+    per = score_matching.dsm_loss_process(score_fn, process, x0, t, noise)
+  else:
+    x_t = process.q_sample(x0, t, noise)
+    per = jnp.square(process.sigma(t)) * score_matching.ssm_loss(
+        lambda x: score_fn(x, t), x_t, rng, variance_reduced=True)
+  per = per / dim
+  return dict(loss=per, mse=per, vb=jnp.zeros_like(per))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
@@ -119,14 +164,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   if cfg.num_classes:
     labels = jnp.where(drop, cfg.num_classes, batch['label']).astype(jnp.int32)
   dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), device)
+  ssm_rng = jax.random.fold_in(jax.random.fold_in(rng, 0x55A), device)  # ssm's projections
 
   def loss_fn(params, micro):
     def denoise(x_t, tt):
       return model.apply({'params': params}, x_t, tt, y=micro['label'], train=True,
                          rngs={'dropout': jax.random.fold_in(dropout_rng, micro['index'])})
-    terms = gd.training_loss_terms(
-        diffusion, denoise, micro['image'], micro['t'], micro['noise'],
-        loss_type=cfg.loss_type, **cfg.parameterization.as_kwargs(), snr_gamma=cfg.snr_gamma)
+    if cfg.process is not None:
+      terms = score_matching_terms(
+          cfg.process, denoise, cfg.parameterization.mean_type, micro['image'], micro['t'],
+          micro['noise'], jax.random.fold_in(ssm_rng, micro['index']), cfg.objective)
+    else:
+      terms = gd.training_loss_terms(
+          diffusion, denoise, micro['image'], micro['t'], micro['noise'],
+          loss_type=cfg.loss_type, **cfg.parameterization.as_kwargs(), snr_gamma=cfg.snr_gamma)
     return jnp.mean(terms['loss'] * micro['weights']), terms
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

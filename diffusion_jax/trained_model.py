@@ -158,7 +158,8 @@ def make_sampler(trained: TrainedModel, sampler: sampling.SamplerConfig):
   """`run(params, rng, labels [B]) -> images [B, H, W, C]` in [-1, 1], data-parallel."""
   fn = sampling.sample_fn(trained.model, trained.diffusion,
                           parameterization=trained.parameterization, sampler=sampler,
-                          num_classes=trained.num_classes)
+                          num_classes=trained.num_classes,
+                          process=trained.spec.diffusion.make_process())
   return sampling.data_parallel_sampler(fn, trained.mesh, trained.image_shape)
 
 

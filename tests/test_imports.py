@@ -74,6 +74,7 @@ INFERENCE = ['diffusion_jax.trained_model', 'diffusion_jax.sampling', 'diffusion
              'diffusion_jax.spec', 'diffusion_jax.workdir', 'diffusion_jax.features']
 MATH = ['diffusion_jax.gaussian_diffusion', 'diffusion_jax.schedules', 'diffusion_jax.samplers',
         'diffusion_jax.timestep_sampler', 'diffusion_jax.continuous', 'diffusion_jax.solvers',
+        'diffusion_jax.score_matching',
         'diffusion_jax.ode_likelihood', 'diffusion_jax.options']
 
 
