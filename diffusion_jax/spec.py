@@ -443,15 +443,20 @@ def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
+# Fields added to DiffusionSpec after specs were first written, whose defaults keep an older
+# spec's meaning (DDPM's process and losses): absent from a stored spec, they read as these.
+_DIFFUSION_DEFAULTS = ('process', 'objective', 'sigma_min', 'sigma_max')
+
+
 def _normalised(spec: ExperimentSpec | Mapping[str, Any]) -> Mapping[str, Any]:
-  """The JSON of a spec; a stored one is read and written again, so that fields added since
-  it was written (with defaults that keep its meaning) do not count as differences."""
+  """The JSON of a spec, with `_DIFFUSION_DEFAULTS` filled in where a stored one lacks them."""
   if isinstance(spec, ExperimentSpec):
     return spec.to_json()
-  try:
-    return ExperimentSpec.from_json(spec).to_json()
-  except ValueError:
+  if not isinstance(spec.get('diffusion'), Mapping):
     return spec
+  defaults = {f.name: _to_json(f.default) for f in dataclasses.fields(DiffusionSpec)
+              if f.name in _DIFFUSION_DEFAULTS}
+  return {**spec, 'diffusion': {**defaults, **spec['diffusion']}}
 
 
 def differences(old: ExperimentSpec | Mapping[str, Any], new: ExperimentSpec | Mapping[str, Any]
