@@ -100,6 +100,7 @@ def test_device_prefetcher_places_the_next_batches_before_handing_one_out():
   assert json.loads(frozen.get_state()) == {'next_index': 5}
 
 
+@pytest.mark.slow
 def test_the_trainer_places_the_next_batch_before_each_step(monkeypatch, tmp_path):
   """The loop's update is called with a batch already on the devices, and by then the next
   batch has been read and placed too (no timing: the prefetcher's queue is inspected when the

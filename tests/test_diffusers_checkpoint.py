@@ -102,6 +102,7 @@ def _save(model, folder, scheduler=None, **kwargs):
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_presets_have_the_papers_parameter_counts():
   for name, want in (('cifar10', 35_746_307), ('celebahq', 113_673_219),
                      ('church', 113_673_219), ('bedroom', 113_673_219), ('cat', 113_673_219)):

@@ -62,6 +62,7 @@ def _assert_only_gcs_api(server):
   assert not others, others
 
 
+@pytest.mark.slow
 def test_epath_operations(fake_gcs, fake_gcs_server, empty_cwd):
   rng = np.random.default_rng(_fresh_seed())
   root = epath.Path(fake_gcs) / 'run'
@@ -229,6 +230,7 @@ def _make_manager(directory):
   return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data'))
 
 
+@pytest.mark.slow
 def test_orbax_checkpoint_manager(fake_gcs, fake_gcs_server, empty_cwd):
   seed = _fresh_seed()
   key = jax.random.key(seed)

@@ -152,6 +152,7 @@ def test_knn_radii_exclude_the_point_itself():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_inception_builds_with_the_fid_output_shapes():
   model = inception.InceptionV3()
   x = jax.ShapeDtypeStruct((3, 299, 299, 3), jnp.float32)

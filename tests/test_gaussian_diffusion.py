@@ -711,6 +711,7 @@ def training_loss_mass(c, params, target, pscale, x0, t, noise, loss_type, mean_
   return mass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("var_type", VAR_TYPES)
 def test_training_losses_exact(rng, var_type):
   """Per-example loss = the float64 formula on the same noise, every mean type and loss type."""
@@ -832,6 +833,7 @@ GRAD_CONFIGS = (("mse", "eps", "fixedsmall"), ("mse", "v", "fixedlarge"),
                 ("mse", "xprev", "learned_range"))
 
 
+@pytest.mark.slow
 def test_gradients_flow_through_every_loss(rng):
   d, c = diffusion_and_coefs("linear", False)
   shape = (6, 3, 3, 2)
@@ -926,6 +928,7 @@ def _bpd_true_x0_all(d, one, x0, key):
                               var_type=v) for v in VAR_TYPES}
 
 
+@pytest.mark.slow
 def test_calc_bpd_loop_with_the_true_x0(rng):
   """mean_type 'xstart' returning the true x0 gives mu_theta = mu-tilde: closed forms."""
   shape = (3, 4, 4, 3)
@@ -996,6 +999,7 @@ def test_calc_bpd_loop_zero_terminal_snr_is_finite(rng):
     _check_bpd_true_x0(got, c, x0, f"{var_type} jsd")
 
 
+@pytest.mark.slow
 def test_calc_bpd_loop_prior_and_sum(rng):
   """Any model: prior term independent of it, total = sum of terms + prior, terms >= 0."""
   d, c = small_process("quad")

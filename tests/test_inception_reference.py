@@ -102,6 +102,7 @@ def both(weights):
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_reference_file_is_the_pool3_network_and_converts_completely(weights):
   module = torch.jit.load(_reference_model_path(), map_location='cpu')
   state = module.state_dict()
@@ -150,6 +151,7 @@ def test_preprocess_matches_the_reference_preparation():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_features_match_the_reference_torchscript(both):
   n = sum(len(v) for v in both['groups'].values())
   assert n >= 256
@@ -182,6 +184,7 @@ def _scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
                - 2 * np.trace(np.real(covmean)))
 
 
+@pytest.mark.slow
 def test_fid_from_our_features_equals_fid_from_the_reference(both):
   ours = np.concatenate(list(both['ours'].values()))
   theirs = np.concatenate(list(both['theirs'].values()))
@@ -276,6 +279,7 @@ def test_pytorch_fid_state_dict_names_convert(weights):
     np.testing.assert_array_equal(back[k], ours[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_load_variables_rejects_wrong_files_in_one_line(tmp_path, weights):
   cases = [
       (_reference_model_path(), 'default_1.pt'),         # the TorchScript itself, unconverted

@@ -121,6 +121,7 @@ def test_train_batch_shapes_dtypes_and_range(data_dir):
   assert batch['image'].min() == -1.0 and batch['image'].max() == 1.0
 
 
+@pytest.mark.slow
 def test_process_shares_partition_each_global_batch(data_dir, expected_splits):
   steps_per_epoch = NUM_TRAIN // 100
   single = _take(_train(data_dir, random_flip=True), steps_per_epoch)
@@ -148,6 +149,7 @@ def test_process_shares_partition_each_global_batch(data_dir, expected_splits):
   assert plain[0] + plain[1] == _as_examples(*expected_splits['train'])
 
 
+@pytest.mark.slow
 def test_each_epoch_is_a_new_permutation(data_dir, expected_splits):
   steps_per_epoch = NUM_TRAIN // 100
   batches = _take(_train(data_dir), 2 * steps_per_epoch)
@@ -194,6 +196,7 @@ def test_random_flip_off_yields_stored_images(data_dir, expected_splits):
 # ----------------------------------------------------------- checkpointing --
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('prefetch_batches', [0, 2])
 def test_restored_state_continues_bit_identically(data_dir, prefetch_batches):
   kwargs = dict(global_batch_size=64, seed=11, random_flip=True, prefetch_batches=prefetch_batches)

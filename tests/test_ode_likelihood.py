@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffusion_jax import continuous as ct
 from diffusion_jax import gaussian_diffusion as gd
@@ -96,6 +97,7 @@ def test_exact_trace_matches_the_analytic_density():
   assert np.all(np.asarray(prior) < 0)
 
 
+@pytest.mark.slow
 def test_hutchinson_is_unbiased_within_its_standard_error():
   seed = _seed()
   p = _process()
@@ -113,6 +115,7 @@ def test_hutchinson_is_unbiased_within_its_standard_error():
   assert abs(err.mean()) < 3.5 * se, seed
 
 
+@pytest.mark.slow
 def test_dequantized_bits_per_dim():
   """8-bit data: bits/dim = −log p(x + Δ(u − ½))/(D ln 2) + log₂ 127.5 with the dequantized
   point recomputed here, and its mean close to the discrete data's bits/dim

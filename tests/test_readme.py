@@ -4,6 +4,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -13,6 +14,7 @@ def _readme():
     return f.read()
 
 
+@pytest.mark.slow
 def test_readme_example_runs_as_written():
   blocks = re.findall(r'```python\n(.*?)```', _readme(), flags=re.S)
   assert blocks, 'README has no python example'

@@ -391,3 +391,40 @@ def test_train_then_sample_prints_no_orbax_warnings(env, tmp_path):
   for name, result in (('train.py', trained), ('sample.py', sampled)):
     noisy = [l for l in (result.stdout + result.stderr).splitlines() if ORBAX_WARNING.search(l)]
     assert not noisy, (name, noisy)
+
+
+# ------------------------------------------------------------------------------------------
+# A variance-exploding (NCSN-style) workdir through both CLIs.
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_ve_workdir_samples_with_ald_sde_pc_and_ode_and_has_an_ode_likelihood(env, tmp_path):
+  config = tiny.get_config()
+  config.data.data_dir = env['data_dir']
+  d = config.diffusion
+  d.process, d.objective, d.sigma_min, d.sigma_max = 've', 'dsm', 0.01, 10.0
+  config.model.time_embedding = 'fourier'
+  config.training.sampler = config.eval.sampler = 'pc'
+  config.training.sample_steps = config.eval.sample_steps = 3
+  info = input_pipeline.dataset_info(config.data.dataset, env['data_dir'])
+  ve = workdirs.write_workdir(str(tmp_path / 've'), config, info)
+  for flags, line in ((['--sampler=ald', '--steps=2', '--langevin_steps=2'],
+                       'sampler: ald, 2 steps, 2 per level, step 2e-05 (logsnr)'),
+                      (['--sampler=sde', '--steps=3'], 'sampler: sde, 3 steps'),
+                      ([], "sampler: pc, 3 steps, snr 0.16 (logsnr) (the workdir's recommended"),
+                      (['--sampler=ode', '--rtol=0.05'], 'sampler: ode (rtol 0.05)')):
+    out = str(tmp_path / ('out_' + (flags[0][10:] if flags else 'default')))
+    result = _ok(_sample(env, ve, f'--num_samples={N}', f'--output={out}', *flags))
+    assert line in result.stdout, result.stdout
+    with np.load(os.path.join(out, 'samples.npz')) as f:
+      assert f['images'].shape == (N, 8, 8, 1) and f['images'].dtype == np.uint8
+  _fails(_sample(env, ve, f'--num_samples={N}', '--sampler=ddpm'), "'ddpm'", "'ve'")
+  _ok(_evaluate(env, ve, '--num_samples=0', '--bpd_examples=4', '--likelihood=ode'))
+  with open(os.path.join(ve, 'eval.json')) as f:
+    results = json.load(f)
+  assert np.isfinite(results['bpd_ode']) and results['bpd_ode_num_examples'] == 4
+  assert 'bpd' not in results      # DDPM's discrete bound: the 'vp' process only
+  _fails(_evaluate(env, ve, '--num_samples=0', '--bpd_examples=4'), '--likelihood vlb',
+         "'ve'", '--likelihood ode')
+  # ald on a DDPM (vp) workdir.
+  _fails(_sample(env, env['uncond'], f'--num_samples={N}', '--sampler=ald'), "'ald'", "'vp'")

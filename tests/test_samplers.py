@@ -127,6 +127,7 @@ def test_public_names_at_package_level():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
 def test_ancestral_sampler_reproduces_gaussian_data(rng, var_type):
   d, c = linear_process()
@@ -140,6 +141,7 @@ def test_ancestral_sampler_reproduces_gaussian_data(rng, var_type):
   assert_gaussian_stats(x, m, math.sqrt(v), var_type)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
 def test_respaced_ancestral_sampler(rng, var_type):
   """50 of 1000 steps: the law of the output is the exact composition on the respaced process
@@ -157,6 +159,7 @@ def test_respaced_ancestral_sampler(rng, var_type):
   assert_gaussian_stats(x, m, math.sqrt(v), f"respaced {var_type}")
 
 
+@pytest.mark.slow
 def test_progressive_chain_and_single_steps(rng):
   """chain[k] is x_t fed to the model at save_timesteps[k]; each step is N(mu_theta, var_t)."""
   d, c = linear_process()
@@ -225,6 +228,7 @@ def test_p_sample_single_step(rng):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ddim_all_steps_reproduces_gaussian_data(rng):
   d, c = linear_process()
   fn = jax.jit(functools.partial(samplers.ddim_sample_loop, denoise_fn=oracle(c),
@@ -237,6 +241,7 @@ def test_ddim_all_steps_reproduces_gaussian_data(rng):
   assert_gaussian_stats(x, m, math.sqrt(v), "ddim T steps")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_50_steps_matches_exact_composition(rng, eta):
   """With 50 steps the std is intrinsically ~5% low (eta=0); the composed maps predict it."""
@@ -302,6 +307,7 @@ def _ddim_deterministic(d, x_init, x_start, num_steps):
   return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_steps", [50, 7])
 def test_ddim_decode_and_encode_elementwise(rng, num_steps):
   """Deterministic paths: every element equals the float64 composed affine map, for eps, v and
@@ -347,6 +353,7 @@ def test_ddim_zero_terminal_snr(rng, mean_type):
   np.testing.assert_allclose(x, A * x_init.astype(np.float64) + B, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_ancestral_zero_terminal_snr_v_prediction(rng):
   """Respaced ancestral sampling on a zero-terminal-SNR process with v prediction."""
   d, c = zero_terminal_snr_process()
@@ -364,6 +371,7 @@ def test_ancestral_zero_terminal_snr_v_prediction(rng):
   assert_gaussian_stats(x, m, math.sqrt(v), "zero terminal SNR, v")
 
 
+@pytest.mark.slow
 def test_ddim_eta_one_all_steps_is_ancestral_fixedsmall(rng):
   """sigma_t(eta=1) over all steps equals beta-tilde_t: the law of DDPM with fixedsmall."""
   d, c = linear_process()

@@ -67,6 +67,7 @@ def _run(sampler, mean_type='eps', var_type='fixedlarge', n=2048, learned=False,
     (dict(kind='pc', steps=T), 2 * T + 1, 0.04),
     (dict(kind='ode', rtol=1e-4), None, 0.03),
 ])
+@pytest.mark.slow
 def test_every_sampler_reproduces_gaussian_data(config, nfe, tolerance):
   sampler = sampling.SamplerConfig(**config, clip_denoised=False)
   images, evaluations = _run(sampler)
@@ -80,6 +81,7 @@ def test_every_sampler_reproduces_gaussian_data(config, nfe, tolerance):
     assert (evaluations == nfe).all() and sampler.num_evaluations(T) == nfe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mean_type', ['xstart', 'v'])
 def test_solvers_read_every_parameterisation_and_ignore_variance_channels(mean_type):
   # A deterministic solver from the same noise: the same samples whatever the model predicts.

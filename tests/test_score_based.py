@@ -162,6 +162,7 @@ def test_ode_solvers_converge_at_their_orders_on_ve(kind, options, steps, order)
     assert abs(slope - order) < 0.35, (kind, slope, errs, seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['ve', 'subvp'])
 def test_adaptive_ode_follows_the_exact_map(name):
   seed = _seed()
@@ -176,44 +177,53 @@ def test_adaptive_ode_follows_the_exact_map(name):
   assert rel < 1e-3, seed
 
 
+# The recovery tests' data: with μ = 1 the mean's standard error over 65,536 values is 0.2% of
+# μ (the 1% tolerance is 5 standard errors) and the std's 0.28% (2% is 7): eight times fewer
+# samples than μ = 0.3 would need for the same margins.
+MU_R, S_R, SHAPE_R = 1.0, 0.5, (4096, 16)
+
+
 def _check_moments(x, what, seed):
   mean, std = float(jnp.mean(x)), float(jnp.std(x))
-  print(f'{what}: mean {mean:.4f} ({mean / MU - 1:+.2%}), std {std:.4f} ({std / S - 1:+.2%}) '
-        f'(seed {seed})')
-  assert std == pytest.approx(S, rel=0.02), (what, seed)
-  assert mean == pytest.approx(MU, rel=0.01), (what, seed)
+  print(f'{what}: mean {mean:.4f} ({mean / MU_R - 1:+.2%}), std {std:.4f} '
+        f'({std / S_R - 1:+.2%}) (seed {seed})')
+  assert std == pytest.approx(S_R, rel=0.02), (what, seed)
+  assert mean == pytest.approx(MU_R, rel=0.01), (what, seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['ve', 'subvp'])
 @pytest.mark.parametrize('kind', ['sde', 'pc'])
 def test_sde_and_pc_recover_the_gaussian(name, kind):
   """From the process's own prior, 1000 steps (log-SNR spaced: geometric in σ for VE)."""
   seed = _seed()
   p = PROCESSES[name]()
-  den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+  den = ct.make_denoiser(p, gaussian_denoise_fn(p, mu=MU_R, s=S_R), 'eps')
   k_x, k_run = jax.random.split(jax.random.key(seed))
-  x_t = p.prior_sample(k_x, (32768, 16))  # the mean's standard error: 0.23% of μ
+  x_t = p.prior_sample(k_x, SHAPE_R)
   out = jax.jit(functools.partial(sv.solve, kind, den))(x_t, sv.step_schedule(p, 1000), k_run)
   _check_moments(out.x0, f'{name} {kind}, 1000 steps', seed)
 
 
+@pytest.mark.slow
 def test_annealed_langevin_recovers_the_gaussian():
   """NCSN's sampler: 50 geometric levels from σ_max to σ_min, 100 steps each, ε = 2e-5,
   then Tweedie's denoising step."""
   seed = _seed()
   p = _ve()
-  den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+  den = ct.make_denoiser(p, gaussian_denoise_fn(p, mu=MU_R, s=S_R), 'eps')
   k_x, k_run = jax.random.split(jax.random.key(seed))
-  x_t = p.prior_sample(k_x, (32768, 16))
+  x_t = p.prior_sample(k_x, SHAPE_R)
   sched = sv.step_schedule(p, 49)
   run = jax.jit(functools.partial(sv.solve, 'ald', den, steps_per_level=100, step_size=2e-5))
   out = run(x_t, sched, k_run)
   assert int(out.nfe) == sv.num_evaluations('ald', 49, steps_per_level=100) == 50 * 100 + 1
   _check_moments(out.x0, 'ald, 50 levels x 100 steps', seed)
   # Without the final denoising the samples are of N(μ, s² + σ_min²).
-  assert float(jnp.std(out.x_end)) == pytest.approx(math.hypot(S, SIGMA_MIN), rel=0.02), seed
+  assert float(jnp.std(out.x_end)) == pytest.approx(math.hypot(S_R, SIGMA_MIN), rel=0.02), seed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mean_type', ['xstart', 'score'])
 def test_parameterisations_give_the_same_samples_on_ve(mean_type):
   seed = _seed()
@@ -259,6 +269,7 @@ def _marginal(p, t):
   return a * MU_VEC, a ** 2 * (q * ev) @ q.T + s2 * np.eye(D)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['ve', 'subvp'])
 def test_pf_ode_likelihood_matches_the_analytic_density(name):
   seed = _seed()

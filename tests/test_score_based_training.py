@@ -37,6 +37,7 @@ def _ncsn_spec(**diffusion):
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['ve', 'subvp', 'vp'])
 def test_step_objectives_at_the_exact_score_match_their_closed_forms(name):
   """x₀ ~ N(μ, s²) per coordinate; x_t = αx₀ + σz has the marginal variance v = α²s² + σ².
@@ -77,6 +78,7 @@ def test_step_objectives_at_the_exact_score_match_their_closed_forms(name):
   np.testing.assert_allclose(gap.mean(), np.mean(0.5 * sg ** 2 * 0.01 / v), rtol=0.1)
 
 
+@pytest.mark.slow
 def test_continuous_timesteps_are_uniform_on_the_process_interval():
   """t ~ U(t_min, t_max) per example, float32, as a function of the example's index only."""
   _, seed = oracles.new_rng()

@@ -187,6 +187,7 @@ def _ssm_draws(score, x, seed, n, *configs):
   return tuple(np.asarray(d) for d in jax.jit(jax.vmap(one))(keys))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('projection', ['rademacher', 'gaussian'])
 def test_ssm_is_unbiased_for_hyvarinen_and_vr_has_lower_variance(projection):
   rng, seed = oracles.new_rng()
@@ -202,6 +203,7 @@ def test_ssm_is_unbiased_for_hyvarinen_and_vr_has_lower_variance(projection):
   assert np.all(vr.var(0) < 0.5 * plain.var(0)), (vr.var(0), plain.var(0))
 
 
+@pytest.mark.slow
 def test_ssm_averages_its_projections():
   """M projections: still unbiased, with 1/M of one projection's variance."""
   rng, seed = oracles.new_rng()

@@ -67,6 +67,7 @@ ORDER_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind,options,steps,order', ORDER_CASES, ids=[c[0] for c in ORDER_CASES])
 def test_terminal_error_shrinks_at_the_solver_order(kind, options, steps, order):
   with jax.enable_x64(True):
@@ -152,6 +153,7 @@ def test_dpmpp_matches_numpy_float64(kind, order, num_steps, lower_order_final):
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dpmpp_2m_recovers_mean_and_std():
   """At 20 steps (21 evaluations) the mean is within 1% and the std 1.3% high on this process
   (a float64 NumPy run of the paper's 2M gives the same +1.30%); 25 steps bring both within 1%."""
@@ -169,6 +171,7 @@ def test_dpmpp_2m_recovers_mean_and_std():
     assert std == pytest.approx(S, rel=std_tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['sde', 'pc'])
 def test_sde_and_pc_recover_std_at_1000_steps(kind):
   seed = _seed()
@@ -188,6 +191,7 @@ def test_sde_and_pc_recover_std_at_1000_steps(kind):
   assert mean == pytest.approx(MU, abs=0.03), seed
 
 
+@pytest.mark.slow
 def test_adaptive_ode_is_accurate_and_counts_evaluations():
   seed = _seed()
   p = _process()
@@ -215,6 +219,7 @@ def test_adaptive_ode_is_accurate_and_counts_evaluations():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['heun'])
 def test_mean_types_give_the_same_samples(kind):
   seed = _seed()
@@ -248,6 +253,7 @@ class _GaussianLabelModel(nn.Module):
     return scale * (x - a * x0) / s
 
 
+@pytest.mark.slow
 def test_classifier_free_guidance_composes():
   p = _process()
   model = _GaussianLabelModel(num_classes=2, process=p)

@@ -318,6 +318,7 @@ def _mlp_logits(params, images: np.ndarray) -> np.ndarray:
       params['logits']['bias'], np.float64)
 
 
+@pytest.mark.slow
 def test_digits_classifier_is_accurate_on_the_heldout_digits():
   """The classifier fitted on the 1,500 training digits classifies at least 95% of the 297
   held-out ones, measured here with a NumPy forward pass (not the cached figure)."""

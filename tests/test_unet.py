@@ -151,6 +151,7 @@ def test_param_count_256_is_the_papers_114m():
   dict(resamp_with_conv=False),
   dict(ch=64, ch_mult=(1, 2, 3), num_res_blocks=2, attn_resolutions=(8, 2)),
 ])
+@pytest.mark.slow
 def test_param_count_matches_hand_count_for_options(options):
   kw = {**TINY, **options}
   model = _unet(**kw)
@@ -190,6 +191,7 @@ def tiny():
   dict(dtype=jnp.bfloat16),
 ], ids=["base", "class_conditional", "scale_shift", "num_heads", "num_head_channels",
        "resampling", "bfloat16"])
+@pytest.mark.slow
 def test_output_shape_and_dtype_for_each_option(options):
   # Traced with eval_shape (no compile); the options are run for real in the tests below.
   model = _unet(**{**TINY, "out_ch": 6}, **options)
