@@ -2,7 +2,8 @@
 trained by denoising score matching, offline on a CPU (docs/score_based.md).
 
   python train.py --config configs/digits_ncsn.py --workdir /tmp/digits_ncsn
-  python sample.py --workdir /tmp/digits_ncsn --sampler ald
+  python sample.py --workdir /tmp/digits_ncsn              # pc, its recommended sampler
+  python sample.py --workdir /tmp/digits_ncsn --sampler ald --steps 9 --langevin_steps 100
 
 The digits recipe (configs/digits.py) with the process and objective swapped: σ(t) from σ_min
 to σ_max geometrically, the weighting λ(σ) = σ², the U-Net conditioned on log σ through random

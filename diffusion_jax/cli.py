@@ -26,11 +26,43 @@ class _QuietOrbax(std_logging.Filter):
   line (checkpointing.save_or_raise), so the tracebacks of its background threads go."""
 
   def filter(self, record):
+    if record.name == 'asyncio' and 'exception was never retrieved' in record.msg:
+      # The tasks of a failed save that orbax left behind, collected after the `error:` line.
+      return '/orbax/' not in record.getMessage()
     if '/orbax/' not in record.pathname:
       return True
     if record.levelno >= std_logging.ERROR and record.exc_info:
       record.exc_info, record.exc_text = None, None
     return record.levelno >= std_logging.WARNING
+
+
+def _is_closed_loop_callback(exc_type, exc, tb) -> bool:
+  """A tensorstore write that finished after orbax had closed its event loop (the loop of a
+  save that already failed) calls `loop.call_soon_threadsafe` on it: "Event loop is closed"."""
+  if exc_type is not RuntimeError or str(exc) != 'Event loop is closed':
+    return False
+  while tb is not None:
+    code = tb.tb_frame.f_code
+    if code.co_name == 'call_soon_threadsafe' and 'asyncio' in code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """After a failed asynchronous save, tensorstore's pending writes report back to orbax's
+  closed event loop; C++ hands each RuntimeError to `sys.unraisablehook`, from its own
+  threads: dozens of tracebacks, interleaved with (and sometimes splitting) the one `error:`
+  line that already says what failed. Those, and only those, are dropped."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if _is_closed_loop_callback(unraisable.exc_type, unraisable.exc_value,
+                                unraisable.exc_traceback):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def start(argv: list[str]) -> None:
@@ -43,6 +75,7 @@ def start(argv: list[str]) -> None:
   host_memory.reuse_freed_host_memory()
   xla_flags.set_gpu_flags_if_requested()
   logging.get_absl_handler().addFilter(_QuietOrbax())
+  _drop_closed_loop_callbacks()
   from diffusion_jax import compilation  # pylint: disable=g-import-not-at-top
   if flags.FLAGS.compilation_cache:
     compilation.enable_cache(flags.FLAGS.compilation_cache_dir)
