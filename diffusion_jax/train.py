@@ -141,6 +141,30 @@ class _Writer:
         self._tb.close()
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('could not write the TensorBoard events: %s', ' '.join(str(e).split()))
+        self._abandon()
+
+  def _abandon(self) -> None:
+    """After a failed close, tensorboardX would try again: its worker thread flushes on a timer,
+    its atexit hook closes again, and each failure prints a traceback after the program's one
+    error line. Its workers are stopped with a writer that writes nothing, and its event
+    writers marked closed. (tensorboardX's internals, pinned by our dependency; best effort.)"""
+    class _Discard:
+      def write_event(self, event):
+        del event
+
+      def flush(self):
+        pass
+
+    for file_writer in list((getattr(self._tb, 'all_writers', None) or {}).values()):
+      events = getattr(file_writer, 'event_writer', None)
+      worker = getattr(events, '_worker', None)
+      try:
+        if worker is not None:
+          worker._record_writer = _Discard()  # pylint: disable=protected-access
+          worker.stop()
+        events._closed = True  # pylint: disable=protected-access
+      except Exception:  # pylint: disable=broad-except
+        pass
 
 
 def _format_eta(seconds: float) -> str:

@@ -241,25 +241,52 @@ def test_no_readable_checkpoint_is_one_line(env, unbroken, tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def test_full_disk_is_one_line_and_earlier_checkpoints_restore(env, unbroken, tmp_path):
+def _fill(directory) -> int:
+  """Writes a file into `directory` until its filesystem refuses another byte (ENOSPC)."""
+  written, chunk = 0, 1 << 20
+  with open(os.path.join(directory, 'filler'), 'wb', buffering=0) as f:
+    while chunk:
+      try:
+        written += f.write(b'\0' * chunk)
+      except OSError as e:
+        assert e.errno == 28, e  # ENOSPC
+        chunk //= 2
+  return written
+
+
+def test_full_disk_is_one_line_and_earlier_checkpoints_restore(env, unbroken, tmp_path, reaper):
+  """A real full disk, at a named point: the trainer stops itself once the save of 8 is started
+  (4 is committed), the test fills the tmpfs, the trainer goes on and its save fails.
+
+  (Sizing the tmpfs to fit one checkpoint and not two was not enough: the same checkpoint's
+  size on disk varies by a third between runs, and once both fitted.)"""
   disk = tmp_path / 'disk'
   disk.mkdir()
-  # Sized from the unbroken run's checkpoint: the first save fits, the second does not.
   one = sum(os.path.getsize(os.path.join(d, f))
             for d, _, files in os.walk(os.path.join(unbroken, 'checkpoints', '4')) for f in files)
-  size_kib = int(1.6 * one) // 1024
-  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size_kib}k', 'tmpfs', str(disk)],
-                         capture_output=True, text=True)
+  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={4 * one // 1024}k', 'tmpfs',
+                          str(disk)], capture_output=True, text=True)
   assert mount.returncode == 0, f'this test needs root to mount a tmpfs: {mount.stderr}'
   try:
     workdir = str(disk / 'run')
-    result = _run(env, _train_cmd(env, workdir, *EVERY_4))
+    log = str(tmp_path / 'log.txt')
+    with open(log, 'w') as f:
+      proc = subprocess.Popen(_train_cmd(env, workdir, *EVERY_4),
+                              env=_fault_env(env, 'save_started:8:stop'), cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=f)
+    reaper.append(proc)
+    _wait_until_stopped(proc, log)
+    assert _fill(disk) > 0
+    proc.send_signal(signal.SIGCONT)
+    proc.wait(timeout=600)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, '', open(log).read())
     line = _error_line(result)
     assert 'could not write' in line and 'No space left on device' in line, line
     assert os.path.join(workdir, 'checkpoints') in line, line
     # One line says it: no traceback of orbax's or tensorstore's threads around it (they once
     # split the error line; cli._drop_closed_loop_callbacks, cli._QuietOrbax).
     assert 'Traceback' not in result.stderr, result.stderr[-4000:]
+    os.remove(disk / 'filler')
     assert _steps(workdir) == [4]
     workdirs.assert_same_checkpoint(unbroken, workdir, 4)
   finally:
