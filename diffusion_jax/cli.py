@@ -26,7 +26,8 @@ class _QuietOrbax(std_logging.Filter):
   line (checkpointing.save_or_raise), so the tracebacks of its background threads go."""
 
   def filter(self, record):
-    if record.name == 'asyncio' and 'exception was never retrieved' in record.msg:
+    if (record.name == 'asyncio' and isinstance(record.msg, str)
+        and 'exception was never retrieved' in record.msg):
       # The tasks of a failed save that orbax left behind, collected after the `error:` line.
       return '/orbax/' not in record.getMessage()
     if '/orbax/' not in record.pathname:
