@@ -32,11 +32,12 @@ class _RaisesSomethingElse:
     raise ValueError('a different failure')
 
 
-def _unraisable_output(monkeypatch, make):
+def _unraisable_output(monkeypatch, make, *, filtered=True):
   stderr = io.StringIO()
   monkeypatch.setattr(sys, 'stderr', stderr)
   monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)
-  cli._drop_closed_loop_callbacks()  # pylint: disable=protected-access
+  if filtered:
+    cli._drop_closed_loop_callbacks()  # pylint: disable=protected-access
   obj = make()
   del obj
   gc.collect()
@@ -53,15 +54,10 @@ def test_closed_loop_callbacks_are_dropped_and_other_unraisables_are_not(monkeyp
 
 def test_without_the_filter_the_closed_loop_traceback_is_printed(monkeypatch):
   """The case above is a real one: unfiltered, it prints the traceback seen in CI."""
-  stderr = io.StringIO()
-  monkeypatch.setattr(sys, 'stderr', stderr)
-  monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)
   loop = asyncio.new_event_loop()
   loop.close()
-  obj = _CallsAClosedLoop(loop)
-  del obj
-  gc.collect()
-  assert 'RuntimeError: Event loop is closed' in stderr.getvalue()
+  out = _unraisable_output(monkeypatch, lambda: _CallsAClosedLoop(loop), filtered=False)
+  assert 'RuntimeError: Event loop is closed' in out, out
 
 
 def _asyncio_record(task_repr: str) -> logging.LogRecord:

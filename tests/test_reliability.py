@@ -6,6 +6,7 @@ SIGKILL, a real full disk on a tmpfs, two processes on loopback) and compare fin
 bit for bit, in every leaf and in the iterator position, with an unbroken run.
 """
 
+import errno
 import glob
 import json
 import os
@@ -249,7 +250,7 @@ def _fill(directory) -> int:
       try:
         written += f.write(b'\0' * chunk)
       except OSError as e:
-        assert e.errno == 28, e  # ENOSPC
+        assert e.errno == errno.ENOSPC, e
         chunk //= 2
   return written
 
