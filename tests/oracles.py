@@ -22,8 +22,10 @@ import numpy as np
 
 
 def new_seed() -> int:
-  """A fresh 32-bit seed, printed (pytest shows it with a failure) so the run can be replayed."""
-  seed = int.from_bytes(os.urandom(4), 'little')
+  """A fresh 32-bit seed, printed (pytest shows it with a failure) so the run can be replayed:
+  `TEST_SEED=<seed> pytest <the failed test>` draws that seed instead."""
+  replay = os.environ.get('TEST_SEED')
+  seed = int(replay) if replay else int.from_bytes(os.urandom(4), 'little')
   print(f'seed {seed}')
   return seed
 
