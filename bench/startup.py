@@ -21,7 +21,8 @@ The wall time is the whole process; the compile seconds are what the programs' o
 `data_parallel_step` included) with the per-device U-Net step replaced by one of negligible
 device work, so that steps/s measures the host: reading
 and placing each batch, dispatching the step, logging. For the `grain` and the `memory`
-pipeline. Run it on the commit before this one (`PYTHONPATH=<old checkout>`) for the "before".
+pipeline, and the latter with several steps per call (`training.steps_per_call`, a
+`lax.scan` over that many batches per dispatch; `--steps_per_call 1,8`). Run it on the commit before this one (`PYTHONPATH=<old checkout>`) for the "before".
 
 Results go to bench/startup.json and a markdown table on stdout.
 """
@@ -160,13 +161,18 @@ def loop(args) -> list[dict]:
   with tempfile.TemporaryDirectory() as base:
     data_dir = os.path.join(base, 'tfds')
     digits_data.prepare_digits(data_dir)
-    for pipeline in ('grain', 'memory'):
+    cases = [('grain', 1)] + [('memory', k) for k in args.steps_per_call]
+    for pipeline, k in cases:
       config = digits.get_config()
       config.data.data_dir = data_dir
       if 'pipeline' in config.data:
         config.data.pipeline = pipeline
       elif pipeline != 'grain':
         continue  # the code before the in-memory pipeline
+      if k > 1 and 'steps_per_call' not in config.training:
+        continue  # the code before several steps per call
+      if k > 1:
+        config.training.steps_per_call = k
       config.training.num_train_steps = args.steps
       config.training.log_every_steps = args.steps // 2
       config.training.checkpoint_every_steps = 10 * args.steps
@@ -187,12 +193,12 @@ def loop(args) -> list[dict]:
       grab = Grab()
       handler.addFilter(grab)
       try:
-        train.train_and_evaluate(config, os.path.join(base, f'wd_{pipeline}'))
+        train.train_and_evaluate(config, os.path.join(base, f'wd_{pipeline}_{k}'))
       finally:
         handler.removeFilter(grab)
-      row = dict(pipeline=pipeline, steps=args.steps, steps_per_s=rates[-1],
+      row = dict(pipeline=pipeline, steps_per_call=k, steps=args.steps, steps_per_s=rates[-1],
                  host_ms_per_step=1e3 / rates[-1], devices=jax.device_count())
-      print(f'loop, {pipeline} pipeline: {row["steps_per_s"]:.0f} steps/s '
+      print(f'loop, {pipeline} pipeline, {k} steps per call: {row["steps_per_s"]:.0f} steps/s '
             f'({row["host_ms_per_step"]:.2f} ms per step)', flush=True)
       rows.append(row)
   return rows
@@ -202,11 +208,19 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--only', choices=('startup', 'loop'))
   parser.add_argument('--steps', type=int, default=4000, help='loop: steps per run')
+  parser.add_argument('--steps_per_call', type=lambda v: [int(x) for x in v.split(',')],
+                      default=[1, 8], help='loop: training.steps_per_call values (memory '
+                      'pipeline), comma-separated; each must divide --steps / 2')
   parser.add_argument('--tiny', action='store_true', help='smoke test: small and short')
   parser.add_argument('--out', default=os.path.join(ROOT, 'bench', 'startup.json'))
   args = parser.parse_args()
   if args.tiny:
     args.steps = min(args.steps, 40)
+    args.steps_per_call = [k for k in args.steps_per_call if (args.steps // 2) % k == 0]
+  bad = [k for k in args.steps_per_call if k < 1 or (args.steps // 2) % k]
+  if bad:
+    parser.error(f'--steps_per_call values must be >= 1 and divide --steps / 2 = '
+                 f'{args.steps // 2}, got {bad}')
   results = dict(load_before=os.getloadavg()[0])
   if args.only in (None, 'loop'):
     results['loop'] = loop(args)
@@ -227,10 +241,11 @@ def main():
             f'{r["cold_to_first_s"] / max(r["warm_to_first_s"], 1e-9):.1f}× | '
             f'{r["warm_cache"]} |')
   if 'loop' in results:
-    print('\n| pipeline | steps/s (negligible step) | host ms per step |')
-    print('|---|---|---|')
+    print('\n| pipeline | steps per call | steps/s (negligible step) | host ms per step |')
+    print('|---|---|---|---|')
     for r in results['loop']:
-      print(f'| {r["pipeline"]} | {r["steps_per_s"]:.0f} | {r["host_ms_per_step"]:.2f} |')
+      print(f'| {r["pipeline"]} | {r.get("steps_per_call", 1)} | {r["steps_per_s"]:.0f} | '
+            f'{r["host_ms_per_step"]:.2f} |')
 
 
 if __name__ == '__main__':

@@ -60,6 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.batch_size = 128             # global, over all devices and hosts
   training.num_train_steps = 800_000
   training.time_budget_s = 0.0          # > 0: stop earlier, checkpointed, after this wall time
+  # Steps per dispatch (a lax.scan over that many batches): the host's per-step cost divided
+  # by it, for accelerators whose step is shorter than Python's dispatch. The step counts
+  # below (and eval.every_steps) must be multiples of it.
+  training.steps_per_call = 1
   training.log_every_steps = 100
   training.checkpoint_every_steps = 10_000
   training.keep_checkpoints = 3

@@ -111,8 +111,9 @@ def signal_received() -> str | None:
 
 
 def should_stop(step: int) -> bool:
-  """Whether to save and stop after `step`. Every process must call it after every step, with
-  the same step: with several processes it is a collective and all of them get the same answer."""
+  """Whether to save and stop after `step`. Every process must call it after every step (or
+  every call of a multi-step update, with the call's index), with the same value: with several
+  processes it is a collective and all of them get the same answer."""
   if not _state.multi:
     return _state.received is not None
   if _state.use_sync_point:

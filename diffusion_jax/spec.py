@@ -72,6 +72,12 @@ def _positive_int(value, name: str) -> int:
   return int(value)
 
 
+def _multiple_of_steps_per_call(value: int, name: str, k: int) -> None:
+  if value % k:
+    raise ValueError(f'{name}={value} must be a multiple of training.steps_per_call={k}: the '
+                     'loop logs, checkpoints, samples, evaluates and stops only between calls')
+
+
 def _non_negative_int(value, name: str) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
     raise ValueError(f'{name} must be a non-negative integer, got {value!r}')
@@ -236,6 +242,7 @@ class RunSpec:
   num_samples: int
   sampler: sampling.SamplerConfig    # for the grid
   time_budget_s: float = 0.0         # > 0: also stop (and checkpoint) after this wall time
+  steps_per_call: int = 1            # steps per dispatch (a lax.scan): less host overhead
 
   def __post_init__(self):
     if not (isinstance(self.time_budget_s, (int, float)) and math.isfinite(self.time_budget_s)
@@ -246,6 +253,10 @@ class RunSpec:
                  'keep_checkpoints', 'num_samples'):
       _positive_int(getattr(self, name), f'training.{name}')
     _non_negative_int(self.sample_every_steps, 'training.sample_every_steps')
+    k = _positive_int(self.steps_per_call, 'training.steps_per_call')
+    for name in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
+                 'sample_every_steps'):
+      _multiple_of_steps_per_call(getattr(self, name), f'training.{name}', k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +296,10 @@ class ExperimentSpec:
   training: TrainingSpec
   run: RunSpec
   eval: EvalSpec
+
+  def __post_init__(self):
+    _multiple_of_steps_per_call(self.eval.every_steps, 'eval.every_steps',
+                                self.run.steps_per_call)
 
   @property
   def num_classes(self) -> int | None:
@@ -350,7 +365,7 @@ class ExperimentSpec:
         checkpoint_every_steps=t.checkpoint_every_steps, keep_checkpoints=t.keep_checkpoints,
         sample_every_steps=t.sample_every_steps, num_samples=t.num_samples,
         sampler=_sampler_of(t),
-        time_budget_s=t.get('time_budget_s', 0.0))
+        time_budget_s=t.get('time_budget_s', 0.0), steps_per_call=t.get('steps_per_call', 1))
     e = c.eval
     evaluation = EvalSpec(
         every_steps=e.every_steps, num_samples=e.num_samples, bpd_examples=e.bpd_examples,

@@ -36,7 +36,7 @@ from diffusion_jax import workdir as workdir_lib
 from diffusion_jax import workdir_lock
 from diffusion_jax.data import datasets
 from diffusion_jax.data import input_pipeline
-from diffusion_jax.data.prefetch import DevicePrefetcher
+from diffusion_jax.data.prefetch import DevicePrefetcher, Stacked
 from diffusion_jax.images import save_png
 from diffusion_jax.spec import ExperimentSpec
 from diffusion_jax.train_state import TrainState
@@ -250,7 +250,6 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
   # ---- Mesh. ------------------------------------------------------------------------------
   mesh = parallel.make_mesh()
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(AXIS))
 
   # ---- Input. -----------------------------------------------------------------------------
   make_iterator = (input_pipeline.create_memory_train_iterator
@@ -289,6 +288,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
       state = jax.jit(init_state, out_shardings=replicated)()
     timeline.mark('model init')
   step = int(jax.device_get(state.step))
+  if step % run.steps_per_call:
+    raise ValueError(f'checkpoint {step} is not a multiple of training.steps_per_call='
+                     f'{run.steps_per_call}: resume it with a steps_per_call that divides {step} '
+                     '(1 always does)')
   if is_chief:
     workdir_lib.record_start(workdir, spec, config, changes, step)
     if changes:
@@ -303,7 +306,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
   step_fn = functools.partial(step_lib.train_step, model=model, diffusion=diffusion, tx=tx,
                               learning_rate_fn=spec.optimizer.learning_rate_schedule(),
                               cfg=step_cfg)
-  update = step_lib.data_parallel_step(step_fn, mesh)
+  k = run.steps_per_call   # steps per call of `update`
+  update = step_lib.data_parallel_step(step_fn, mesh, k)
 
   # ---- Samples during training. -----------------------------------------------------------
   sample_every = run.sample_every_steps
@@ -345,9 +349,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
   budget = run.time_budget_s
 
   def out_of_time(step: int) -> bool:
-    """The time budget is spent (checked after every step). Several processes follow process
-    0's clock, read at the log steps (one tiny broadcast), so that all stop after the same
-    step."""
+    """The time budget is spent (checked after every call of the step). Several processes
+    follow process 0's clock, read at the log steps (one tiny broadcast), so that all stop
+    after the same step."""
     if not budget:
       return False
     if jax.process_count() > 1 and step % log_every:
@@ -369,6 +373,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
       return
     fetched = jax.device_get(pending)
     pending.clear()
+    if k > 1:  # a call's metrics are per step, [k]: step s - k + 1 + i is entry i
+      fetched = [(s - k + 1 + i, {n: v[i] for n, v in m.items()})
+                 for s, m in fetched for i in range(k)]
     for s, m in fetched:
       # The metrics of step s are those of the state of step s − 1: that state and every
       # later one are bad; they are moved aside, so that a rerun resumes from a safe one.
@@ -404,7 +411,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
 
   # The next batches are read and placed on the devices while a step runs (no wait on the
   # host between steps); checkpoints record the position of the batches the steps consumed.
-  batches = DevicePrefetcher(train_iter, batch_sharding, ahead=PREFETCH_BATCHES)
+  batches = DevicePrefetcher(train_iter if k == 1 else Stacked(train_iter, k),
+                             update.batch_sharding, ahead=PREFETCH_BATCHES)
   first_step = step
   restore_signals = preemption.install()  # SIGTERM/SIGINT now only set a flag
   try:
@@ -424,10 +432,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
         compile_scalars.update(report.scalars())
         if is_chief:
           logging.info('%s', timeline.line(report))
-        writer.scalars(step + 1, {**timeline.scalars(), **compile_scalars})
+        writer.scalars(step + k, {**timeline.scalars(), **compile_scalars})
       else:
         state, metrics = update(state, next(batches))
-      step += 1
+      step += k
       pending.append((step, metrics))
       budget_spent = out_of_time(step)
       if budget_spent and is_chief:
@@ -438,7 +446,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
         check_and_log()
         faults.at(faults.Point.AFTER_STEP, step)  # tests only: DIFFUSION_JAX_FAULT
       # SIGTERM/SIGINT: save this step, wait, stop (every process agrees on the step).
-      if preemption.should_stop(step) and not last:
+      # (With several processes it agrees on a call's index: k steps per call.)
+      if preemption.should_stop(step // k) and not last:
         check_and_log()
         checkpointing.save_or_raise(manager, step, state, batches.snapshot())
         checkpointing.wait_or_raise(manager)

@@ -236,20 +236,36 @@ def _step_key(state: TrainState) -> jax.Array:
   return jax.random.fold_in(state.rng, state.step)
 
 
-def data_parallel_step(step_fn: Callable, mesh: Mesh) -> Callable:
+def data_parallel_step(step_fn: Callable, mesh: Mesh, steps_per_call: int = 1) -> Callable:
   """`update(state, batch) -> (state, metrics)`: `step_fn` under `shard_map` over `mesh`.
 
   The state is replicated (P()), the batch sharded over 'data' on its leading axis; the
   state's buffers are donated. A state whose step counter is replicated over `mesh` is taken
   to be placed as a whole (the trainer's); any other is placed first.
+
+  With `steps_per_call` k > 1, one call runs k steps (a `lax.scan` over the batches): `batch`
+  is k batches stacked, [k, b, ...] (sharded over 'data' on axis 1), and every metric comes
+  back per step, [k]. Each step is the same function of the state and its batch as with k = 1
+  (its key is `fold_in(rng, step)`); only the host's dispatches are k times fewer.
   """
+  if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
+    raise ValueError(f'steps_per_call must be a positive integer, got {steps_per_call!r}')
   sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()),
                           out_specs=(P(), P()))
-  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+  replicated = NamedSharding(mesh, P())
+  split = NamedSharding(mesh, P(AXIS) if steps_per_call == 1 else P(None, AXIS))
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def jitted(state, batch):
+  def one(state, batch):
     return sharded(state, batch, _step_key(state))
+
+  if steps_per_call == 1:
+    run = one
+  else:
+    def run(state, batches):
+      chex.assert_axis_dimension(jax.tree.leaves(batches)[0], 0, steps_per_call)
+      return jax.lax.scan(one, state, batches)    # metrics: {name: [k]}
+
+  jitted = jax.jit(run, donate_argnums=(0,))
 
   def update(state, batch):
     # The trainer's state already lives on the mesh: its step counter says so, and then the
@@ -261,6 +277,8 @@ def data_parallel_step(step_fn: Callable, mesh: Mesh) -> Callable:
 
   # Compiling ahead of the first call (placed arguments): the call then reuses the program.
   update.compile = lambda state, batch: jitted.lower(state, batch).compile()
+  update.batch_sharding = split
+  update.steps_per_call = steps_per_call
   return update
 
 

@@ -1,6 +1,7 @@
 """The experiment spec: built once from a config, JSON round trip, and which differences a
 resume may carry; the workdir files that hold it."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,8 @@ from diffusion_jax import spec as spec_lib
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.models.unet import UNetConfig
+
+import oracles  # tests/ is on sys.path under pytest's rootdir conftest
 
 DIGITS = input_pipeline.ImageDatasetInfo('digits', (8, 8, 1), 10, {'train': 1500, 'test': 297})
 CIFAR = input_pipeline.ImageDatasetInfo('cifar10', (32, 32, 3), 10, {'train': 50000})
@@ -151,3 +154,45 @@ def test_data_pipeline_is_parsed_resumable_and_grain_for_older_specs():
   with pytest.raises(ValueError, match=r"unknown data.pipeline 'fast'; allowed: 'grain', "
                                        r"'memory'"):
     spec_lib.ExperimentSpec.from_config(bad, DIGITS)
+
+
+def test_steps_per_call_is_resumable_one_for_older_specs_and_divides_every_cadence():
+  spec = spec_lib.ExperimentSpec.from_config(tiny.get_config(), DIGITS)
+  assert spec.run.steps_per_call == 1
+  old = spec.to_json()
+  del old['run']['steps_per_call']  # a spec.json written before the field existed
+  assert spec_lib.ExperimentSpec.from_json(old).run.steps_per_call == 1
+  config = tiny.get_config()
+  config.training.steps_per_call = 2
+  config.training.num_train_steps = 10
+  for name in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
+    config.training[name] = 4
+  config.eval.every_steps = 6
+  fixed, resumable = spec_lib.differences(
+      spec, spec_lib.ExperimentSpec.from_config(config, DIGITS))
+  assert fixed == [] and ('run.steps_per_call', 1, 2) in resumable, (fixed, resumable)
+  for section, name, value in (('training', 'num_train_steps', 9),
+                               ('training', 'log_every_steps', 3),
+                               ('training', 'checkpoint_every_steps', 5),
+                               ('training', 'sample_every_steps', 7),
+                               ('eval', 'every_steps', 1)):
+    bad = tiny.get_config()
+    bad.training.steps_per_call = 2
+    bad.training.num_train_steps = 10
+    for n in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
+      bad.training[n] = 2
+    bad.eval.every_steps = 0
+    bad[section][name] = value
+    with pytest.raises(ValueError) as info:
+      spec_lib.ExperimentSpec.from_config(bad, DIGITS)
+    oracles.assert_one_line_error(str(info.value), f'{section}.{name}={value}',
+                                  'multiple of training.steps_per_call=2')
+  for value in (0, -1):
+    bad = tiny.get_config()
+    bad.training.steps_per_call = value
+    with pytest.raises(ValueError, match=r'training.steps_per_call must be a positive integer, '
+                                         rf'got {value}'):
+      spec_lib.ExperimentSpec.from_config(bad, DIGITS)
+  for value in (1.5, True):
+    with pytest.raises(ValueError, match=r'training.steps_per_call must be a positive integer'):
+      dataclasses.replace(spec.run, steps_per_call=value)

@@ -82,6 +82,26 @@ class DevicePrefetcher:
     return IteratorState(self._state)
 
 
+class Stacked:
+  """`k` consecutive batches of a host iterator stacked into one, [k, b, ...] (for a train
+  step that runs k steps per call). `get_state()` is the wrapped iterator's, so a checkpoint
+  taken between stacks records the last batch consumed; restore into the wrapped iterator."""
+
+  def __init__(self, iterator: Iterator[dict[str, np.ndarray]], k: int):
+    self._iterator = iterator
+    self._k = int(k)
+
+  def __iter__(self) -> 'Stacked':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batches = [next(self._iterator) for _ in range(self._k)]
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+  def get_state(self):
+    return self._iterator.get_state()
+
+
 class IteratorState:
   """A data position frozen at one step, in the form grain's orbax handler saves."""
 
