@@ -112,7 +112,9 @@ def test_hutchinson_is_unbiased_within_its_standard_error():
   print(f'Hutchinson (2 probes): mean error {err.mean():.4f} ± {se:.4f} (per-example std '
         f'{err.std():.4f}), {int(nfe)} evaluations, seed {seed}')
   assert err.std() > 1e-3, 'the estimator should be noisy for a non-diagonal Jacobian'
-  assert abs(err.mean()) < 3.5 * se, seed
+  # 5 standard errors: the error is a heavy-tailed quadratic form of 2 Rademacher probes, and
+  # at 3.5 one run in 600 failed by chance.
+  assert abs(err.mean()) < 5 * se, seed
 
 
 @pytest.mark.slow

@@ -183,11 +183,11 @@ def test_adaptive_ode_follows_the_exact_map(name):
 MU_R, S_R, SHAPE_R = 1.0, 0.5, (4096, 16)
 
 
-def _check_moments(x, what, seed):
+def _check_moments(x, what, seed, std_rel=0.02):
   mean, std = float(jnp.mean(x)), float(jnp.std(x))
   print(f'{what}: mean {mean:.4f} ({mean / MU_R - 1:+.2%}), std {std:.4f} '
         f'({std / S_R - 1:+.2%}) (seed {seed})')
-  assert std == pytest.approx(S_R, rel=0.02), (what, seed)
+  assert std == pytest.approx(S_R, rel=std_rel), (what, seed)
   assert mean == pytest.approx(MU_R, rel=0.01), (what, seed)
 
 
@@ -202,7 +202,10 @@ def test_sde_and_pc_recover_the_gaussian(name, kind):
   k_x, k_run = jax.random.split(jax.random.key(seed))
   x_t = p.prior_sample(k_x, SHAPE_R)
   out = jax.jit(functools.partial(sv.solve, kind, den))(x_t, sv.step_schedule(p, 1000), k_run)
-  _check_moments(out.x0, f'{name} {kind}, 1000 steps', seed)
+  # PC's Langevin corrector at snr 0.16 leaves a known +1.25% in the std (a float64
+  # re-derivation on this data): 2% would be only 2.7 standard errors beyond it.
+  _check_moments(out.x0, f'{name} {kind}, 1000 steps', seed,
+                 std_rel=0.025 if kind == 'pc' else 0.02)
 
 
 @pytest.mark.slow

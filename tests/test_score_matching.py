@@ -30,7 +30,7 @@ MU, S = 0.3, 0.5
 D = 8              # coordinates per example, as [B, 2, 4]
 N_DSM = 1 << 15    # examples in each DSM Monte-Carlo mean
 N_SSM = 20000      # projections per example in each SSM Monte-Carlo mean
-Z = 4.0            # the tolerance, in standard errors
+Z = 5.0            # the tolerance, in standard errors (tests make up to 10 such checks)
 
 
 def _mean_se(v):
@@ -63,7 +63,7 @@ def _check_minimum_and_margin(loss, loss_scaled, lam, v, sigma, scale):
   diff = np.asarray(loss_scaled) - np.asarray(loss)                         # [N] paired
   excess = lam * 0.5 * D * (scale - 1.0) ** 2 / v                           # [N]
   dm, dse = _mean_se(diff)
-  assert dm > 10 * dse, (dm, dse)
+  assert excess.mean() > 8 * dse, (excess.mean(), dm, dse)  # the excess is far beyond noise
   assert abs(dm - excess.mean()) < Z * dse, (dm, excess.mean(), dse)
 
 
@@ -170,6 +170,7 @@ def _linear_score(rng, b=5):
     flat = x.reshape(x.shape[0], -1)
     return (flat @ a_j.T + bias_j).reshape(x.shape)
 
+  score.a, score.bias = a, bias  # for closed forms of the estimators' variances
   s = x.reshape(b, -1) @ a.T + bias
   exact = np.trace(a) + 0.5 * np.sum(s ** 2, -1)                            # [B]
   return score, jnp.asarray(x), exact
@@ -199,8 +200,24 @@ def test_ssm_is_unbiased_for_hyvarinen_and_vr_has_lower_variance(projection):
   for draws in (plain, vr):
     m, se = _mean_se(draws)
     assert np.all(np.abs(m - exact) < Z * se), (m, exact, se)
-  # The scores are large against A, so ½(vᵀs)²'s variance dominates what SSM-VR removes.
-  assert np.all(vr.var(0) < 0.5 * plain.var(0)), (vr.var(0), plain.var(0))
+  # Each estimate is a quadratic form vᵀQv: Q = M + ½ssᵀ plain, Q = M (plus a constant) for
+  # SSM-VR, with M = (A + Aᵀ)/2. Its variance is 2‖Q‖²_F for Gaussian v and 2Σ_{i≠j} Q_ij²
+  # for Rademacher v (v_i² = 1). The sample variances must match these closed forms (10%
+  # is more than 5 of their standard errors at these 20,000 draws); and the scores being
+  # large against A, ½(vᵀs)²'s share dominates what SSM-VR removes.
+  a = np.asarray(score.a, np.float64)
+  sym = 0.5 * (a + a.T)
+  s = np.asarray(x, np.float64).reshape(x.shape[0], -1) @ a.T + np.asarray(score.bias)  # [B, d]
+  off = 1.0 - np.eye(a.shape[0]) if projection == 'rademacher' else np.ones_like(a)
+
+  def closed(q):                                                             # [..., d, d]
+    return 2.0 * np.sum((q * off) ** 2, axis=(-2, -1))
+
+  want_plain = closed(sym[None] + 0.5 * s[:, :, None] * s[:, None, :])      # [B]
+  want_vr = np.full(x.shape[0], closed(sym))
+  np.testing.assert_allclose(plain.var(0), want_plain, rtol=0.1, err_msg=f'seed {seed}')
+  np.testing.assert_allclose(vr.var(0), want_vr, rtol=0.1, err_msg=f'seed {seed}')
+  assert want_vr.sum() < 0.5 * want_plain.sum(), (want_vr, want_plain, seed)
 
 
 @pytest.mark.slow
