@@ -162,29 +162,28 @@ def test_steps_per_call_is_resumable_one_for_older_specs_and_divides_every_caden
   old = spec.to_json()
   del old['run']['steps_per_call']  # a spec.json written before the field existed
   assert spec_lib.ExperimentSpec.from_json(old).run.steps_per_call == 1
-  config = tiny.get_config()
-  config.training.steps_per_call = 2
-  config.training.num_train_steps = 10
-  for name in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
-    config.training[name] = 4
-  config.eval.every_steps = 6
+  def config_with(every: int, eval_every: int, changes=()):
+    """The tiny config at steps_per_call 2, 10 steps, its cadences `every`, then `changes`."""
+    config = tiny.get_config()
+    config.training.steps_per_call = 2
+    config.training.num_train_steps = 10
+    for n in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
+      config.training[n] = every
+    config.eval.every_steps = eval_every
+    for section, n, v in changes:
+      config[section][n] = v
+    return config
+
   fixed, resumable = spec_lib.differences(
-      spec, spec_lib.ExperimentSpec.from_config(config, DIGITS))
+      spec, spec_lib.ExperimentSpec.from_config(config_with(4, 6), DIGITS))
   assert fixed == [] and ('run.steps_per_call', 1, 2) in resumable, (fixed, resumable)
   for section, name, value in (('training', 'num_train_steps', 9),
                                ('training', 'log_every_steps', 3),
                                ('training', 'checkpoint_every_steps', 5),
                                ('training', 'sample_every_steps', 7),
                                ('eval', 'every_steps', 1)):
-    bad = tiny.get_config()
-    bad.training.steps_per_call = 2
-    bad.training.num_train_steps = 10
-    for n in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
-      bad.training[n] = 2
-    bad.eval.every_steps = 0
-    bad[section][name] = value
     with pytest.raises(ValueError) as info:
-      spec_lib.ExperimentSpec.from_config(bad, DIGITS)
+      spec_lib.ExperimentSpec.from_config(config_with(2, 0, [(section, name, value)]), DIGITS)
     oracles.assert_one_line_error(str(info.value), f'{section}.{name}={value}',
                                   'multiple of training.steps_per_call=2')
   for value in (0, -1):
