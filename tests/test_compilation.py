@@ -101,14 +101,17 @@ def test_device_prefetcher_places_the_next_batches_before_handing_one_out():
 
 
 @pytest.mark.slow
-def test_the_trainer_places_the_next_batch_before_each_step(monkeypatch, tmp_path):
+@pytest.mark.parametrize('steps_per_call', [1, 2])
+def test_the_trainer_places_the_next_batch_before_each_step(monkeypatch, tmp_path,
+                                                            steps_per_call):
   """The loop's update is called with a batch already on the devices, and by then the next
   batch has been read and placed too (no timing: the prefetcher's queue is inspected when the
-  step is dispatched)."""
+  step is dispatched). With 2 steps per call, each call's batch is 2 batches stacked."""
   from diffusion_jax.data import digits  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path / 'tfds')
   digits.prepare_digits(data_dir)
   prefetchers = []
+  k = steps_per_call
 
   class Recording(DevicePrefetcher):
     def __init__(self, *args, **kwargs):
@@ -124,19 +127,22 @@ def test_the_trainer_places_the_next_batch_before_each_step(monkeypatch, tmp_pat
   seen = []
   real_data_parallel_step = train.step_lib.data_parallel_step
 
-  def recording_step(step_fn, mesh):
-    update = real_data_parallel_step(step_fn, mesh)
-    batch_sharding = NamedSharding(mesh, P('data'))
+  def recording_step(step_fn, mesh, steps_per_call):
+    update = real_data_parallel_step(step_fn, mesh, steps_per_call)
+    batch_sharding = NamedSharding(mesh, P('data') if k == 1 else P(None, 'data'))
+    shape = (16, 8, 8, 1) if k == 1 else (k, 16, 8, 8, 1)
 
     def checked(state, batch):
       (prefetcher,) = prefetchers
       queued = prefetcher.queued
       seen.append((isinstance(batch['image'], jax.Array) and
-                   batch['image'].sharding == batch_sharding,
+                   batch['image'].sharding == batch_sharding and
+                   batch['image'].shape == shape,
                    len(queued),
                    all(isinstance(q['image'], jax.Array) and
                        q['image'].sharding == batch_sharding for q in queued)))
       return update(state, batch)
+    checked.batch_sharding = update.batch_sharding
     return checked
 
   monkeypatch.setattr(train.step_lib, 'train_step', negligible)
@@ -145,13 +151,15 @@ def test_the_trainer_places_the_next_batch_before_each_step(monkeypatch, tmp_pat
   config = tiny.get_config()
   config.data.data_dir = data_dir
   config.training.num_train_steps = 6
+  config.training.steps_per_call = k
   train.train_and_evaluate(config, str(tmp_path / 'wd'))
   assert train.PREFETCH_BATCHES >= 1
-  assert seen == [(True, train.PREFETCH_BATCHES, True)] * 6  # the next batch is placed
-  # The checkpoint of the last step records 6 batches consumed, not the 8 read.
+  calls = 6 // k
+  assert seen == [(True, train.PREFETCH_BATCHES, True)] * calls  # the next batch is placed
+  # The checkpoint of the last step records 6 batches consumed, not those read ahead.
   (data_file,) = (tmp_path / 'wd' / 'checkpoints' / '6' / 'data').glob('process_*.json')
   assert json.loads(data_file.read_text()) == {'next_index': 6}
-  assert prefetchers[0].placed == 6 + train.PREFETCH_BATCHES
+  assert prefetchers[0].placed == calls + train.PREFETCH_BATCHES
 
 
 # ------------------------------------------------------------------------------------------
