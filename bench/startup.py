@@ -22,7 +22,8 @@ The wall time is the whole process; the compile seconds are what the programs' o
 device work, so that steps/s measures the host: reading
 and placing each batch, dispatching the step, logging. For the `grain` and the `memory`
 pipeline, and the latter with several steps per call (`training.steps_per_call`, a
-`lax.scan` over that many batches per dispatch; `--steps_per_call 1,8`). Run it on the commit before this one (`PYTHONPATH=<old checkout>`) for the "before".
+`lax.scan` over that many batches per dispatch; `--steps_per_call 1,8`). Run it on the commit
+before this one (`PYTHONPATH=<old checkout>`) for the "before".
 
 Results go to bench/startup.json and a markdown table on stdout.
 """

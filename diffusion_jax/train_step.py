@@ -13,7 +13,6 @@ is split over devices or micro-batches; dropout uses `fold_in(step_key, device_i
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import chex
@@ -198,12 +197,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
       (_, terms), g = grad_fn(local_params, m)
       return jax.tree.map(jnp.add, grad_sum, g), terms
     zeros = jax.tree.map(jnp.zeros_like, local_params)
-    # On CPU the loop is unrolled: inside a while loop XLA:CPU runs the kernel gradients of
-    # the convolutions on its generic convolution, about 30x slower than the library kernels
-    # it uses elsewhere (docs/benchmarks.md). Accelerators keep the loop, which holds the
-    # activations of one micro-batch at a time.
-    unroll = jax.default_backend() == 'cpu'
-    grads, terms = jax.lax.scan(accumulate, zeros, micro, unroll=unroll)
+    # Accelerators keep the loop, which holds the activations of one micro-batch at a time.
+    grads, terms = jax.lax.scan(accumulate, zeros, micro, unroll=_unroll_loops())
     grads = jax.tree.map(lambda g: g / a, grads)
     terms = jax.tree.map(lambda x: x.reshape(b), terms)
 
@@ -232,6 +227,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   return new_state, metrics
 
 
+def _unroll_loops() -> bool:
+  """Whether a `lax.scan` over steps or micro-batches is unrolled: on CPU only. Inside a while
+  loop XLA:CPU runs the kernel gradients of the convolutions on its generic convolution, about
+  30x slower than the library kernels it uses elsewhere (docs/benchmarks.md; the digits step
+  ran 6x slower rolled)."""
+  return jax.default_backend() == 'cpu'
+
+
 def _step_key(state: TrainState) -> jax.Array:
   return jax.random.fold_in(state.rng, state.step)
 
@@ -249,7 +252,8 @@ def data_parallel_step(step_fn: Callable, mesh: Mesh, steps_per_call: int = 1) -
   (its key is `fold_in(rng, step)`); only the host's dispatches are k times fewer. (Equal to
   float32 rounding, not bit for bit: XLA fuses the k-step program differently.)
   """
-  if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
+  if (isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int)
+      or steps_per_call < 1):
     raise ValueError(f'steps_per_call must be a positive integer, got {steps_per_call!r}')
   sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()),
                           out_specs=(P(), P()))
@@ -264,11 +268,8 @@ def data_parallel_step(step_fn: Callable, mesh: Mesh, steps_per_call: int = 1) -
   else:
     def run(state, batches):
       chex.assert_axis_dimension(jax.tree.leaves(batches)[0], 0, steps_per_call)
-      # Unrolled on CPU, for the reason of the micro-batch loop above (train_step): rolled,
-      # the digits model's step ran 6x slower there. Accelerators keep the loop (one step's
-      # program, compiled once).
-      return jax.lax.scan(one, state, batches,
-                          unroll=jax.default_backend() == 'cpu')   # metrics: {name: [k]}
+      # Accelerators keep the loop: one step's program, compiled once.
+      return jax.lax.scan(one, state, batches, unroll=_unroll_loops())  # metrics: {name: [k]}
 
   jitted = jax.jit(run, donate_argnums=(0,))
 
@@ -283,7 +284,6 @@ def data_parallel_step(step_fn: Callable, mesh: Mesh, steps_per_call: int = 1) -
   # Compiling ahead of the first call (placed arguments): the call then reuses the program.
   update.compile = lambda state, batch: jitted.lower(state, batch).compile()
   update.batch_sharding = split
-  update.steps_per_call = steps_per_call
   return update
 
 

@@ -68,10 +68,11 @@ def test_step_objectives_at_the_exact_score_match_their_closed_forms(name):
     diff = np.asarray(terms['loss'], np.float64) - want           # [b]
     se = diff.std(ddof=1) / np.sqrt(b)
     assert abs(diff.mean()) < 5 * se + 1e-4, (name, objective, diff.mean(), se, seed)
-  # A score 10% too large: per example the dsm loss rises by exactly ½·mean[(1.1ε̂ − z)² − (ε̂ − z)²],
-  # ε̂ = σ(x − αμ)/v the exact noise prediction (re-derived here in float64); on average by
-  # ½·σ²·0.01/v per coordinate. The mean is checked against its standard error (5 of them): the per-example
-  # gap's spread is ten times its mean, so a fixed relative tolerance would be a coin toss.
+  # A score 10% too large: per example the dsm loss rises by exactly
+  # ½·mean[(1.1ε̂ − z)² − (ε̂ − z)²], ε̂ = σ(x − αμ)/v the exact noise prediction (re-derived
+  # here in float64); on average by ½·σ²·0.01/v per coordinate. The mean is checked within 5
+  # standard errors: the per-example gap's spread is ten times its mean, so a fixed relative
+  # tolerance would be a coin toss.
   scaled = lambda x, n: 1.1 * denoise(x, n)
   worse = step_lib.score_matching_terms(process, scaled, 'eps', x0, t, z, jax.random.key(0),
                                         spec_lib.Objective.DSM)['loss']
