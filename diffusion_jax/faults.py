@@ -8,8 +8,13 @@ point and step, the process sends itself the action's signal there. Points:
   * `save_started`: the asynchronous save of checkpoint N was started (the previous save is
     committed, N is not yet).
 Actions: `kill` (SIGKILL), `stop` (SIGSTOP: the test resumes it with SIGCONT), `term`
-(SIGTERM, as a preemption notice). The variable is read once; when it is unset this costs one
-comparison. Tests use it to hit a point deterministically instead of racing the clock.
+(SIGTERM, as a preemption notice). The step is a non-negative decimal integer (ASCII digits).
+
+The variable is read and checked once, by `arm()`, which the trainer calls first thing
+(`train.train_and_evaluate`, before any data, model or compilation): a malformed value is a
+one-line ValueError there, and an armed fault logs one line there and one when it fires. When
+the variable is unset, `at` costs one cached call and a comparison. Tests use it to hit a
+point deterministically instead of racing the clock.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import re
 import signal
+from typing import NamedTuple
+
+from absl import logging
 
 ENV = 'DIFFUSION_JAX_FAULT'
 
@@ -28,24 +37,58 @@ class Point(enum.Enum):
 
 
 _ACTIONS = {'kill': signal.SIGKILL, 'stop': signal.SIGSTOP, 'term': signal.SIGTERM}
+# ASCII digits only: str.isdigit() also accepts '²' (which int() then rejects) and '٣'.
+_STEP = re.compile(r'[0-9]+')
 
 
-@functools.cache
-def _planned() -> tuple[Point, int, signal.Signals] | None:
-  spec = os.environ.get(ENV, '')
+class Fault(NamedTuple):
+  point: Point
+  step: int
+  action: str  # a key of _ACTIONS
+
+  @property
+  def signal(self) -> signal.Signals:
+    return _ACTIONS[self.action]
+
+  def __str__(self) -> str:
+    return f'{self.point.value}:{self.step}:{self.action}'
+
+
+def parse(spec: str) -> Fault | None:
+  """`<point>:<step>:<action>` → the Fault; '' → None; anything else → a one-line ValueError
+  that names the value and the allowed form."""
   if not spec:
     return None
   parts = spec.split(':')
-  points = ', '.join(p.value for p in Point)
-  if (len(parts) != 3 or parts[0] not in {p.value for p in Point} or not parts[1].isdigit()
-      or parts[2] not in _ACTIONS):
-    raise ValueError(f'{ENV}={spec!r} is not <point>:<step>:<action> with point one of '
-                     f'{points} and action one of {", ".join(_ACTIONS)}')
-  return Point(parts[0]), int(parts[1]), _ACTIONS[parts[2]]
+  if (len(parts) == 3 and parts[0] in {p.value for p in Point}
+      and _STEP.fullmatch(parts[1]) and parts[2] in _ACTIONS):
+    return Fault(Point(parts[0]), int(parts[1]), parts[2])
+  points = '|'.join(p.value for p in Point)
+  raise ValueError(f'{ENV}={spec!r} is malformed: expected <point>:<step>:<action> with point '
+                   f'{points}, step a non-negative integer and action {"|".join(_ACTIONS)}, '
+                   'e.g. save_started:8:kill')
+
+
+@functools.cache
+def _planned() -> Fault | None:
+  """The fault the environment plans, parsed once (an error is not cached: it recurs)."""
+  fault = parse(os.environ.get(ENV, ''))
+  if fault is not None:
+    logging.warning('fault armed: %s=%s: this process sends itself %s at %s step %d',
+                    ENV, fault, fault.signal.name, fault.point.value, fault.step)
+  return fault
+
+
+def arm() -> Fault | None:
+  """Reads and checks the variable (once per process) and returns the planned fault. Call it
+  at start-up, before any expensive work, so that a malformed value fails there."""
+  return _planned()
 
 
 def at(point: Point, step: int) -> None:
   """Sends this process the planned signal if `point` at `step` is the planned fault."""
   planned = _planned()
-  if planned is not None and planned[:2] == (point, step):
-    os.kill(os.getpid(), planned[2])
+  if planned is not None and (planned.point, planned.step) == (point, step):
+    logging.warning('fault fires: %s=%s: sending %s to this process', ENV, planned,
+                    planned.signal.name)
+    os.kill(os.getpid(), planned.signal)

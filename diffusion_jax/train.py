@@ -220,6 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
   config changes the model or the objective raises `workdir.SpecMismatchError` before
   anything is written. Returns the final state (replicated over the mesh).
   """
+  faults.arm()  # DIFFUSION_JAX_FAULT (tests only): a malformed value fails here, before any work
   clock_start = time.time() if clock_start is None else clock_start
   timeline = _Timeline(clock_start)
   timeline.mark('imports')  # train.py's imports, JAX's start and the flags
