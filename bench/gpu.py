@@ -418,23 +418,26 @@ def _run_worker(python: str, argv: list[str], timeout: float) -> dict:
   return json.loads(lines[-1])
 
 
-def _torch_status(python: str, device: str) -> str | None:
-  """None when `python` has torch and diffusers (and CUDA for `--device gpu`), else why not."""
+def _torch_status(python: str, device: str) -> tuple[str | None, dict]:
+  """(None, versions) when `python` has torch and diffusers (and CUDA for `--device gpu`),
+  else (why not, {}). The versions (torch, diffusers, CUDA) go into the machine's record: one
+  process imports torch for both."""
   code = ('import json, torch, diffusers; print(json.dumps(dict(torch=torch.__version__, '
-          'diffusers=diffusers.__version__, cuda=torch.cuda.is_available())))')
+          'diffusers=diffusers.__version__, cuda=torch.version.cuda, '
+          'cuda_available=torch.cuda.is_available())))')
   try:
     proc = subprocess.run([python, '-c', code], capture_output=True, text=True, timeout=300)
   except (OSError, subprocess.TimeoutExpired) as e:
-    return f'PyTorch rows skipped: {python} could not be run ({e})'
+    return f'PyTorch rows skipped: {python} could not be run ({e})', {}
   if proc.returncode != 0:
-    return f'PyTorch rows skipped: torch or diffusers is not installed for {python}'
+    return f'PyTorch rows skipped: torch or diffusers is not installed for {python}', {}
   info = json.loads(proc.stdout.strip().splitlines()[-1])
-  if device == 'gpu' and not info['cuda']:
-    return f'PyTorch rows skipped: torch {info["torch"]} sees no CUDA device'
-  return None
+  if not info.pop('cuda_available') and device == 'gpu':
+    return f'PyTorch rows skipped: torch {info["torch"]} sees no CUDA device', {}
+  return None, info
 
 
-def _machine(args, torch_python: str | None) -> dict:
+def _machine(args, torch_versions: dict) -> dict:
   sys.path.insert(0, ROOT)
   code = ('import json, jax, jaxlib, flax, optax; d = jax.devices()[0]; '
           'print(json.dumps(dict(jax=jax.__version__, jaxlib=jaxlib.__version__, '
@@ -448,11 +451,7 @@ def _machine(args, torch_python: str | None) -> dict:
   out.update(python=platform.python_version(), host=platform.node(),
              date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
              xla_flags=os.environ.get('XLA_FLAGS', ''))
-  if torch_python:
-    code = ('import json, torch, diffusers; print(json.dumps(dict(torch=torch.__version__, '
-            'diffusers=diffusers.__version__, cuda=torch.version.cuda)))')
-    out.update(json.loads(subprocess.run([torch_python, '-c', code], capture_output=True,
-                                         text=True, check=True).stdout.strip().splitlines()[-1]))
+  out.update(torch_versions)
   return out
 
 
@@ -643,16 +642,16 @@ def main(argv=None) -> None:
     if probe.returncode != 0 or probe.stdout.strip() != 'gpu':
       sys.exit(f'--device gpu: JAX sees no GPU here (backend {probe.stdout.strip() or "?"}); '
                'run with --device cpu for the smoke test')
-  torch_python = None
+  torch_python, torch_versions = None, {}
   if args.skip_torch:
     notes.append('PyTorch rows skipped: --skip-torch')
   else:
-    why = _torch_status(args.torch_python, args.device)
+    why, torch_versions = _torch_status(args.torch_python, args.device)
     if why:
       notes.append(why)
     else:
       torch_python = args.torch_python
-  machine = _machine(args, torch_python)
+  machine = _machine(args, torch_versions)
   results, labels = {}, {}
   for key, side, kw, label in plan(args, torch_python is not None):
     python = torch_python if side == 'torch' else sys.executable

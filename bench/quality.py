@@ -200,7 +200,8 @@ def speed(args, torch_py, root) -> list[dict]:
   config.model.attn_resolutions, config.model.dropout = (4,), 0.0
   spec = spec_lib.ExperimentSpec.from_config(config, input_pipeline.dataset_info(
       'digits', args.data_dir))
-  params = spec.init_params(jax.random.key(0))
+  # Jitted: one program, where op by op every initializer would compile on its own.
+  params = jax.jit(spec.init_params)(jax.random.key(0))
   trained = tm.TrainedModel.from_spec(spec, params, jax.sharding.Mesh(jax.devices(), ('data',)))
   num_params = sum(x.size for x in jax.tree.leaves(params))
   batch = 16 if args.smoke else 128

@@ -19,12 +19,6 @@ from scipy import special, stats
 LOG2 = math.log(2.0)
 
 
-try:  # the seed helper lives in tests/oracles.py (it imports nothing of diffusion_jax either)
-  from tests.oracles import new_rng  # pylint: disable=unused-import
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-  from oracles import new_rng  # pylint: disable=unused-import
-
-
 # ----------------------------------------------------------------------------------------------
 # Beta schedules.
 # ----------------------------------------------------------------------------------------------

@@ -58,11 +58,24 @@ def test_track_counts_the_programs_compiled_in_the_block():
   assert report.compile_seconds > 0 and report.lower_seconds > 0
   assert report.cache == 'off'  # no persistent cache in this process
   assert report.line().startswith('compiled two: ') and '2 programs' in report.line()
-  with compilation.track('again', log=False) as again:  # the same programs: nothing compiles
-    jax.jit(lambda v: v)(x)  # a new function object: one program
-  assert again.programs == 1
+  with compilation.track('new_function', log=False) as fresh:
+    jax.jit(lambda v: v)(x)  # a new function object, even one seen before: one more program
+  assert fresh.programs == 1
   assert set(report.scalars()) == {'compile/two_seconds', 'compile/two_programs',
                                    'compile/two_cache_hits'}
+
+
+def test_a_second_call_of_the_same_program_compiles_nothing():
+  x = np.arange(5.0, dtype=np.float32)  # a shape no other test compiles this function for
+  program = jax.jit(lambda v, k: jnp.tanh(v) * k, static_argnums=1)
+  with compilation.track('first', log=False) as first:
+    program(x, 2.0).block_until_ready()
+  assert first.programs == 1
+  with compilation.track('second', log=False) as second:  # the same program: nothing compiles
+    program(x, 2.0).block_until_ready()
+    program(x + 1.0, 2.0).block_until_ready()  # new values, same shapes and static arguments
+  assert second.programs == 0, second.line()
+  assert second.cache == 'none' and 'nothing to compile' in second.line()
 
 
 class _Counting:

@@ -11,6 +11,9 @@ mis-mapped weight costs O(1) (the swapped-up-blocks test measures it).
 Every diffusers model here has random non-default weights: every tensor, norms and biases
 included, is perturbed (`_perturb`), so no parameter keeps a constant initial value that a
 wrong mapping would leave unnoticed (a GroupNorm scale of 1 read as a bias of 1, say).
+
+torch and diffusers are imported by the fixtures of those names, so only the tests that use
+them are skipped where they are missing; the configuration checks run without them.
 """
 
 import dataclasses
@@ -24,10 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-diffusers = pytest.importorskip('diffusers')
-
-from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+from diffusion_jax import checkpointing
 from diffusion_jax import gaussian_diffusion as gd
 from diffusion_jax import samplers
 from diffusion_jax import trained_model
@@ -39,6 +39,23 @@ RTOL = 1e-5
 SEED = 20
 
 
+@pytest.fixture(name='torch', scope='session')
+def torch_fixture():
+  """torch, or the test is skipped (it comes with the `bench` extra)."""
+  return pytest.importorskip('torch')
+
+
+@pytest.fixture(name='diffusers', scope='session')
+def diffusers_fixture(torch):
+  """diffusers (and torch, which its models need), or the test is skipped."""
+  del torch
+  return pytest.importorskip('diffusers')
+
+
+# The tests that only reach torch and diffusers through the helpers below.
+needs_diffusers = pytest.mark.usefixtures('diffusers')
+
+
 def _unet(**overrides):
   """A diffusers UNet2DModel with DDPM's fixed settings and `overrides`."""
   cfg = dict(sample_size=32, block_out_channels=(32, 64),
@@ -47,12 +64,14 @@ def _unet(**overrides):
              attention_head_dim=None, norm_eps=1e-6, downsample_padding=0,
              flip_sin_to_cos=False, freq_shift=1)
   cfg.update(overrides)
+  import diffusers  # pylint: disable=g-import-not-at-top,redefined-outer-name
   return diffusers.UNet2DModel(**cfg)
 
 
 def _perturb(model, seed: int):
   """Adds noise to every tensor (10% of its spread; 0.1 for constant ones such as norm
   scales and zero biases), in place; returns the model in eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in model.parameters():
@@ -70,6 +89,7 @@ def _inputs(seed: int, batch: int, shape, num_timesteps: int = 1000):
 
 
 def _theirs(model, x, t, y=None):
+  import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
   with torch.no_grad():
     out = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t).long(),
                 class_labels=None if y is None else torch.from_numpy(y).long()).sample
@@ -91,6 +111,7 @@ def _rel_err(ours, theirs) -> float:
 
 
 def _save(model, folder, scheduler=None, **kwargs):
+  import diffusers  # pylint: disable=g-import-not-at-top,redefined-outer-name
   model.save_pretrained(os.path.join(folder, 'unet'), **kwargs)
   (scheduler or diffusers.DDPMScheduler(variance_type='fixed_large')).save_pretrained(
       os.path.join(folder, 'scheduler'))
@@ -187,7 +208,7 @@ def test_export_refuses_what_unet2dmodel_cannot_express():
 
 @pytest.mark.parametrize('schedule', ['linear', 'scaled_linear', 'squaredcos_cap_v2', 'sigmoid'])
 @pytest.mark.parametrize('zero_snr', [False, True])
-def test_scheduler_betas_equal_diffusers(schedule, zero_snr):
+def test_scheduler_betas_equal_diffusers(schedule, zero_snr, diffusers):
   cfg = dict(num_train_timesteps=500, beta_start=2e-4, beta_end=0.03, beta_schedule=schedule,
              rescale_betas_zero_snr=zero_snr)
   theirs = diffusers.DDPMScheduler(**dict(cfg, rescale_betas_zero_snr=False)).betas.double()
@@ -200,7 +221,7 @@ def test_scheduler_betas_equal_diffusers(schedule, zero_snr):
   np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-5, atol=1e-7)
 
 
-def test_scheduler_fields_map_both_ways():
+def test_scheduler_fields_map_both_ways(diffusers):
   for variance, var_type in (('fixed_small', 'fixedsmall'), ('fixed_large', 'fixedlarge'),
                              ('learned_range', 'learned_range')):
     for prediction, mean_type in (('epsilon', 'eps'), ('sample', 'xstart'),
@@ -224,7 +245,7 @@ def test_scheduler_fields_map_both_ways():
       dc.diffusion_from_scheduler({field: value})
 
 
-def test_schedules_diffusers_lacks_are_exported_as_trained_betas():
+def test_schedules_diffusers_lacks_are_exported_as_trained_betas(diffusers):
   model, shape = dc.unet_config_from_diffusers(dc.PRESETS['cifar10'].unet)
   facts = dc.diffusion_from_scheduler(None)
   facts = dc.SchedulerFacts(dataclasses.replace(facts.diffusion, schedule='jsd'), True)
@@ -239,7 +260,7 @@ def test_schedules_diffusers_lacks_are_exported_as_trained_betas():
 
 
 @pytest.fixture(scope='module')
-def cifar(tmp_path_factory):
+def cifar(tmp_path_factory, torch, diffusers):
   """The paper's CIFAR-10 U-Net in diffusers with perturbed weights, saved and imported;
   our jitted forward pass on the EMA parameters as the readers restore them."""
   base = tmp_path_factory.mktemp('cifar')
@@ -280,7 +301,7 @@ def test_swapped_up_blocks_fail_the_comparison(cifar):
 
 
 @pytest.mark.slow
-def test_export_round_trip_is_exact_and_diffusers_loads_and_runs_it(cifar):
+def test_export_round_trip_is_exact_and_diffusers_loads_and_runs_it(cifar, torch, diffusers):
   out = dc.export_checkpoint(cifar['workdir'], str(cifar['base'] / 'exported'))
   unet = diffusers.UNet2DModel.from_pretrained(str(out), subfolder='unet').eval()
   scheduler = diffusers.DDPMScheduler.from_pretrained(str(out), subfolder='scheduler')
@@ -306,7 +327,7 @@ def test_export_round_trip_is_exact_and_diffusers_loads_and_runs_it(cifar):
 
 
 @pytest.mark.slow
-def test_one_ddpm_step_equals_diffusers(cifar, monkeypatch):
+def test_one_ddpm_step_equals_diffusers(cifar, monkeypatch, torch, diffusers):
   trained = cifar['trained']
   d = trained.diffusion
   x, _ = _inputs(SEED + 2, 2, (32, 32, 3))
@@ -330,7 +351,7 @@ def test_one_ddpm_step_equals_diffusers(cifar, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ddim_steps_equal_diffusers(cifar):
+def test_ddim_steps_equal_diffusers(cifar, torch, diffusers):
   """Two DDIM steps (η = 0): t = 500 → 0 → x̂₀, diffusers' 'leading' spacing for 2 steps;
   ours on the process respaced to {0, 500}.
 
@@ -396,6 +417,7 @@ def _import_and_compare(tmp_path, theirs, shape, *, y=None, save_kwargs=None, re
 
 
 @pytest.mark.slow
+@needs_diffusers
 def test_the_256px_architecture_at_reduced_width_and_size(tmp_path):
   """The 256-px models' six levels and attention at the fifth, at 1/4 the widths and 64 px
   (attention then sits at 4 px)."""
@@ -406,6 +428,7 @@ def test_the_256px_architecture_at_reduced_width_and_size(tmp_path):
 
 
 @pytest.mark.slow
+@needs_diffusers
 def test_heads_labels_and_old_attention_names(tmp_path):
   theirs = _perturb(_unet(attention_head_dim=16, num_class_embeds=11, in_channels=1,
                           out_channels=1), SEED)
@@ -421,6 +444,7 @@ def test_heads_labels_and_old_attention_names(tmp_path):
 
 
 @pytest.mark.slow
+@needs_diffusers
 def test_a_pytorch_bin_file_imports(tmp_path):
   _import_and_compare(tmp_path, _perturb(_unet(), SEED), (32, 32, 3),
                       save_kwargs=dict(safe_serialization=False))
@@ -461,6 +485,7 @@ def _fails_in_one_line(result, message, *paths):
 
 
 @pytest.mark.slow
+@needs_diffusers
 def test_cli_bad_inputs_are_one_line_and_write_nothing(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
@@ -496,7 +521,7 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_sample_and_evaluate_use_an_imported_workdir_unchanged(tmp_path, child_env):
+def test_sample_and_evaluate_use_an_imported_workdir_unchanged(tmp_path, child_env, diffusers):
   """A diffusers model of the digits' shape (8×8×1, T = 100), imported from the command line
   with --dataset digits: sample.py samples it, evaluate computes its bits/dim and FID."""
   theirs = _perturb(_unet(sample_size=8, in_channels=1, out_channels=1), SEED)

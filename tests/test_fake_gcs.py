@@ -29,16 +29,12 @@ from orbax.checkpoint._src.path import gcs_utils
 
 try:
   from tests import fake_gcs as fake_gcs_lib
+  from tests import oracles
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
   import fake_gcs as fake_gcs_lib
+  import oracles
 
 API_PREFIXES = ('/storage/v1/', '/upload/storage/v1/', '/download/storage/v1/')
-
-
-def _fresh_seed():
-  seed = int(np.random.SeedSequence().entropy % 2**32)
-  print(f'seed={seed}')
-  return seed
 
 
 @pytest.fixture
@@ -64,7 +60,7 @@ def _assert_only_gcs_api(server):
 
 @pytest.mark.slow
 def test_epath_operations(fake_gcs, fake_gcs_server, empty_cwd):
-  rng = np.random.default_rng(_fresh_seed())
+  rng = np.random.default_rng(oracles.new_seed())
   root = epath.Path(fake_gcs) / 'run'
   assert root._backend is epath.backend.fsspec_backend  # pylint: disable=protected-access
   assert not root.exists()
@@ -232,7 +228,7 @@ def _make_manager(directory):
 
 @pytest.mark.slow
 def test_orbax_checkpoint_manager(fake_gcs, fake_gcs_server, empty_cwd):
-  seed = _fresh_seed()
+  seed = oracles.new_seed()
   key = jax.random.key(seed)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))

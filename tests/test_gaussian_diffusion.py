@@ -48,13 +48,6 @@ def diffusion_and_coefs(name, zts, num_timesteps=T):
   return gd.GaussianDiffusion.from_betas(betas), ref.Coefs(betas)
 
 
-@pytest.fixture
-def rng():
-  r, seed = ref.new_rng()
-  print(f"numpy seed = {seed}")
-  return r
-
-
 def assert_close(got, want, scale, rtol, atol=0.0, what=""):
   """|got - want| <= rtol * scale + atol elementwise, where scale bounds the float32 rounding."""
   got = np.asarray(got, np.float64)

@@ -92,3 +92,47 @@ def test_math_modules_load_no_io():
   io = {m.split('.')[0] for m in loaded} & {'orbax', 'tensorflow_datasets', 'grain', 'PIL',
                                             'tensorboardX', 'ml_collections'}
   assert set(MATH) <= loaded and not io, f'the math modules load {sorted(io)}'
+
+
+# ------------------------------------------------------------------------------------------
+# The test suite's own modules.
+# ------------------------------------------------------------------------------------------
+
+TESTS = ROOT / 'tests'
+PURE = ('oracles.py', 'numpy_reference.py')  # the independent math: nothing of diffusion_jax
+
+
+def _imported_names(path: pathlib.Path) -> set[str]:
+  """Every module `path` imports, at module level or inside functions, dotted in full
+  (`from tests import x` and relative imports also give the module x)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      found.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      module = node.module or ''
+      found.add(module)
+      if node.level or module == 'tests':  # `from . import x`, `from tests import x`: modules
+        found.update(f'{module}.{a.name}'.strip('.') for a in node.names)
+  return found
+
+
+def _is_test_module(name: str) -> bool:
+  return any(part.startswith('test_') for part in name.split('.'))
+
+
+def test_no_test_module_imports_another():
+  """What test modules share lives in tests/oracles.py (pure math), tests/helpers.py (what
+  needs diffusion_jax, devices or child processes) or a fixture of tests/conftest.py. A test
+  module imported by another is collected under one name and loaded under another, and its
+  helpers drift into copies."""
+  found = {p.name: sorted(n for n in _imported_names(p) if _is_test_module(n))
+           for p in sorted(TESTS.glob('*.py'))}
+  found = {k: v for k, v in found.items() if v}
+  assert not found, f'test modules imported by other modules: {found}'
+
+
+@pytest.mark.parametrize('name', PURE)
+def test_the_independent_math_imports_nothing_of_the_package(name):
+  imported = {n.split('.')[0] for n in _imported_names(TESTS / name)}
+  assert 'diffusion_jax' not in imported and not any(_is_test_module(n) for n in imported)

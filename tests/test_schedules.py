@@ -30,9 +30,7 @@ def test_schedule_matches_reference(name, T, zero_terminal_snr):
 
 
 @pytest.mark.parametrize("name", ["linear", "quad", "const", "warmup10", "warmup50", "sigmoid"])
-def test_schedule_endpoint_kwargs(name):
-  rng, seed = ref.new_rng()
-  print("seed", seed)
+def test_schedule_endpoint_kwargs(name, rng):
   lo = float(rng.uniform(1e-5, 1e-3))
   hi = float(rng.uniform(0.01, 0.2))
   T = int(rng.integers(20, 300))

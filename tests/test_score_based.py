@@ -15,15 +15,13 @@ from scipy import stats
 from diffusion_jax import continuous as ct
 from diffusion_jax import ode_likelihood as ol
 from diffusion_jax import solvers as sv
-from test_solvers import ORDER_CASES  # the same solvers, step counts and orders
+
+import helpers  # tests/ is on sys.path under pytest's rootdir conftest
+import oracles
 
 MU, S = 0.3, 0.5
 SIGMA_MIN, SIGMA_MAX = 0.01, 10.0
 BETA_MIN, BETA_MAX = 0.1, 20.0
-
-
-def _seed():
-  return int(np.random.SeedSequence().entropy % 2**32)
 
 
 def _ve():
@@ -37,27 +35,9 @@ def _subvp():
 PROCESSES = {'ve': _ve, 'subvp': _subvp}
 
 
-def _time_of(p, n):
-  """The continuous time of the network's noise coordinate n (what `model_timestep` gave)."""
-  if p.kind is ct.ProcessKind.VE:
-    return p.t_of_lambda(-n)          # n = log σ
-  return n / 999.0                    # sub-VP: n = 999·t
-
-
-def gaussian_denoise_fn(p, mean_type='eps', mu=MU, s=S):
+def _gaussian_denoise_fn(p, mean_type='eps', mu=MU, s=S):
   """The exact network of x₀ ~ N(mu, s²) as `denoise_fn(c_in·x, model_timestep)`."""
-  def fn(x_in, n):
-    t = _time_of(p, n)
-    shape = (-1,) + (1,) * (x_in.ndim - 1)
-    x = x_in / p.input_scale(t).reshape(shape).astype(x_in.dtype)
-    a = p.alpha(t).reshape(shape).astype(x.dtype)
-    sg = p.sigma(t).reshape(shape).astype(x.dtype)
-    v = a ** 2 * s ** 2 + sg ** 2
-    x0 = mu + a * s ** 2 / v * (x - a * mu)
-    # ε directly: through (x − αx₀)/σ it would lose all its digits in float32 at small σ.
-    eps = sg / v * (x - a * mu)
-    return {'eps': eps, 'xstart': x0, 'score': -(x - a * mu) / v}[mean_type]
-  return fn
+  return helpers.gaussian_denoise_fn(p, mu, s, mean_type)
 
 
 # ------------------------------------------------------------------------------------------
@@ -89,7 +69,7 @@ NUMPY = {'ve': NumpyVE, 'subvp': NumpySubVP}
 
 @pytest.mark.parametrize('name', ['ve', 'subvp'])
 def test_marginals_match_float64_closed_forms(name):
-  seed = _seed()
+  seed = oracles.new_seed()
   rng = np.random.default_rng(seed)
   with jax.enable_x64(True):
     p, ref = PROCESSES[name](), NUMPY[name]()
@@ -136,21 +116,15 @@ def test_marginals_match_float64_closed_forms(name):
 # ------------------------------------------------------------------------------------------
 
 
-def exact_map(p, x, t0, t1):
-  """The PF-ODE's exact map of x at t0 to t1 for N(μ, s²) data."""
-  a0, s0, a1, s1 = p.alpha(t0), p.sigma(t0), p.alpha(t1), p.sigma(t1)
-  v0, v1 = a0 ** 2 * S ** 2 + s0 ** 2, a1 ** 2 * S ** 2 + s1 ** 2
-  return a1 * MU + jnp.sqrt(v1 / v0) * (x - a0 * MU)
-
-
-@pytest.mark.parametrize('kind,options,steps,order', ORDER_CASES, ids=[c[0] for c in ORDER_CASES])
+@pytest.mark.parametrize('kind,options,steps,order', oracles.ORDER_CASES,
+                         ids=[c[0] for c in oracles.ORDER_CASES])  # test_solvers' cases
 def test_ode_solvers_converge_at_their_orders_on_ve(kind, options, steps, order):
   with jax.enable_x64(True):
     p = _ve()
-    den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
-    seed = _seed()
+    den = ct.make_denoiser(p, _gaussian_denoise_fn(p), 'eps')
+    seed = oracles.new_seed()
     x_t = SIGMA_MAX * jax.random.normal(jax.random.key(seed), (4, 8), jnp.float64)
-    ref = exact_map(p, x_t, 1.0, p.t_min)
+    ref = oracles.exact_map(p, x_t, 1.0, p.t_min, MU, S)
     run = jax.jit(functools.partial(sv.solve, kind, den, **options))
     errs = []
     for n in steps:
@@ -165,11 +139,11 @@ def test_ode_solvers_converge_at_their_orders_on_ve(kind, options, steps, order)
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['ve', 'subvp'])
 def test_adaptive_ode_follows_the_exact_map(name):
-  seed = _seed()
+  seed = oracles.new_seed()
   p = PROCESSES[name]()
-  den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
+  den = ct.make_denoiser(p, _gaussian_denoise_fn(p), 'eps')
   x_t = p.prior_sample(jax.random.key(seed), (4, 8))
-  ref = exact_map(p, x_t, 1.0, p.t_min)
+  ref = oracles.exact_map(p, x_t, 1.0, p.t_min, MU, S)
   out = jax.jit(functools.partial(sv.solve, 'ode', den, rtol=1e-6, atol=1e-6))(
       x_t, sv.step_schedule(p, 1))
   rel = float(jnp.max(jnp.abs(out.x_end - ref)) / jnp.max(jnp.abs(ref)))
@@ -196,9 +170,9 @@ def _check_moments(x, what, seed, std_rel=0.02):
 @pytest.mark.parametrize('kind', ['sde', 'pc'])
 def test_sde_and_pc_recover_the_gaussian(name, kind):
   """From the process's own prior, 1000 steps (log-SNR spaced: geometric in σ for VE)."""
-  seed = _seed()
+  seed = oracles.new_seed()
   p = PROCESSES[name]()
-  den = ct.make_denoiser(p, gaussian_denoise_fn(p, mu=MU_R, s=S_R), 'eps')
+  den = ct.make_denoiser(p, _gaussian_denoise_fn(p, mu=MU_R, s=S_R), 'eps')
   k_x, k_run = jax.random.split(jax.random.key(seed))
   x_t = p.prior_sample(k_x, SHAPE_R)
   out = jax.jit(functools.partial(sv.solve, kind, den))(x_t, sv.step_schedule(p, 1000), k_run)
@@ -212,9 +186,9 @@ def test_sde_and_pc_recover_the_gaussian(name, kind):
 def test_annealed_langevin_recovers_the_gaussian():
   """NCSN's sampler: 50 geometric levels from σ_max to σ_min, 100 steps each, ε = 2e-5,
   then Tweedie's denoising step."""
-  seed = _seed()
+  seed = oracles.new_seed()
   p = _ve()
-  den = ct.make_denoiser(p, gaussian_denoise_fn(p, mu=MU_R, s=S_R), 'eps')
+  den = ct.make_denoiser(p, _gaussian_denoise_fn(p, mu=MU_R, s=S_R), 'eps')
   k_x, k_run = jax.random.split(jax.random.key(seed))
   x_t = p.prior_sample(k_x, SHAPE_R)
   sched = sv.step_schedule(p, 49)
@@ -229,61 +203,29 @@ def test_annealed_langevin_recovers_the_gaussian():
 @pytest.mark.slow
 @pytest.mark.parametrize('mean_type', ['xstart', 'score'])
 def test_parameterisations_give_the_same_samples_on_ve(mean_type):
-  seed = _seed()
+  seed = oracles.new_seed()
   p = _ve()
   x_t = p.prior_sample(jax.random.key(seed), (3, 2, 2, 2))
   sched = sv.step_schedule(p, 6)
-  ref = sv.solve('heun', ct.make_denoiser(p, gaussian_denoise_fn(p, 'eps'), 'eps'), x_t, sched)
-  got = sv.solve('heun', ct.make_denoiser(p, gaussian_denoise_fn(p, mean_type), mean_type),
+  ref = sv.solve('heun', ct.make_denoiser(p, _gaussian_denoise_fn(p, 'eps'), 'eps'), x_t, sched)
+  got = sv.solve('heun', ct.make_denoiser(p, _gaussian_denoise_fn(p, mean_type), mean_type),
                  x_t, sched)
   np.testing.assert_allclose(got.x0, ref.x0, rtol=2e-4, atol=2e-4, err_msg=f'seed {seed}')
 
 
 # ------------------------------------------------------------------------------------------
-# The PF-ODE likelihood on correlated N(μ, Σ), D = 4.
+# The PF-ODE likelihood on correlated N(μ, Σ), D = 4 (tests/oracles.py).
 # ------------------------------------------------------------------------------------------
-
-D = 4
-MU_VEC = np.array([0.3, -0.1, 0.2, 0.0])
-
-
-def _covariance():
-  q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(D, D)))
-  return q, np.array([0.05, 0.1, 0.2, 0.3])  # Σ = Q diag(ev) Qᵀ
-
-
-def _correlated_denoise_fn(p):
-  q, ev = (jnp.asarray(a, jnp.float32) for a in _covariance())
-  mu = jnp.asarray(MU_VEC, jnp.float32)
-
-  def fn(x_in, n):
-    t = _time_of(p, n)
-    x = x_in / p.input_scale(t)[:, None]
-    a, s = p.alpha(t)[:, None], p.sigma(t)[:, None]
-    z = (x - a * mu) @ q
-    x0 = mu + (a * ev / (a ** 2 * ev + s ** 2) * z) @ q.T
-    return (x - a * x0) / s
-  return fn
-
-
-def _marginal(p, t):
-  q, ev = _covariance()
-  a, s2 = float(p.alpha(t)), float(p.sigma(t)) ** 2
-  return a * MU_VEC, a ** 2 * (q * ev) @ q.T + s2 * np.eye(D)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['ve', 'subvp'])
 def test_pf_ode_likelihood_matches_the_analytic_density(name):
-  seed = _seed()
+  seed = oracles.new_seed()
   p = PROCESSES[name]()
-  den = ct.make_denoiser(p, _correlated_denoise_fn(p), 'eps')
-  mean1, cov1 = _marginal(p, 1.0)
-  prec = jnp.asarray(np.linalg.inv(cov1), jnp.float32)
-  const = -0.5 * (np.linalg.slogdet(cov1)[1] + D * math.log(2 * math.pi))
-  m1 = jnp.asarray(mean1, jnp.float32)
-  exact_prior = lambda x: -0.5 * jnp.einsum('bi,ij,bj->b', x - m1, prec, x - m1) + const
-  mean0, cov0 = _marginal(p, p.t_min)
+  den = ct.make_denoiser(p, helpers.correlated_denoise_fn(p), 'eps')
+  exact_prior = oracles.gaussian_log_density(*oracles.correlated_marginal(p, 1.0))
+  mean0, cov0 = oracles.correlated_marginal(p, p.t_min)
   x = np.random.default_rng(seed).multivariate_normal(mean0, cov0, size=8)
   fn = jax.jit(functools.partial(ol.ode_log_likelihood, p, den, exact_trace=True,
                                  prior_logp=exact_prior, rtol=1e-6, atol=1e-6))
@@ -307,43 +249,37 @@ def test_pf_ode_likelihood_matches_the_analytic_density(name):
 # ------------------------------------------------------------------------------------------
 
 
-def _one_line(excinfo):
-  msg = str(excinfo.value)
-  assert '\n' not in msg, msg
-  return msg
-
-
 def test_bad_inputs_raise_one_line_errors():
   for lo, hi in ((10.0, 1.0), (1.0, 1.0), (0.0, 1.0)):
     with pytest.raises(ValueError) as e:
       ct.VEProcess(sigma_min=lo, sigma_max=hi)
-    assert 'sigma_min' in _one_line(e)
+    oracles.assert_one_line_error(e.value, 'sigma_min')
   with pytest.raises(ValueError) as e:
     ct.SubVPProcess(beta_min=20.0, beta_max=0.1)
-  assert 'beta_min' in _one_line(e)
+  oracles.assert_one_line_error(e.value, 'beta_min')
   with pytest.raises(ValueError) as e:
     ct.make_process('dsm')
-  assert 'diffusion.process' in _one_line(e)
+  oracles.assert_one_line_error(e.value, 'diffusion.process')
   # ALD on a VP process.
   from diffusion_jax import gaussian_diffusion as gd
-  vp = ct.VPProcess.from_diffusion(gd.GaussianDiffusion.from_betas(np.linspace(1e-4, 0.02, 10)))
+  vp = helpers.linear_vp_process(10)
   den = lambda x, t: (x, x)
   with pytest.raises(ValueError) as e:
     sv.solve('ald', den, jnp.zeros((2, 3)), sv.step_schedule(vp, 4), jax.random.key(0))
-  assert "'ald'" in _one_line(e) and "'vp'" in _one_line(e)
+  oracles.assert_one_line_error(e.value, "'ald'", "'vp'")
   with pytest.raises(ValueError) as e:
     sv.solve('ald', den, jnp.zeros((2, 3)), sv.step_schedule(_ve(), 4), jax.random.key(0),
              steps_per_level=0)
-  assert 'steps_per_level' in _one_line(e)
+  oracles.assert_one_line_error(e.value, 'steps_per_level')
   # Continuous processes take any number of steps, but at least one.
   assert sv.step_schedule(_ve(), 5000).num_steps == 5000
   with pytest.raises(ValueError) as e:
     sv.step_schedule(_subvp(), 0)
-  assert 'steps' in _one_line(e)
+  oracles.assert_one_line_error(e.value, 'steps')
   # A discrete-time DDPM chain refuses the score parameterisation.
   d = gd.GaussianDiffusion.from_betas(np.linspace(1e-4, 0.02, 10))
   with pytest.raises(ValueError) as e:
     gd.training_losses(d, lambda x, t: x, jnp.zeros((2, 4)), jnp.zeros((2,), jnp.int32),
                        jnp.zeros((2, 4)), loss_type='mse', mean_type='score',
                        var_type='fixedlarge')
-  assert 'score' in _one_line(e)
+  oracles.assert_one_line_error(e.value, 'score')

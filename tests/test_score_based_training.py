@@ -11,15 +11,14 @@ import pytest
 
 from configs import digits, digits_ncsn, tiny
 from diffusion_jax import continuous as ct
-from diffusion_jax import gaussian_diffusion as gd
 from diffusion_jax import sampling
 from diffusion_jax import spec as spec_lib
 from diffusion_jax import train_step as step_lib
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.train_state import OptimizerConfig, TrainState
 
-import oracles  # tests/ is on sys.path under pytest's rootdir conftest
-from test_score_based import gaussian_denoise_fn
+import helpers  # tests/ is on sys.path under pytest's rootdir conftest
+import oracles
 
 DIGITS = input_pipeline.ImageDatasetInfo('digits', (8, 8, 1), 10, {'train': 1500, 'test': 297})
 MU, S = 0.3, 0.5   # the data: x₀ ~ N(MU, S²) per coordinate (as in test_score_based)
@@ -46,17 +45,13 @@ def test_step_objectives_at_the_exact_score_match_their_closed_forms(name):
     ssm  σ² E[∂s/∂x + ½ s²] = σ²(−1/v + ½/v) = −½ σ²/v
   (the projections are Rademacher and ∂s/∂x is diagonal, so ssm's trace term is exact)."""
   rng, seed = oracles.new_rng()
-  process = (ct.VPProcess.from_diffusion(gd.GaussianDiffusion.from_betas(
-      np.linspace(1e-4, 0.02, 1000))) if name == 'vp' else
-      {'ve': ct.VEProcess(sigma_min=0.01, sigma_max=10.0), 'subvp': ct.SubVPProcess()}[name])
+  process = (helpers.linear_vp_process(1000) if name == 'vp' else
+             {'ve': ct.VEProcess(sigma_min=0.01, sigma_max=10.0), 'subvp': ct.SubVPProcess()}[name])
   b = 4096
   t = jnp.asarray(rng.uniform(process.t_min, process.t_max, b), jnp.float32)
   x0 = jnp.asarray(MU + S * rng.standard_normal((b, 4, 4, 1)), jnp.float32)
   z = jnp.asarray(rng.standard_normal((b, 4, 4, 1)), jnp.float32)
-  if name == 'vp':
-    denoise = oracles.gaussian_denoise_fn(oracles.process_alpha_sigma(process), MU, S)
-  else:
-    denoise = gaussian_denoise_fn(process, mu=MU, s=S)
+  denoise = helpers.gaussian_denoise_fn(process, MU, S)
   a = np.asarray(process.alpha(t), np.float64)
   sg = np.asarray(process.sigma(t), np.float64)
   v = a ** 2 * S ** 2 + sg ** 2
@@ -105,6 +100,16 @@ def test_continuous_timesteps_are_uniform_on_the_process_interval():
   assert lo <= t.min() and t.max() <= hi
   se = (hi - lo) / np.sqrt(12 * t.size)
   assert abs(t.mean() - (lo + hi) / 2) < 4 * se, (t.mean(), seed)
+  # The whole distribution, not its centre only (any symmetric law on the interval has that
+  # mean): the Kolmogorov–Smirnov distance to the uniform CDF, against the Dvoretzky–Kiefer–
+  # Wolfowitz–Massart bound P(D > ε) ≤ 2·exp(−2nε²) at a false-alarm probability of 1e-6
+  # (ε ≈ 0.019 here; the mean of two uniforms, triangular, is at 0.125).
+  n = t.size
+  u = np.sort((t - lo) / (hi - lo))
+  ranks = np.arange(1, n + 1) / n
+  distance = max(np.max(ranks - u), np.max(u - (ranks - 1.0 / n)))
+  epsilon = np.sqrt(np.log(2.0 / 1e-6) / (2.0 * n))
+  assert distance < epsilon, (distance, epsilon, seed)
   t5, *_ = step_lib._per_example_randomness(  # pylint: disable=protected-access
       jax.random.key(seed), None, idx[5:6], (1, 2, 2, 1), None, cfg)
   assert float(t5[0]) == pytest.approx(t[5], abs=0)
@@ -120,7 +125,6 @@ def test_a_short_ve_dsm_run_lowers_the_heldout_loss():
   """Fault: the gradient's sign flipped (or the score's). 60 Adam steps of the tiny U-Net on
   the training digits under the NCSN spec (VE, dsm): the held-out dsm loss of the params at
   fixed t and z falls by more than 10 standard errors and by a fifth."""
-  from test_train_behaviour import _digits, _mesh  # pylint: disable=g-import-not-at-top
   rng, seed = oracles.new_rng()
   config = digits_ncsn.get_config()
   config.model.ch_mult, config.model.attn_resolutions = (1, 2), (4,)
@@ -132,7 +136,7 @@ def test_a_short_ve_dsm_run_lowers_the_heldout_loss():
   assert cfg.process.kind is ct.ProcessKind.VE and cfg.objective is spec_lib.Objective.DSM
   step_fn = functools.partial(step_lib.train_step, model=model, diffusion=spec.diffusion.make(),
                               tx=tx, learning_rate_fn=opt.learning_rate_schedule(), cfg=cfg)
-  update = step_lib.data_parallel_step(step_fn, _mesh(8))
+  update = step_lib.data_parallel_step(step_fn, helpers.mesh(8))
   params0 = spec.init_params(jax.random.PRNGKey(1))
   state = TrainState.create(params0, tx, jax.random.PRNGKey(seed))
   params0 = jax.tree.map(np.array, params0)
@@ -142,13 +146,14 @@ def test_a_short_ve_dsm_run_lowers_the_heldout_loss():
     return np.asarray(step_lib.score_matching_terms(
         cfg.process, denoise, 'eps', x, t, z, jax.random.key(0), spec_lib.Objective.DSM)['loss'])
 
-  x_train = _digits('train')[0].astype(np.float32) / 127.5 - 1.0
+  x_train = helpers.digits('train')[0].astype(np.float32) / 127.5 - 1.0
   for _ in range(60):
     idx = rng.integers(0, len(x_train), 64)
     state, metrics = update(state, dict(image=jnp.asarray(x_train[idx]),
                                         label=jnp.zeros((64,), jnp.int32)))
     assert np.isfinite(float(metrics['loss']))
-  x = jnp.asarray(np.resize(_digits('test')[0], (256, 8, 8, 1)).astype(np.float32) / 127.5 - 1)
+  x_test = np.resize(helpers.digits('test')[0], (256, 8, 8, 1))
+  x = jnp.asarray(x_test.astype(np.float32) / 127.5 - 1)
   t = jnp.asarray(rng.uniform(0, 1, 256), jnp.float32)
   z = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
   before, after = heldout(params0, x, t, z), heldout(state.params, x, t, z)

@@ -14,33 +14,20 @@ import pytest
 from scipy import special
 
 from diffusion_jax import continuous as ct
-from diffusion_jax import gaussian_diffusion as gd
 from diffusion_jax import sampling
 from diffusion_jax import solvers as sv
 
-import oracles  # tests/ is on sys.path under pytest's rootdir conftest
+import helpers  # tests/ is on sys.path under pytest's rootdir conftest
+import oracles
 
 T = 1000
 MU, S = 0.3, 0.5
-
-
-_seed = oracles.new_seed  # a fresh seed, printed
-
-
-def _process():
-  return ct.VPProcess.from_diffusion(gd.GaussianDiffusion.from_betas(np.linspace(1e-4, 0.02, T)))
 
 
 def gaussian_denoise_fn(p, mean_type='eps', mu=MU, extra_channels=0):
   """The exact model of x₀ ~ N(mu, S²) as `denoise_fn(x, model_timestep)` (tests/oracles.py)."""
   return oracles.gaussian_denoise_fn(oracles.process_alpha_sigma(p), mu, S, mean_type,
                                      extra_channels)
-
-
-def exact_map(p, x, t0, t1):
-  a0, s0, a1, s1 = p.alpha(t0), p.sigma(t0), p.alpha(t1), p.sigma(t1)
-  v0, v1 = a0 ** 2 * S ** 2 + s0 ** 2, a1 ** 2 * S ** 2 + s1 ** 2
-  return a1 * MU + jnp.sqrt(v1 / v0) * (x - a0 * MU)
 
 
 def normal_quantiles(shape):
@@ -55,27 +42,17 @@ def normal_quantiles(shape):
 # Orders of convergence, in float64 so that the smallest errors sit far above round-off.
 # ------------------------------------------------------------------------------------------
 
-# (solver, options, step counts, expected order). DPM-Solver++ runs without lowering the final
-# steps' order (which would cap 3M at order 2 below 10 steps). The ranges start where the errors
-# are asymptotic (below 20 steps 2M's and 3M's λ-steps are longer than 0.5) and are kept short
-# because every step count is one compile.
-ORDER_CASES = [
-    ('euler', {}, (5, 10, 20), 1.0),
-    ('heun', {}, (10, 20, 40), 2.0),
-    ('dpmpp_2m', {'lower_order_final': False}, (20, 40, 80), 2.0),
-    ('dpmpp_3m', {'lower_order_final': False}, (20, 40, 80), 3.0),
-]
-
-
+# (solver, options, step counts, expected order): oracles.ORDER_CASES, shared with the VE test.
 @pytest.mark.slow
-@pytest.mark.parametrize('kind,options,steps,order', ORDER_CASES, ids=[c[0] for c in ORDER_CASES])
+@pytest.mark.parametrize('kind,options,steps,order', oracles.ORDER_CASES,
+                         ids=[c[0] for c in oracles.ORDER_CASES])
 def test_terminal_error_shrinks_at_the_solver_order(kind, options, steps, order):
   with jax.enable_x64(True):
-    p = _process()
+    p = helpers.linear_vp_process(T)
     den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
-    seed = _seed()
+    seed = oracles.new_seed()
     x_t = jax.random.normal(jax.random.key(seed), (4, 8), jnp.float64)
-    ref = exact_map(p, x_t, 1.0, p.t_min)
+    ref = oracles.exact_map(p, x_t, 1.0, p.t_min, MU, S)
     run = jax.jit(functools.partial(sv.solve, kind, den, **options))
     errs = []
     for n in steps:
@@ -137,9 +114,9 @@ def _numpy_dpmpp(lam, x, order, lower_order_final):
 @pytest.mark.parametrize('num_steps,lower_order_final', [(6, True), (12, False)])
 def test_dpmpp_matches_numpy_float64(kind, order, num_steps, lower_order_final):
   with jax.enable_x64(True):
-    p = _process()
+    p = helpers.linear_vp_process(T)
     den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
-    seed = _seed()
+    seed = oracles.new_seed()
     x_t = np.random.default_rng(seed).normal(size=(3, 4))
     sched = sv.step_schedule(p, num_steps, 'time_uniform')
     fn = sv.dpmpp_2m if order == 2 else sv.dpmpp_3m
@@ -157,7 +134,7 @@ def test_dpmpp_matches_numpy_float64(kind, order, num_steps, lower_order_final):
 def test_dpmpp_2m_recovers_mean_and_std():
   """At 20 steps (21 evaluations) the mean is within 1% and the std 1.3% high on this process
   (a float64 NumPy run of the paper's 2M gives the same +1.30%); 25 steps bring both within 1%."""
-  p = _process()
+  p = helpers.linear_vp_process(T)
   den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
   x_t = jnp.asarray(normal_quantiles((8192, 8)))
   run = jax.jit(functools.partial(sv.solve, 'dpmpp_2m', den))
@@ -174,8 +151,8 @@ def test_dpmpp_2m_recovers_mean_and_std():
 @pytest.mark.slow
 @pytest.mark.parametrize('kind', ['sde', 'pc'])
 def test_sde_and_pc_recover_std_at_1000_steps(kind):
-  seed = _seed()
-  p = _process()
+  seed = oracles.new_seed()
+  p = helpers.linear_vp_process(T)
   den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
   k_x, k_run = jax.random.split(jax.random.key(seed))
   x_t = jax.random.normal(k_x, (16384, 8))
@@ -193,8 +170,8 @@ def test_sde_and_pc_recover_std_at_1000_steps(kind):
 
 @pytest.mark.slow
 def test_adaptive_ode_is_accurate_and_counts_evaluations():
-  seed = _seed()
-  p = _process()
+  seed = oracles.new_seed()
+  p = helpers.linear_vp_process(T)
   calls = []
 
   def counted(x, n):
@@ -203,7 +180,7 @@ def test_adaptive_ode_is_accurate_and_counts_evaluations():
 
   den = ct.make_denoiser(p, counted, 'eps')
   x_t = jax.random.normal(jax.random.key(seed), (4, 8))
-  ref = exact_map(p, x_t, 1.0, p.t_min)
+  ref = oracles.exact_map(p, x_t, 1.0, p.t_min, MU, S)
   sched = sv.step_schedule(p, 1)
   out = jax.jit(functools.partial(sv.solve, 'ode', den, rtol=1e-6, atol=1e-6))(x_t, sched)
   jax.effects_barrier()
@@ -222,8 +199,8 @@ def test_adaptive_ode_is_accurate_and_counts_evaluations():
 @pytest.mark.slow
 @pytest.mark.parametrize('kind', ['heun'])
 def test_mean_types_give_the_same_samples(kind):
-  seed = _seed()
-  p = _process()
+  seed = oracles.new_seed()
+  p = helpers.linear_vp_process(T)
   k_x, k_run = jax.random.split(jax.random.key(seed))
   x_t = jax.random.normal(k_x, (3, 2, 2, 2))
   sched = sv.step_schedule(p, 4)
@@ -246,16 +223,13 @@ class _GaussianLabelModel(nn.Module):
   def __call__(self, x, t, y=None, train=False):
     scale = self.param('scale', nn.initializers.ones, ())
     mu = jnp.where(y == self.num_classes, -0.2, MU)[:, None]
-    tc = (t + 1.0) / self.process.num_timesteps
-    a = self.process.alpha(tc)[:, None]
-    s = self.process.sigma(tc)[:, None]
-    x0 = mu + a * S ** 2 / (a ** 2 * S ** 2 + s ** 2) * (x - a * mu)
-    return scale * (x - a * x0) / s
+    eps = oracles.gaussian_denoise_fn(oracles.process_alpha_sigma(self.process), mu, S)
+    return scale * eps(x, t)
 
 
 @pytest.mark.slow
 def test_classifier_free_guidance_composes():
-  p = _process()
+  p = helpers.linear_vp_process(T)
   model = _GaussianLabelModel(num_classes=2, process=p)
   params = {'scale': jnp.ones(())}
   labels = jnp.array([0, 1, 0])
@@ -277,7 +251,7 @@ def test_classifier_free_guidance_composes():
 
 def test_step_schedules():
   with jax.enable_x64(True):
-    p = _process()
+    p = helpers.linear_vp_process(T)
     n = 8
     u = np.linspace(0, 1, n + 1)
     lam_lo, lam_hi = float(p.lambda_min()), float(p.lambda_max())
@@ -305,7 +279,7 @@ def test_num_evaluations():
 
 
 def test_bad_inputs_raise_one_line_errors():
-  p = _process()
+  p = helpers.linear_vp_process(T)
   den = ct.make_denoiser(p, gaussian_denoise_fn(p), 'eps')
   x = jnp.zeros((2, 3))
   cases = [

@@ -8,7 +8,6 @@ for the multi-host test) that share a persistent compilation cache.
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -25,7 +24,8 @@ from diffusion_jax import train_step as step_lib
 from diffusion_jax.models.unet import UNetConfig
 from diffusion_jax.train_state import OptimizerConfig, TrainState
 
-import oracles  # tests/ is on sys.path under pytest's rootdir conftest
+import helpers  # tests/ is on sys.path under pytest's rootdir conftest
+import oracles
 import workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,11 +79,6 @@ def _batch(seed=None):
   return dict(image=jnp.asarray(image), label=jnp.asarray(rng.integers(0, 10, BATCH), jnp.int32))
 
 
-def _mesh(n):
-  return jax.make_mesh((n,), ('data',), devices=jax.devices()[:n],
-                       axis_types=(jax.sharding.AxisType.Explicit,))
-
-
 def _copy(tree):
   return jax.tree.map(lambda x: np.array(x), tree)
 
@@ -106,7 +101,7 @@ def test_one_real_step_per_type(mean_type, var_type, loss_type, importance, accu
   state, step_fn = _setup(mean_type, var_type, loss_type, importance=importance, accum=accum,
                           num_classes=classes)
   before = _copy(state)
-  update = step_lib.data_parallel_step(step_fn, _mesh(8))
+  update = step_lib.data_parallel_step(step_fn, helpers.mesh(8))
   new, metrics = update(state, _batch())
   assert int(new.step) == 1
   for k in ('loss', 'mse', 'vb', 'grad_norm', 'learning_rate'):
@@ -134,7 +129,7 @@ def test_ema_warmup_is_tfs_num_updates_rule():
   assert step_lib.ema_decay(step_lib.StepConfig(ema_decay=0.999), jnp.int32(5)) == 0.999
   # Two real steps: the EMA is 0.1·p₀ + 0.9·p₁, then (2/11)·that + (9/11)·p₂.
   state, step_fn = _setup(ema_decay=0.999, ema_warmup=True)
-  update = step_lib.data_parallel_step(step_fn, _mesh(1))
+  update = step_lib.data_parallel_step(step_fn, helpers.mesh(1))
   p0 = _copy(state.params)
   s1, _ = update(state, _batch(0))
   p1 = _copy(s1.params)  # the next update donates s1
@@ -153,7 +148,7 @@ def test_shard_map_and_pmap_agree():
   stacked = jax_utils.replicate(jax.tree.map(np.asarray, state))
   new_pmap, m_pmap = step_lib.pmap_step(step_fn)(
       stacked, jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch))
-  new_shard, m_shard = step_lib.data_parallel_step(step_fn, _mesh(n))(state, batch)
+  new_shard, m_shard = step_lib.data_parallel_step(step_fn, helpers.mesh(n))(state, batch)
   _assert_trees_close(jax_utils.unreplicate(new_pmap), new_shard, atol=5e-7)
   for k in ('loss', 'grad_norm'):
     np.testing.assert_allclose(m_pmap[k][0], m_shard[k], rtol=1e-5, err_msg=k)
@@ -163,8 +158,8 @@ def test_shard_map_and_pmap_agree():
 def test_eight_devices_match_one_on_the_same_global_batch():
   state, step_fn = _setup(sgd=True)
   batch = _batch()
-  new8, m8 = step_lib.data_parallel_step(step_fn, _mesh(8))(_copy(state), batch)
-  new1, m1 = step_lib.data_parallel_step(step_fn, _mesh(1))(_copy(state), batch)
+  new8, m8 = step_lib.data_parallel_step(step_fn, helpers.mesh(8))(_copy(state), batch)
+  new1, m1 = step_lib.data_parallel_step(step_fn, helpers.mesh(1))(_copy(state), batch)
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
   np.testing.assert_allclose(m8['grad_norm'], m1['grad_norm'], rtol=1e-4)
   _assert_trees_close(new8.params, new1.params, atol=5e-7)
@@ -175,8 +170,8 @@ def test_gradient_accumulation_matches_one_batch():
   state, step_fn = _setup(sgd=True)
   _, step_fn2 = _setup(accum=2, sgd=True)
   batch = _batch()
-  new1, m1 = step_lib.data_parallel_step(step_fn, _mesh(4))(_copy(state), batch)
-  new2, m2 = step_lib.data_parallel_step(step_fn2, _mesh(4))(_copy(state), batch)
+  new1, m1 = step_lib.data_parallel_step(step_fn, helpers.mesh(4))(_copy(state), batch)
+  new2, m2 = step_lib.data_parallel_step(step_fn2, helpers.mesh(4))(_copy(state), batch)
   np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-5)
   np.testing.assert_allclose(m1['grad_norm'], m2['grad_norm'], rtol=1e-4)
   _assert_trees_close(new1.params, new2.params, atol=5e-7)
@@ -231,12 +226,10 @@ RESUME = ('--config.training.num_train_steps=8', '--config.training.checkpoint_e
           '--config.training.log_every_steps=1')
 
 
-@pytest.fixture(scope='module')
-def unbroken(env):
-  workdir = str(env['base'] / 'unbroken')
-  result = _run(env, _train_cmd(env, workdir, *RESUME))
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+@pytest.fixture
+def unbroken(trained_workdir):
+  """A copy of the run's trained tiny workdir: 8 steps, checkpoints 2, 4, 6 and 8 (conftest)."""
+  return trained_workdir
 
 
 def test_resume_after_sigkill_is_bit_identical(env, unbroken):
@@ -255,17 +248,12 @@ def test_resume_after_sigkill_is_bit_identical(env, unbroken):
   workdirs.assert_same_checkpoint(unbroken, workdir, 8)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_each_other_and_one_process(env):
   base = env['base']
   worker = os.path.join(ROOT, 'tests', 'multihost_worker.py')
-  e2 = dict(env['env'], XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  port = _free_port()
+  e2 = dict(env['env'], XLA_FLAGS=env['env']['XLA_FLAGS'].replace(
+      '--xla_force_host_platform_device_count=8', '--xla_force_host_platform_device_count=2'))
+  port = helpers.free_port()
   procs = [subprocess.Popen(
       [sys.executable, worker, str(base / f'mh_{i}.npz'), str(base / 'mh_workdir'),
        env['data_dir'], '2', str(i), str(port)], env=e2, cwd=ROOT,
@@ -273,7 +261,8 @@ def test_two_processes_match_each_other_and_one_process(env):
   errs = [p.communicate(timeout=600)[1] for p in procs]
   for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-3000:]
-  e4 = dict(env['env'], XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  e4 = dict(env['env'], XLA_FLAGS=env['env']['XLA_FLAGS'].replace(
+      '--xla_force_host_platform_device_count=8', '--xla_force_host_platform_device_count=4'))
   single = subprocess.run([sys.executable, worker, str(base / 'sp.npz'),
                            str(base / 'sp_workdir'), env['data_dir'], '1', '0', '0'],
                           env=e4, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -322,12 +311,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env, unbroken,
   workdir = str(tmp_path / 'nan')
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(unbroken, workdir)
+  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert before == ['2', '4', '6', '8']
   result = _run(env, _train_cmd(
       env, workdir, '--config.training.num_train_steps=20',
       '--config.training.checkpoint_every_steps=100', '--config.training.log_every_steps=1',
       '--config.optimizer.learning_rate=1e30', '--config.optimizer.warmup_steps=0'))
   _assert_fails(result, 'non-finite loss', 'at step', 'checkpoint (8)')
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '8']
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
 
 
 def test_checkpoint_of_another_optimizer(env, unbroken):
@@ -382,7 +373,8 @@ def test_time_budget_stops_with_a_checkpoint(env, unbroken, tmp_path):
                                 '--config.training.time_budget_s=0.001'))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Time budget of 0.001 s spent after step 9' in result.stderr, result.stderr[-3000:]
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '8', '9']
+  # The copy held 2, 4, 6 and 8; the config's keep_checkpoints (3) leaves the newest three.
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['6', '8', '9']
 
 
 def test_restart_with_resumable_changes_goes_on_and_records_them(env, unbroken, tmp_path):
@@ -402,11 +394,15 @@ def test_restart_with_resumable_changes_goes_on_and_records_them(env, unbroken, 
   with open(os.path.join(workdir, 'spec.json')) as f:
     new = json.load(f)
   assert new['run']['num_train_steps'] == 9 and new['optimizer']['learning_rate'] == 5e-4
-  assert {k: v for k, v in new.items() if k not in ('run', 'optimizer')} == {
-      k: v for k, v in old.items() if k not in ('run', 'optimizer')}
+  # The shared workdir was trained on the run's own copy of the digits: data_dir changes too.
+  assert new['data'] == dict(old['data'], data_dir=env['data_dir'])
+  assert {k: v for k, v in new.items() if k not in ('run', 'optimizer', 'data')} == {
+      k: v for k, v in old.items() if k not in ('run', 'optimizer', 'data')}
   with open(os.path.join(workdir, 'spec_changes.jsonl')) as f:
     (line,) = [json.loads(l) for l in f]
   assert line['resumed_at_step'] == 8
   assert line['changes'] == {'run.num_train_steps': [8, 9],
-                             'run.checkpoint_every_steps': [4, 9],
-                             'optimizer.learning_rate': [1e-3, 5e-4]}
+                             'run.checkpoint_every_steps': [2, 9],
+                             'run.keep_checkpoints': [4, 3],
+                             'optimizer.learning_rate': [1e-3, 5e-4],
+                             'data.data_dir': [old['data']['data_dir'], env['data_dir']]}
