@@ -462,7 +462,7 @@ def plan(args, torch_ok: bool) -> list[tuple[str, str, dict, str]]:
           ('ceiling_copy', 'jax', dict(worker='jax_copy', size=args.matmul_size),
            'ceiling: device copy')]
   for b in args.batch:
-    for dt, label in (('float32', 'float32 (TF32 on GPU)'),):  # PLANT: no bf16 row
+    for dt, label in (('float32', 'float32 (TF32 on GPU)'), ('bfloat16', 'bfloat16 compute')):
       rows.append((f'jax_train_{dt}_{b}', 'jax', dict(worker='jax_train', dtype=dt, batch=b),
                    f'JAX library train_step, {label}'))
     if torch_ok:
