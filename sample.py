@@ -12,16 +12,16 @@ for a class-conditional model) and OUT/grid.png; --progressive adds OUT/progress
 ancestral chain), --interpolate OUT/interpolation.png (DDIM-latent interpolation).
 OUT defaults to DIR/samples_<sampler>_<steps>. Bad arguments: one `error: ...` line, exit 1.
 
-The sampler flags are `diffusion_jax/sampler_flags.py`'s, shared with `python -m
-diffusion_jax.evaluate`; without them the workdir's recommended sampler is used (its spec's
-eval sampler, the recipe's choice) and the first line of output names it.
+The sampler flags are `diffusion_jax/sampling/flags.py`'s, shared with evaluate.py; without
+them the workdir's recommended sampler is used (its spec's eval sampler, the recipe's choice)
+and the first line of output names it.
 """
 
 from absl import app
 from absl import flags
 
-from diffusion_jax import cli
-from diffusion_jax import sampler_flags
+from diffusion_jax.runtime import cli
+from diffusion_jax.sampling import flags as sampler_flags
 
 flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
 flags.DEFINE_integer('num_samples', 64, 'Number of images.')

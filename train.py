@@ -1,4 +1,4 @@
-r"""Trains a DDPM: a thin entry point around `diffusion_jax.train.train_and_evaluate`.
+r"""Trains a DDPM: a thin entry point around `diffusion_jax.training.loop.train_and_evaluate`.
 
   python train.py --config configs/digits.py --workdir /tmp/digits
   python train.py --config configs/cifar10.py --workdir DIR --config.training.batch_size=64
@@ -22,7 +22,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from diffusion_jax import cli
+from diffusion_jax.runtime import cli
 
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
@@ -40,9 +40,9 @@ def main(argv):
   if FLAGS.jax_distributed or FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  from diffusion_jax import preemption  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.runtime import preemption  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import loop as train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.storage import workdir_lock  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, clock_start=STARTED)
   except preemption.Preempted as e:

@@ -16,7 +16,7 @@ that runs out of memory is a note in the table, not the end of the run):
     device mesh, state donated) with the U-Net in float32 (XLA's default precision: TF32 on
     NVIDIA GPUs) and in bfloat16 (`UNetConfig.dtype`; float32 parameters), at each `--batch`;
     the forward pass (evaluation mode) in both; sampling 256 images with DDPM-1000 and
-    DPM-Solver++ 2M-20 (`sampling.sample_fn`);
+    DPM-Solver++ 2M-20 (`sampler_lib.sample_fn`);
   * PyTorch: diffusers' `UNet2DModel` with the same step (plus the same EMA): eager float32 with
     TF32 allowed, eager bfloat16 autocast, `torch.compile` bfloat16 autocast, and the forward
     pass. Skipped with a note when torch or diffusers is missing, or `--device gpu` finds no CUDA.
@@ -88,7 +88,7 @@ def _jax_setup(args):
   """Imports JAX for a worker (the opt-in GPU flags first, before JAX starts)."""
   sys.path.insert(0, ROOT)
   if args.xla_gpu_flags:
-    from diffusion_jax import xla_flags  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
     xla_flags.set_gpu_flags()
   import jax  # pylint: disable=g-import-not-at-top
   if args.device == 'cpu':
@@ -136,10 +136,11 @@ def jax_train(args) -> dict:
   import functools  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import gaussian_diffusion as gd  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import schedules  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.train_state import OptimizerConfig, TrainState  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.process import gaussian_diffusion as gd  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.process import schedules  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.spec import OptimizerConfig  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training.state import TrainState  # pylint: disable=g-import-not-at-top
 
   model = _unet_config(args, args.dtype).make()
   shape = _image_shape(args)
@@ -209,18 +210,19 @@ def jax_forward(args) -> dict:
 
 
 def jax_sample(args) -> dict:
-  """`sampling.sample_fn` (what sample.py runs) for `--batch` images: one compiled program."""
+  """`sampler_lib.sample_fn` (what sample.py runs) for `--batch` images: one compiled program."""
   jax = _jax_setup(args)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import gaussian_diffusion as gd  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import schedules  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.process import gaussian_diffusion as gd  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.sampling import config as sampler_config
+  from diffusion_jax.sampling import sampler as sampler_lib
+  from diffusion_jax.process import schedules  # pylint: disable=g-import-not-at-top
   model = _unet_config(args, args.dtype).make()
   shape = _image_shape(args)
   params = _init_params(jax, model, shape)
   d = gd.GaussianDiffusion.from_betas(schedules.get_beta_schedule('linear', 1000))
-  sampler = sampling.SamplerConfig(args.sampler, steps=args.sample_steps)
-  fn = sampling.sample_fn(model, d, parameterization=gd.Parameterization('eps', 'fixedlarge'),
+  sampler = sampler_config.SamplerConfig(args.sampler, steps=args.sample_steps)
+  fn = sampler_lib.sample_fn(model, d, parameterization=gd.Parameterization('eps', 'fixedlarge'),
                           sampler=sampler)
   x_shape = (args.batch,) + shape
   labels = jnp.zeros((args.batch,), jnp.int32)
@@ -608,7 +610,7 @@ def main(argv=None) -> None:
                       help='the Python that has torch and diffusers (default: this one)')
   parser.add_argument('--skip-torch', action='store_true')
   parser.add_argument('--xla-gpu-flags', action='store_true',
-                      help='set diffusion_jax.xla_flags.GPU_FLAGS in every JAX worker')
+                      help='set diffusion_jax.runtime.xla_flags.GPU_FLAGS in every JAX worker')
   parser.add_argument('--timeout', type=float, default=900, help='seconds per row')
   parser.add_argument('--out', default=os.path.join(HERE, 'gpu_report.md'))
   # One measurement (the driver starts these).

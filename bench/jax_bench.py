@@ -29,10 +29,11 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import diffusion_jax as dj  # pylint: disable=g-import-not-at-top,wrong-import-position
-from diffusion_jax import host_memory  # pylint: disable=wrong-import-position
-from diffusion_jax import train_step as step_lib  # pylint: disable=wrong-import-position
+from diffusion_jax.runtime import host_memory  # pylint: disable=wrong-import-position
+from diffusion_jax.training import step as step_lib  # pylint: disable=wrong-import-position
 from diffusion_jax.models import UNetConfig  # pylint: disable=wrong-import-position
-from diffusion_jax.train_state import OptimizerConfig, TrainState  # pylint: disable=wrong-import-position
+from diffusion_jax.spec import OptimizerConfig  # pylint: disable=wrong-import-position
+from diffusion_jax.training.state import TrainState  # pylint: disable=wrong-import-position
 
 T = 1000
 IMAGE = (32, 32, 3)

@@ -44,7 +44,8 @@ sys.path.insert(0, ROOT)
 import jax
 import numpy as np
 
-from diffusion_jax import evaluate, features, sampling
+from diffusion_jax.evaluation import evaluate, features
+from diffusion_jax.sampling import config as sampler_config
 from diffusion_jax import trained_model as tm
 from diffusion_jax.data import datasets, input_pipeline
 
@@ -54,13 +55,13 @@ OURS_SAMPLERS = 'sde:100,heun:10:churn=5,dpmpp_2m:20,ddim:100'
 REFERENCE = ('ddpm', 1000)   # both sides, at the largest budget only
 
 
-def parse_samplers(text: str) -> list[sampling.SamplerConfig]:
+def parse_samplers(text: str) -> list[sampler_config.SamplerConfig]:
   """'sde:100,heun:10:churn=5' → SamplerConfigs (KIND:STEPS[:OPTION=VALUE...])."""
   out = []
   for item in filter(None, text.split(',')):
     kind, steps, *options = item.split(':')
     kwargs = {k: float(v) for k, v in (o.split('=') for o in options)}
-    out.append(sampling.SamplerConfig(kind, steps=int(steps), **kwargs))
+    out.append(sampler_config.SamplerConfig(kind, steps=int(steps), **kwargs))
   return out
 
 
@@ -174,7 +175,7 @@ def sample_peer(args, torch_py, run, sampler, steps, num, root) -> tuple[np.ndar
                                       load=load0)
 
 
-def sample_ours(args, run, cfg: sampling.SamplerConfig, num) -> tuple[np.ndarray, dict]:
+def sample_ours(args, run, cfg: sampler_config.SamplerConfig, num) -> tuple[np.ndarray, dict]:
   load0, t0 = load(), time.time()
   trained = tm.load_ema_params(run['workdir'])
   batches = -(-num // 256)   # equal batches of at most 256: little padding in the last one
@@ -216,7 +217,7 @@ def speed(args, torch_py, root) -> list[dict]:
     rows.append(dict(side='peer', sampler=peer_kind, steps=steps, batch=batch,
                      images_per_s=r['images_per_s_steady'], num_params=r['num_params'],
                      load=load()))
-    cfg = sampling.SamplerConfig(ours_kind, steps=steps)
+    cfg = sampler_config.SamplerConfig(ours_kind, steps=steps)
     run = tm.make_sampler(trained, cfg)
     tm.generate(trained, cfg, num_samples=batch, rng=jax.random.key(0), run=run,
                 batch_size=batch)  # compiles
@@ -280,7 +281,7 @@ def main(argv=None):
                                                   filter(None, args.peer_samplers.split(','))))
   reference = REFERENCE
   if args.smoke:
-    samplers = [sampling.SamplerConfig(c.kind, steps=2, churn=c.churn) for c in samplers]
+    samplers = [sampler_config.SamplerConfig(c.kind, steps=2, churn=c.churn) for c in samplers]
     peer_samplers, reference = tuple((k, 2) for k, _ in peer_samplers), ('ddpm', 3)
 
   # 1. Training, alternating: the peer's one run, then ours, largest budget first.
@@ -311,7 +312,7 @@ def main(argv=None):
         add(runs['peer', b], *sample_peer(args, torch_py, runs['peer', b], kind, steps, n,
                                           args.root))
     if 'ours' in sides:
-      ref = [sampling.SamplerConfig(reference[0], steps=reference[1])] if largest and ref_num else []
+      ref = [sampler_config.SamplerConfig(reference[0], steps=reference[1])] if largest and ref_num else []
       for cfg in samplers + ref:
         n = ref_num if cfg in ref else num
         add(runs['ours', b], *sample_ours(args, runs['ours', b], cfg, n))

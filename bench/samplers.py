@@ -6,7 +6,7 @@ DDIM-100: digits FID, precision/recall and wall time against model evaluations.
 Writes the markdown table to `--out`, `samplers_fid.png` (FID against evaluations) and
 `samplers_grid.png` (the same seeds under each sampler, one row each) next to it, and the raw
 numbers to `samplers.json`. Every sampler runs through the library's own path
-(`trained_model.generate` with a parsed `sampling.SamplerConfig`), as sample.py does. Timings
+(`trained_model.generate` with a parsed `sampler_config.SamplerConfig`), as sample.py does. Timings
 are wall-clock on this machine, compile excluded (each configuration samples one batch first);
 the load average is recorded with them.
 """
@@ -21,7 +21,9 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import evaluate, features, images, sampling
+from diffusion_jax.evaluation import evaluate, features
+from diffusion_jax.sampling import config as sampler_config
+from diffusion_jax.storage import images as images_lib
 from diffusion_jax import trained_model as tm
 
 # (sampler, step counts, step schedule, options): the fast solvers first, the references last.
@@ -79,7 +81,7 @@ def main(argv=None):
         continue
       if args.smoke and kind in ('ddpm', 'sde', 'pc'):
         steps = 3
-      cfg = sampling.SamplerConfig(kind, steps=steps, step_schedule=schedule, **options)
+      cfg = sampler_config.SamplerConfig(kind, steps=steps, step_schedule=schedule, **options)
       run = tm.make_sampler(trained, cfg)
       # The same seeds for every sampler: batch 0 of rng, which also compiles.
       grid, _, _ = tm.generate(trained, cfg, num_samples=batch, rng=rng, run=run,
@@ -109,8 +111,8 @@ def main(argv=None):
             + '\n'.join(lines) + '\n\n![FID against evaluations](samplers_fid.png)\n\n'
             '![the same seeds, one sampler per row (table order)](samplers_grid.png)\n')
   if not args.append:
-    grid = sampling.make_grid(np.concatenate(grid_rows), ncol=args.grid_seeds)
-    images.save_png(os.path.join(out_dir, 'samplers_grid.png'), grid, scale=4)
+    grid = images_lib.make_grid(np.concatenate(grid_rows), ncol=args.grid_seeds)
+    images_lib.save_png(os.path.join(out_dir, 'samplers_grid.png'), grid, scale=4)
   _plot(rows, os.path.join(out_dir, 'samplers_fid.png'))
   print('\n'.join(lines))
 

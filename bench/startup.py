@@ -12,7 +12,7 @@ compilation cache (cold), then with the cache the first run filled (warm):
 - `sample.py` to its first batch of samples (one batch of 64), with the default sampler and
   with `--sampler ddpm`, on a digits workdir (random parameters: the cost does not depend on
   them);
-- `python -m diffusion_jax.evaluate`, its first evaluation (64 test digits' bits/dim and 64
+- `python evaluate.py`, its first evaluation (64 test digits' bits/dim and 64
   samples' FID).
 The wall time is the whole process; the compile seconds are what the programs' own lines say
 (`compilation.track`: tracing, lowering and the XLA compile or the cache read).
@@ -98,7 +98,7 @@ def startup(args) -> list[dict]:
             PY, 'sample.py', f'--workdir={workdir}', '--num_samples=64', '--sampler=ddpm',
             '--overwrite', f'--output={base}/ddpm'],
         'evaluate: first evaluation (64 bits/dim, 64 FID)': [
-            PY, '-m', 'diffusion_jax.evaluate', f'--workdir={workdir}', '--num_samples=64',
+            PY, os.path.join(ROOT, 'evaluate.py'), f'--workdir={workdir}', '--num_samples=64',
             '--bpd_examples=64', '--steps=20' if args.tiny else '--steps=100'],
     }
     if args.tiny:
@@ -155,7 +155,7 @@ def loop(args) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, ROOT)
   from configs import digits  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import loop as train  # pylint: disable=g-import-not-at-top
   from diffusion_jax.data import digits as digits_data  # pylint: disable=g-import-not-at-top
   train.step_lib.train_step = _negligible_step
   rows = []

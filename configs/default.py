@@ -5,15 +5,15 @@ Each dataset config imports `get_config()` from here and overrides fields.
 
 import ml_collections
 
-from diffusion_jax import sampling
+from diffusion_jax.sampling import config as sampler_config
 from diffusion_jax import spec
 
 
 def _sampler_options(group: ml_collections.ConfigDict) -> None:
   """The sampler's options other than steps (`sample_steps`), by the names of sample.py's
-  and evaluate's flags (`sampling.OPTIONS`); None: the sampler's default."""
+  and evaluate's flags (`sampler_config.OPTIONS`); None: the sampler's default."""
   kinds = dict(step_schedule=str)
-  for name in sampling.OPTIONS:
+  for name in sampler_config.OPTIONS:
     if name != 'steps':
       group[name] = ml_collections.config_dict.placeholder(kinds.get(name, float))
 

@@ -25,16 +25,16 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 import numpy as np
 
-from diffusion_jax import continuous
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import sampling
-from diffusion_jax import schedules
+from diffusion_jax.process import continuous
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.sampling import config as sampler_config
+from diffusion_jax.process import schedules
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.models.unet import UNetConfig
 from diffusion_jax.options import Option
-from diffusion_jax.train_state import OptimizerConfig
 
 # U-Net fields that come from the data, the variance type and the compute dtype, not from
 # `config.model`.
@@ -198,7 +198,7 @@ class DiffusionSpec:
       raise ValueError(f'diffusion.snr_gamma and timestep_sampler=importance are DDPM options, '
                        f'not for objective {obj!r}')
 
-  def check_sampler(self, sampler: 'sampling.SamplerConfig') -> None:
+  def check_sampler(self, sampler: 'sampler_config.SamplerConfig') -> None:
     """A one-line ValueError where `sampler` has no meaning for this process."""
     kind = sampler.kind
     if self.process is not continuous.ProcessKind.VP:
@@ -207,10 +207,50 @@ class DiffusionSpec:
                          f'{self.process.value!r} process does not have: use ald (ve), sde, '
                          'pc, ode, euler, heun, dpmpp_2m or dpmpp_3m')
       return
-    if kind is sampling.SamplerKind.ALD:
+    if kind is sampler_config.SamplerKind.ALD:
       raise ValueError("sampler 'ald' (annealed Langevin dynamics) is defined for the 've' "
                        "process only, not 'vp': use sde, pc or ode")
     sampler.check_steps(self.num_timesteps)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Adam with linear warm-up and global-norm clipping (the DDPM recipe)."""
+  learning_rate: float = 2e-4
+  warmup_steps: int = 5000
+  grad_clip: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+  def __post_init__(self):
+    def bad(name, allowed):
+      value = getattr(self, name)
+      return ValueError(f'optimizer.{name} must be {allowed}, got {value!r}')
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    if not (finite(self.learning_rate) and self.learning_rate > 0):
+      raise bad('learning_rate', 'a finite number > 0')
+    if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+      raise bad('warmup_steps', 'an integer >= 0')
+    if self.grad_clip is not None and not (finite(self.grad_clip) and self.grad_clip >= 0):
+      raise bad('grad_clip', 'a finite number >= 0 (0 or None: no clipping)')
+    for name in ('b1', 'b2'):
+      if not (finite(getattr(self, name)) and 0 <= getattr(self, name) < 1):
+        raise bad(name, 'in [0, 1)')
+    if not (finite(self.eps) and self.eps > 0):
+      raise bad('eps', 'a finite number > 0')
+
+  def learning_rate_schedule(self) -> optax.Schedule:
+    if self.warmup_steps <= 0:
+      return optax.constant_schedule(self.learning_rate)
+    return optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
+
+  def make(self) -> optax.GradientTransformation:
+    parts = []
+    if self.grad_clip and self.grad_clip > 0:
+      parts.append(optax.clip_by_global_norm(self.grad_clip))
+    parts.append(optax.adam(self.learning_rate_schedule(), b1=self.b1, b2=self.b2, eps=self.eps))
+    return optax.chain(*parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +280,7 @@ class RunSpec:
   keep_checkpoints: int
   sample_every_steps: int            # 0: no sample grids
   num_samples: int
-  sampler: sampling.SamplerConfig    # for the grid
+  sampler: sampler_config.SamplerConfig    # for the grid
   time_budget_s: float = 0.0         # > 0: also stop (and checkpoint) after this wall time
   steps_per_call: int = 1            # steps per dispatch (a lax.scan): less host overhead
 
@@ -265,7 +305,7 @@ class EvalSpec:
   every_steps: int                   # 0: none
   num_samples: int                   # for FID; 0: none
   bpd_examples: int                  # test examples for bits/dim; 0: none
-  sampler: sampling.SamplerConfig
+  sampler: sampler_config.SamplerConfig
   inception_weights: str | None
 
   def __post_init__(self):
@@ -273,11 +313,11 @@ class EvalSpec:
       _non_negative_int(getattr(self, name), f'eval.{name}')
 
 
-def _sampler_of(group: ml_collections.ConfigDict) -> sampling.SamplerConfig:
+def _sampler_of(group: ml_collections.ConfigDict) -> sampler_config.SamplerConfig:
   """The sampler of config group `training` or `eval`: `sampler`, `sample_steps` and the
-  options of `sampling.OPTIONS` that the group sets (configs older than them set none)."""
-  options = {k: group.get(k) for k in sampling.OPTIONS if k != 'steps'}
-  return sampling.SamplerConfig.create(group.get('sampler', 'ddim'), steps=group.sample_steps,
+  options of `sampler_config.OPTIONS` that the group sets (configs older than them set none)."""
+  options = {k: group.get(k) for k in sampler_config.OPTIONS if k != 'steps'}
+  return sampler_config.SamplerConfig.create(group.get('sampler', 'ddim'), steps=group.sample_steps,
                                        **{k: v for k, v in options.items() if v is not None})
 
 
@@ -404,8 +444,8 @@ class ExperimentSpec:
       diff = dict(d['diffusion'])
       diff['parameterization'] = gd.Parameterization(**diff['parameterization'])
       run, ev = dict(d['run']), dict(d['eval'])
-      run['sampler'] = sampling.SamplerConfig.from_dict(run['sampler'])
-      ev['sampler'] = sampling.SamplerConfig.from_dict(ev['sampler'])
+      run['sampler'] = sampler_config.SamplerConfig.from_dict(run['sampler'])
+      ev['sampler'] = sampler_config.SamplerConfig.from_dict(ev['sampler'])
       return cls(seed=int(d['seed']), data=DataSpec(**d['data']),
                  model=UNetConfig.from_dict(d['model']), diffusion=DiffusionSpec(**diff),
                  optimizer=OptimizerConfig(**d['optimizer']),

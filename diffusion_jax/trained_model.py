@@ -10,7 +10,7 @@ no optimizer, nothing of the training code.
 
 `sample_to_dir` is what `sample.py` runs: samples, a grid, and optionally the progressive
 chain and a DDIM-latent interpolation, written to one folder. Sampling is data-parallel
-over every device (`sampling.data_parallel_sampler`); batch i uses `fold_in(rng, i)` and
+over every device (`sampler_lib.data_parallel_sampler`); batch i uses `fold_in(rng, i)` and
 device j of it `fold_in(., j)`, so samples depend on the seed, batch size and device count.
 """
 
@@ -27,15 +27,17 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffusion_jax import checkpointing
-from diffusion_jax import compilation
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import parallel
-from diffusion_jax import paths
-from diffusion_jax import samplers
-from diffusion_jax import sampling
-from diffusion_jax import workdir as workdir_lib
-from diffusion_jax.images import save_png
+from diffusion_jax.storage import checkpointing
+from diffusion_jax.runtime import compilation
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.runtime import parallel
+from diffusion_jax.storage import paths
+from diffusion_jax.sampling import samplers
+from diffusion_jax.sampling import config as sampler_config
+from diffusion_jax.sampling import sampler as sampler_lib
+from diffusion_jax.storage import images as images_lib
+from diffusion_jax.storage import workdir as workdir_lib
+from diffusion_jax.storage.images import save_png
 from diffusion_jax.spec import ExperimentSpec
 
 DEFAULT_MAX_BATCH = 256
@@ -154,16 +156,16 @@ def default_labels(num_samples: int, num_classes: int | None) -> np.ndarray:
   return np.arange(num_samples, dtype=np.int32) % (num_classes or 1)
 
 
-def make_sampler(trained: TrainedModel, sampler: sampling.SamplerConfig):
+def make_sampler(trained: TrainedModel, sampler: sampler_config.SamplerConfig):
   """`run(params, rng, labels [B]) -> images [B, H, W, C]` in [-1, 1], data-parallel."""
-  fn = sampling.sample_fn(trained.model, trained.diffusion,
+  fn = sampler_lib.sample_fn(trained.model, trained.diffusion,
                           parameterization=trained.parameterization, sampler=sampler,
                           num_classes=trained.num_classes,
                           process=trained.spec.diffusion.make_process())
-  return sampling.data_parallel_sampler(fn, trained.mesh, trained.image_shape)
+  return sampler_lib.data_parallel_sampler(fn, trained.mesh, trained.image_shape)
 
 
-def generate(trained: TrainedModel, sampler: sampling.SamplerConfig, *, num_samples: int,
+def generate(trained: TrainedModel, sampler: sampler_config.SamplerConfig, *, num_samples: int,
              rng: jax.Array, batch_size: int | None = None, labels=None,
              progress: bool = False, run=None) -> tuple[np.ndarray, np.ndarray, int]:
   """`num_samples` uint8 images `[N, H, W, C]`, their labels `[N]`, and the model
@@ -193,25 +195,25 @@ def generate(trained: TrainedModel, sampler: sampling.SamplerConfig, *, num_samp
     chunk = labels[i * batch_size:(i + 1) * batch_size]
     padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)])
     images, evaluations = run(trained.ema_params, jax.random.fold_in(rng, i), padded)
-    out.append(sampling.to_uint8(to_host(images))[:len(chunk)])
+    out.append(images_lib.to_uint8(to_host(images))[:len(chunk)])
     nfe = max(nfe, int(np.max(to_host(evaluations))))
   return np.concatenate(out), labels, nfe
 
 
-def _denoise_fn(trained: TrainedModel, params, labels, sampler: sampling.SamplerConfig):
-  return sampling.make_denoise_fn(
+def _denoise_fn(trained: TrainedModel, params, labels, sampler: sampler_config.SamplerConfig):
+  return sampler_lib.make_denoise_fn(
       trained.model, params, labels if trained.num_classes else None,
       guidance_scale=sampler.guidance_scale, num_classes=trained.num_classes)
 
 
-def progressive(trained: TrainedModel, sampler: sampling.SamplerConfig, rng: jax.Array,
+def progressive(trained: TrainedModel, sampler: sampler_config.SamplerConfig, rng: jax.Array,
                 labels, num_frames: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The ancestral chain of a few samples (on one device): x_t and the predicted x₀.
 
   Returns uint8 (x_t `[F, B, H, W, C]`, x̂₀ `[F, B, H, W, C]`) and the model timesteps `[F]`
   of `num_frames` evenly spaced steps of the (respaced) chain, from t = T−1 down to 0.
   """
-  if sampler.kind is not sampling.SamplerKind.DDPM:
+  if sampler.kind is not sampler_config.SamplerKind.DDPM:
     raise ValueError('the progressive chain is that of the ancestral sampler: use --sampler '
                      'ddpm with --progressive')
   d = trained.diffusion
@@ -232,7 +234,7 @@ def progressive(trained: TrainedModel, sampler: sampling.SamplerConfig, rng: jax
     return x_t, x0
 
   x_t, x0 = chain(jax.device_get(trained.ema_params), rng, labels)
-  return (sampling.to_uint8(x_t), sampling.to_uint8(x0),
+  return (images_lib.to_uint8(x_t), images_lib.to_uint8(x0),
           np.asarray(d.timestep_map)[saves])
 
 
@@ -251,7 +253,7 @@ def slerp(z0: jax.Array, z1: jax.Array, alpha: jax.Array) -> jax.Array:
   return (w0 * a + w1 * b).reshape((-1,) + z0.shape)
 
 
-def interpolate(trained: TrainedModel, sampler: sampling.SamplerConfig, x_a: np.ndarray,
+def interpolate(trained: TrainedModel, sampler: sampler_config.SamplerConfig, x_a: np.ndarray,
                 x_b: np.ndarray, label: int = 0, num: int = 10) -> np.ndarray:
   """Images between uint8 `x_a` and `x_b` `[H, W, C]` through their deterministic DDIM
   latents: encode both (`ddim_reverse_sample_loop`), slerp the latents, decode with η = 0
@@ -277,7 +279,7 @@ def interpolate(trained: TrainedModel, sampler: sampling.SamplerConfig, x_a: np.
         mean_type=trained.parameterization.mean_type,
         clip_denoised=sampler.clip_denoised, x_init=zs)
 
-  return sampling.to_uint8(run(jax.device_get(trained.ema_params), x))
+  return images_lib.to_uint8(run(jax.device_get(trained.ema_params), x))
 
 
 # ------------------------------------------------------------------------------------------
@@ -293,11 +295,11 @@ def view_scale(image_size: int) -> int:
 def _strip_grid(rows: list[np.ndarray], pad: int = 1) -> np.ndarray:
   """Rows of images `[K, H, W, C]` (equal K) → one uint8 grid, row by row."""
   flat = np.concatenate(rows)
-  return sampling.make_grid(flat, ncol=rows[0].shape[0], pad=pad)
+  return images_lib.make_grid(flat, ncol=rows[0].shape[0], pad=pad)
 
 
-def _steps_name(cfg: sampling.SamplerConfig, num_timesteps: int) -> str:
-  if cfg.kind is sampling.SamplerKind.ODE:
+def _steps_name(cfg: sampler_config.SamplerConfig, num_timesteps: int) -> str:
+  if cfg.kind is sampler_config.SamplerKind.ODE:
     return f'rtol{cfg.rtol:g}'
   return str(cfg.steps or num_timesteps)
 
@@ -312,7 +314,7 @@ def _validate_output(output: epath.Path, overwrite: bool) -> None:
                           'another --output')
 
 
-def sample_to_dir(workdir, *, num_samples: int, sampler: sampling.SamplerConfig,
+def sample_to_dir(workdir, *, num_samples: int, sampler: sampler_config.SamplerConfig,
                   batch_size: int | None = None, seed: int = 0, output=None,
                   label: int | None = None, progressive_chain: bool = False,
                   interpolation: bool = False, overwrite: bool = False,
@@ -334,10 +336,10 @@ def sample_to_dir(workdir, *, num_samples: int, sampler: sampling.SamplerConfig,
   if not isinstance(num_samples, int) or num_samples <= 0:
     raise ValueError(f'--num_samples must be a positive integer, got {num_samples!r}')
   cfg = sampler
-  if interpolation and cfg.kind not in (sampling.SamplerKind.DDPM, sampling.SamplerKind.DDIM):
+  if interpolation and cfg.kind not in (sampler_config.SamplerKind.DDPM, sampler_config.SamplerKind.DDIM):
     raise ValueError('--interpolate goes through the DDIM latents: use it with --sampler ddim '
                      'or ddpm')
-  if progressive_chain and cfg.kind is not sampling.SamplerKind.DDPM:
+  if progressive_chain and cfg.kind is not sampler_config.SamplerKind.DDPM:
     raise ValueError('--progressive shows the ancestral chain: use it with --sampler ddpm')
   if interpolation and num_samples < 2:
     raise ValueError('--interpolate needs --num_samples >= 2 (it joins samples 0 and 1)')
@@ -390,7 +392,7 @@ def sample_to_dir(workdir, *, num_samples: int, sampler: sampling.SamplerConfig,
   with (output / 'samples.npz').open('wb') as f:
     np.savez(f, **arrays)
   scale = view_scale(min(images.shape[1:3]))
-  save_png(output / 'grid.png', sampling.make_grid(images), scale)
+  save_png(output / 'grid.png', images_lib.make_grid(images), scale)
   result['samples'] = str(output / 'samples.npz')
   result['grid'] = str(output / 'grid.png')
   if progressive_chain:

@@ -10,8 +10,8 @@ import socket
 import jax
 import numpy as np
 
-from diffusion_jax import continuous as ct
-from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax.process import continuous as ct
+from diffusion_jax.process import gaussian_diffusion as gd
 
 import oracles  # tests/ is on sys.path under pytest's rootdir conftest
 

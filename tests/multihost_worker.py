@@ -18,7 +18,7 @@ def main(out, workdir, data_dir, num_processes, process_id, port):
                                num_processes=num_processes, process_id=process_id)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import loop as train  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.data.data_dir = data_dir
   config.model.dropout = 0.0   # dropout masks depend on the device layout

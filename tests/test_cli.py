@@ -1,4 +1,4 @@
-"""The CLIs' shared start-up (diffusion_jax/cli.py): what a failed save leaves on stderr.
+"""The CLIs' shared start-up (diffusion_jax/runtime/cli.py): what a failed save leaves on stderr.
 
 After a failed asynchronous save, tensorstore's late writes hit orbax's closed event loop and
 asyncio collects orbax's failed tasks: both printed tracebacks around (and once, in CI, through)
@@ -13,7 +13,7 @@ import io
 import logging
 import sys
 
-from diffusion_jax import cli
+from diffusion_jax.runtime import cli
 
 
 class _CallsAClosedLoop:

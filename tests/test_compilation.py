@@ -18,9 +18,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import workdirs  # tests/ is on sys.path under pytest's rootdir conftest
 
 from configs import tiny
-from diffusion_jax import compilation
-from diffusion_jax import parallel
-from diffusion_jax import train
+from diffusion_jax.runtime import compilation
+from diffusion_jax.runtime import parallel
+from diffusion_jax.training import loop as train
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.data.prefetch import DevicePrefetcher
 

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffusion_jax import continuous as ct
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import samplers
+from diffusion_jax.process import continuous as ct
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.sampling import samplers
 
 import oracles  # tests/ is on sys.path under pytest's rootdir conftest
 

@@ -27,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpointing
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import samplers
+from diffusion_jax.storage import checkpointing
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.sampling import samplers
 from diffusion_jax import trained_model
-from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.storage import workdir as workdir_lib
 from diffusion_jax.tools import diffusers_checkpoint as dc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -541,7 +541,7 @@ def test_sample_and_evaluate_use_an_imported_workdir_unchanged(tmp_path, child_e
   assert sample.returncode == 0, sample.stderr[-2000:]
   with np.load(os.path.join(workdir, 'samples_dpmpp_2m_5', 'samples.npz')) as f:
     assert f['images'].shape == (8, 8, 8, 1)
-  ev = subprocess.run([sys.executable, '-m', 'diffusion_jax.evaluate', f'--workdir={workdir}',
+  ev = subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), f'--workdir={workdir}',
                        '--num_samples=8', '--bpd_examples=8', '--steps=5'], env=env, cwd=ROOT,
                       capture_output=True, text=True, timeout=600)
   assert ev.returncode == 0, ev.stderr[-2000:]

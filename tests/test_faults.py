@@ -1,4 +1,4 @@
-"""DIFFUSION_JAX_FAULT (diffusion_jax/faults.py): the parser, the log lines of an armed and of a
+"""DIFFUSION_JAX_FAULT (diffusion_jax/runtime/faults.py): the parser, the log lines of an armed and of a
 fired fault, and a malformed value refused at start-up, before any work."""
 
 import os
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from diffusion_jax import faults
+from diffusion_jax.runtime import faults
 
 try:
   from tests import oracles
@@ -113,7 +113,7 @@ def test_fires_at_its_point_and_step_only_and_logs_it(fault_env, caplog, monkeyp
 def test_the_trainer_refuses_a_malformed_value_before_any_work(fault_env, monkeypatch, tmp_path):
   """In process: train_and_evaluate checks the variable before it takes the workdir's lock,
   its first piece of work (then the data, the model, the compilation)."""
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import loop as train  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
 
   def no_work(*args, **kwargs):

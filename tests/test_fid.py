@@ -10,7 +10,7 @@ import scipy.special
 from scipy.spatial import distance
 from scipy.stats import ortho_group
 
-from diffusion_jax import fid
+from diffusion_jax.evaluation import fid
 from diffusion_jax.models import digits_classifier
 from diffusion_jax.models import inception
 

@@ -1,5 +1,5 @@
 """The forward process, posterior, model distribution, losses and bits/dim of
-`diffusion_jax.gaussian_diffusion`, each against a float64 NumPy re-derivation
+`diffusion_jax.process.gaussian_diffusion`, each against a float64 NumPy re-derivation
 (tests/numpy_reference.py) on fresh random inputs.
 
 Every jitted function is compiled once per static configuration; the schedules are looped over
@@ -18,8 +18,8 @@ import pytest
 from scipy import stats
 
 import diffusion_jax
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import timestep_sampler as ts
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.training import timestep_sampler as ts
 
 try:
   from tests import numpy_reference as ref

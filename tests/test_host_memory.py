@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = r'''
 import json, resource, sys
-from diffusion_jax import host_memory
+from diffusion_jax.runtime import host_memory
 applied = host_memory.reuse_freed_host_memory() if sys.argv[1] == 'reuse' else None
 import jax, jax.numpy as jnp
 

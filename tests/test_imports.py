@@ -41,7 +41,7 @@ def _imports(path: pathlib.Path) -> set[str]:
 
 def test_the_package_has_no_import_cycle():
   graph = {_module_name(p): _imports(p) - {_module_name(p)} for p in PACKAGE.rglob('*.py')}
-  assert 'diffusion_jax.train' in graph and graph['diffusion_jax.trained_model']
+  assert 'diffusion_jax.training.loop' in graph and graph['diffusion_jax.trained_model']
   state = {}
 
   def visit(m, stack):
@@ -70,12 +70,12 @@ def _loaded_by(modules: str) -> set[str]:
   return set(out.stdout.split())
 
 
-INFERENCE = ['diffusion_jax.trained_model', 'diffusion_jax.sampling', 'diffusion_jax.evaluate',
-             'diffusion_jax.spec', 'diffusion_jax.workdir', 'diffusion_jax.features']
-MATH = ['diffusion_jax.gaussian_diffusion', 'diffusion_jax.schedules', 'diffusion_jax.samplers',
-        'diffusion_jax.timestep_sampler', 'diffusion_jax.continuous', 'diffusion_jax.solvers',
-        'diffusion_jax.score_matching',
-        'diffusion_jax.ode_likelihood', 'diffusion_jax.options']
+INFERENCE = ['diffusion_jax.trained_model', 'diffusion_jax.sampling', 'diffusion_jax.evaluation.evaluate',
+             'diffusion_jax.spec', 'diffusion_jax.storage.workdir', 'diffusion_jax.evaluation.features']
+MATH = ['diffusion_jax.process.gaussian_diffusion', 'diffusion_jax.process.schedules', 'diffusion_jax.sampling.samplers',
+        'diffusion_jax.training.timestep_sampler', 'diffusion_jax.process.continuous', 'diffusion_jax.sampling.solvers',
+        'diffusion_jax.process.score_matching',
+        'diffusion_jax.sampling.likelihood', 'diffusion_jax.options']
 
 
 @pytest.mark.parametrize('module', INFERENCE)
@@ -83,7 +83,7 @@ MATH = ['diffusion_jax.gaussian_diffusion', 'diffusion_jax.schedules', 'diffusio
 def test_sampling_and_evaluation_never_load_the_trainer(module):
   loaded = _loaded_by(module)
   assert module in loaded
-  assert 'diffusion_jax.train' not in loaded and 'diffusion_jax.train_step' not in loaded
+  assert 'diffusion_jax.training.loop' not in loaded and 'diffusion_jax.training.step' not in loaded
 
 
 @pytest.mark.slow

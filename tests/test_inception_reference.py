@@ -37,8 +37,8 @@ import torch
 from sklearn import datasets as sk_datasets
 
 from configs import tiny
-from diffusion_jax import features
-from diffusion_jax import fid
+from diffusion_jax.evaluation import features
+from diffusion_jax.evaluation import fid
 from diffusion_jax.data import digits as digits_lib
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.models import inception
@@ -361,7 +361,7 @@ def rgb32_env(child_env):
 
 
 def _evaluate(env, *args):
-  return subprocess.run([sys.executable, '-m', 'diffusion_jax.evaluate',
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'),
                          f'--workdir={env["workdir"]}', '--bpd_examples=0', '--steps=2',
                          '--num_samples=8', *args], env=env['env'], cwd=ROOT,
                         capture_output=True, text=True, timeout=900)

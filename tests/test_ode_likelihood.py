@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import continuous as ct
-from diffusion_jax import ode_likelihood as ol
+from diffusion_jax.process import continuous as ct
+from diffusion_jax.sampling import likelihood as ol
 
 import helpers  # tests/ is on sys.path under pytest's rootdir conftest
 import oracles

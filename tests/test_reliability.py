@@ -23,9 +23,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpointing
-from diffusion_jax import preemption
-from diffusion_jax import workdir_lock
+from diffusion_jax.storage import checkpointing
+from diffusion_jax.runtime import preemption
+from diffusion_jax.storage import workdir_lock
 
 import helpers  # tests/ is on sys.path under pytest's rootdir conftest
 import oracles
@@ -84,7 +84,7 @@ def reaper():
 
 
 def _fault_env(env, fault):
-  """The child environment with a fault planted (diffusion_jax/faults.py)."""
+  """The child environment with a fault planted (diffusion_jax/runtime/faults.py)."""
   return dict(env['env'], DIFFUSION_JAX_FAULT=fault)
 
 

@@ -1,4 +1,4 @@
-"""sample.py and `python -m diffusion_jax.evaluate` on tiny checkpointed workdirs.
+"""sample.py and `python evaluate.py` on tiny checkpointed workdirs.
 
 The workdirs hold a checkpoint of the tiny config's training state in the trainer's format
 (the spec's shapes, `checkpointing.save`, `spec.json` and `config.json`) with random NumPy
@@ -24,12 +24,12 @@ import oracles
 import workdirs
 
 from configs import tiny
-from diffusion_jax import evaluate
-from diffusion_jax import features
+from diffusion_jax.evaluation import evaluate
+from diffusion_jax.evaluation import features
 from diffusion_jax import trained_model
-from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.storage import workdir as workdir_lib
 from diffusion_jax.data import input_pipeline
-from diffusion_jax.sampling import SamplerConfig
+from diffusion_jax.sampling.config import SamplerConfig
 from diffusion_jax.spec import ExperimentSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,7 +162,7 @@ def test_sample_to_dir_checks_every_argument_before_restoring(env, tmp_path):
 
 def _flags_sampler(recommended, *argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import sampler_flags  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.sampling import flags as sampler_flags  # pylint: disable=g-import-not-at-top
   fv = flags.FlagValues()
   sampler_flags.define_flags(fv)
   fv(['prog', *argv])
@@ -198,11 +198,11 @@ def test_sampler_flags_reject_options_of_another_sampler_in_one_line():
 
 
 def test_config_sampler_fields_are_the_flags_and_the_recipe_recommends_dpmpp_2m():
-  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.sampling import config as sampler_config
   config, spec = _tiny_spec(None)
   assert spec.eval.sampler == RECOMMENDED          # the digits recipe's, inherited by tiny
   for group in (config.training, config.eval):
-    assert {k for k in sampling.OPTIONS if k != 'steps'} <= set(group)
+    assert {k for k in sampler_config.OPTIONS if k != 'steps'} <= set(group)
   config.eval.sampler, config.eval.sample_steps, config.eval.churn = 'heun', 10, 5.0
   config.training.sampler, config.training.snr = 'pc', 0.3
   info = input_pipeline.ImageDatasetInfo('digits', (8, 8, 1), 10, {'train': 1500})
@@ -254,7 +254,7 @@ def test_slerp_ends_and_norm():
 
 
 def _evaluate(env, workdir, *args):
-  return subprocess.run([sys.executable, '-m', 'diffusion_jax.evaluate',
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'),
                          f'--workdir={workdir}', *args], env=env['env'], cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
 

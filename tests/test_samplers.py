@@ -1,4 +1,4 @@
-"""Samplers of `diffusion_jax.samplers` driven by the exact denoiser of Gaussian data.
+"""Samplers of `diffusion_jax.sampling.samplers` driven by the exact denoiser of Gaussian data.
 
 When every data coordinate is iid N(mu, s^2), x_t = a x0 + sigma eps (a = sqrt(abar_t),
 sigma = sqrt(1 - abar_t)) and E[eps | x_t] = sigma (x_t - a mu) / (a^2 s^2 + sigma^2). With that
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import diffusion_jax
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import samplers
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.sampling import samplers
 
 try:
   from tests import numpy_reference as ref

@@ -1,4 +1,4 @@
-"""Sampling from a model: every sampler of `SamplerConfig`, through `sampling.sample_fn` and
+"""Sampling from a model: every sampler of `SamplerConfig`, through `sampler_lib.sample_fn` and
 the data-parallel runner, on a 'model' that is the exact denoiser of Gaussian data.
 
 Data x₀ ~ N(μ, s²) in every coordinate; the model returns the exact ε̂(x_t, n) =
@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import continuous
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import sampling
-from diffusion_jax import schedules
+from diffusion_jax.process import continuous
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.sampling import config as sampler_config
+from diffusion_jax.sampling import sampler as sampler_lib
+from diffusion_jax.process import schedules
 
 import helpers  # tests/ is on sys.path under pytest's rootdir conftest
 import oracles
@@ -44,9 +45,9 @@ def _run(sampler, mean_type='eps', var_type='fixedlarge', n=2048, learned=False,
   d = gd.GaussianDiffusion.from_betas(schedules.get_beta_schedule('linear', T))
   process = continuous.VPProcess.from_diffusion(d)
   model = ExactGaussianModel(process, mean_type, learned)
-  fn = sampling.sample_fn(model, d, parameterization=gd.Parameterization(mean_type, var_type),
+  fn = sampler_lib.sample_fn(model, d, parameterization=gd.Parameterization(mean_type, var_type),
                           sampler=sampler)
-  run = sampling.data_parallel_sampler(fn, helpers.mesh(8), (2, 2, 1))
+  run = sampler_lib.data_parallel_sampler(fn, helpers.mesh(8), (2, 2, 1))
   seed = oracles.new_seed() if seed is None else seed
   images, nfe = run({}, jax.random.PRNGKey(seed), np.zeros(n, np.int32))
   return np.asarray(images), np.asarray(nfe)
@@ -72,7 +73,7 @@ def _run(sampler, mean_type='eps', var_type='fixedlarge', n=2048, learned=False,
 ])
 @pytest.mark.slow
 def test_every_sampler_reproduces_gaussian_data(config, nfe, tolerance):
-  sampler = sampling.SamplerConfig(**config, clip_denoised=False)
+  sampler = sampler_config.SamplerConfig(**config, clip_denoised=False)
   images, evaluations = _run(sampler, n=8192)
   assert images.shape == (8192, 2, 2, 1)
   mean, std = images.mean(), images.std()
@@ -88,7 +89,7 @@ def test_every_sampler_reproduces_gaussian_data(config, nfe, tolerance):
 @pytest.mark.parametrize('mean_type', ['xstart', 'v'])
 def test_solvers_read_every_parameterisation_and_ignore_variance_channels(mean_type):
   # A deterministic solver from the same noise: the same samples whatever the model predicts.
-  sampler = sampling.SamplerConfig('dpmpp_2m', steps=10, clip_denoised=False)
+  sampler = sampler_config.SamplerConfig('dpmpp_2m', steps=10, clip_denoised=False)
   seed = oracles.new_seed()
   eps, _ = _run(sampler, 'eps', n=64, seed=seed)
   other, _ = _run(sampler, mean_type, 'learned_range', n=64, learned=True, seed=seed)
@@ -97,7 +98,7 @@ def test_solvers_read_every_parameterisation_and_ignore_variance_channels(mean_t
 
 def test_xprev_and_bad_options_are_one_line_errors():
   with pytest.raises(ValueError, match="mean_type 'xprev' has no continuous-time"):
-    _run(sampling.SamplerConfig('heun', steps=5), 'xprev', 'fixedlarge', n=8)
+    _run(sampler_config.SamplerConfig('heun', steps=5), 'xprev', 'fixedlarge', n=8)
   bad = [(dict(kind='rk4'), "unknown sampler 'rk4'; allowed: ddpm, ddim, euler, heun"),
          (dict(kind='euler', step_schedule='cubic'), "'cubic'"),
          (dict(kind='ddim', step_schedule='karras'), 'applies to the solvers'),
@@ -106,9 +107,9 @@ def test_xprev_and_bad_options_are_one_line_errors():
          (dict(kind='heun', steps=0), 'positive integer')]
   for kwargs, fragment in bad:
     with pytest.raises(ValueError) as e:
-      sampling.SamplerConfig(**kwargs)
+      sampler_config.SamplerConfig(**kwargs)
     oracles.assert_one_line_error(e.value, fragment)
   with pytest.raises(ValueError, match=r'steps must be in \[1, 1000\]'):
-    sampling.SamplerConfig('dpmpp_2m', steps=1001).check_steps(T)
-  assert sampling.SamplerConfig.from_dict(
-      sampling.SamplerConfig('heun', steps=7, churn=0.5).to_dict()).churn == 0.5
+    sampler_config.SamplerConfig('dpmpp_2m', steps=1001).check_steps(T)
+  assert sampler_config.SamplerConfig.from_dict(
+      sampler_config.SamplerConfig('heun', steps=7, churn=0.5).to_dict()).churn == 0.5

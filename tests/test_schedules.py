@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from diffusion_jax import schedules
+from diffusion_jax.process import schedules
 try:
   from tests import numpy_reference as ref
 except ImportError:  # tests/ is not a package: pytest put it on sys.path

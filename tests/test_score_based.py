@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffusion_jax import continuous as ct
-from diffusion_jax import ode_likelihood as ol
-from diffusion_jax import solvers as sv
+from diffusion_jax.process import continuous as ct
+from diffusion_jax.sampling import likelihood as ol
+from diffusion_jax.sampling import solvers as sv
 
 import helpers  # tests/ is on sys.path under pytest's rootdir conftest
 import oracles
@@ -261,7 +261,7 @@ def test_bad_inputs_raise_one_line_errors():
     ct.make_process('dsm')
   oracles.assert_one_line_error(e.value, 'diffusion.process')
   # ALD on a VP process.
-  from diffusion_jax import gaussian_diffusion as gd
+  from diffusion_jax.process import gaussian_diffusion as gd
   vp = helpers.linear_vp_process(10)
   den = lambda x, t: (x, x)
   with pytest.raises(ValueError) as e:

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from configs import digits, digits_ncsn, tiny
-from diffusion_jax import continuous as ct
-from diffusion_jax import sampling
+from diffusion_jax.process import continuous as ct
+from diffusion_jax.sampling import config as sampler_config
+from diffusion_jax.sampling import sampler as sampler_lib
 from diffusion_jax import spec as spec_lib
-from diffusion_jax import train_step as step_lib
+from diffusion_jax.training import step as step_lib
 from diffusion_jax.data import input_pipeline
-from diffusion_jax.train_state import OptimizerConfig, TrainState
+from diffusion_jax.spec import OptimizerConfig
+from diffusion_jax.training.state import TrainState
 
 import helpers  # tests/ is on sys.path under pytest's rootdir conftest
 import oracles
@@ -230,13 +232,13 @@ def test_samplers_without_meaning_for_the_process_are_one_line_errors():
   oracles.assert_one_line_error(e.value, "'ddpm'", "'ve'")
   spec = _ncsn_spec()
   with pytest.raises(ValueError) as e:
-    sampling.sample_fn(spec.model.make(), spec.diffusion.make(),
+    sampler_lib.sample_fn(spec.model.make(), spec.diffusion.make(),
                        parameterization=spec.parameterization,
-                       sampler=sampling.SamplerConfig('ddim', steps=10),
+                       sampler=sampler_config.SamplerConfig('ddim', steps=10),
                        process=spec.diffusion.make_process())
   oracles.assert_one_line_error(e.value, "'ddim'", "'ve'")
-  spec.diffusion.check_sampler(sampling.SamplerConfig('ald', steps=10, langevin_steps=5))
+  spec.diffusion.check_sampler(sampler_config.SamplerConfig('ald', steps=10, langevin_steps=5))
   for bad in (dict(langevin_steps=0), dict(langevin_step_size=-1.0)):
     with pytest.raises(ValueError) as e:
-      sampling.SamplerConfig('ald', **bad)
+      sampler_config.SamplerConfig('ald', **bad)
     oracles.assert_one_line_error(e.value, next(iter(bad)))

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import continuous as ct
-from diffusion_jax import score_matching as sm
+from diffusion_jax.process import continuous as ct
+from diffusion_jax.process import score_matching as sm
 
 import oracles  # tests/ is on sys.path under pytest's rootdir conftest
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from scipy import special
 
-from diffusion_jax import continuous as ct
-from diffusion_jax import sampling
-from diffusion_jax import solvers as sv
+from diffusion_jax.process import continuous as ct
+from diffusion_jax.sampling import sampler as sampler_lib
+from diffusion_jax.sampling import solvers as sv
 
 import helpers  # tests/ is on sys.path under pytest's rootdir conftest
 import oracles
@@ -234,9 +234,9 @@ def test_classifier_free_guidance_composes():
   params = {'scale': jnp.ones(())}
   labels = jnp.array([0, 1, 0])
   w = 1.5
-  guided = sampling.make_denoise_fn(model, params, labels, guidance_scale=w, num_classes=2)
-  cond = sampling.make_denoise_fn(model, params, labels)
-  uncond = sampling.make_denoise_fn(model, params, jnp.full((3,), 2))
+  guided = sampler_lib.make_denoise_fn(model, params, labels, guidance_scale=w, num_classes=2)
+  cond = sampler_lib.make_denoise_fn(model, params, labels)
+  uncond = sampler_lib.make_denoise_fn(model, params, jnp.full((3,), 2))
   x = jax.random.normal(jax.random.key(1), (3, 5))
   t = jnp.array([0.02, 0.5, 1.0])
   got = ct.make_denoiser(p, guided, 'eps')(x, t)[0]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import cifar10, digits, tiny
-from diffusion_jax import gaussian_diffusion as gd
+from diffusion_jax.process import gaussian_diffusion as gd
 from diffusion_jax import spec as spec_lib
-from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.storage import workdir as workdir_lib
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.models.unet import UNetConfig
 

@@ -18,11 +18,12 @@ import optax
 import pytest
 from flax import jax_utils
 
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import schedules
-from diffusion_jax import train_step as step_lib
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.process import schedules
+from diffusion_jax.training import step as step_lib
 from diffusion_jax.models.unet import UNetConfig
-from diffusion_jax.train_state import OptimizerConfig, TrainState
+from diffusion_jax.spec import OptimizerConfig
+from diffusion_jax.training.state import TrainState
 
 import helpers  # tests/ is on sys.path under pytest's rootdir conftest
 import oracles
@@ -65,7 +66,7 @@ def _setup(mean_type='eps', var_type='fixedlarge', loss_type='mse', *, importanc
   # Perturb the zero-initialised head so every parameter gets a gradient in step one.
   params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
                         params)
-  from diffusion_jax import timestep_sampler  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import timestep_sampler  # pylint: disable=g-import-not-at-top
   history = timestep_sampler.LossHistory.create(T, 2) if importance else None
   state = TrainState.create(params, tx, jax.random.PRNGKey(3), history)
   step_fn = functools.partial(step_lib.train_step, model=model, diffusion=diffusion, tx=tx,

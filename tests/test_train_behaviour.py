@@ -26,14 +26,15 @@ import pytest
 from jax.extend import core as jax_core
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffusion_jax import checkpointing
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import schedules
-from diffusion_jax import train_step as step_lib
+from diffusion_jax.storage import checkpointing
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.process import schedules
+from diffusion_jax.training import step as step_lib
 from diffusion_jax.models import digits_classifier
 from diffusion_jax.models.unet import UNetConfig
-from diffusion_jax.parallel import AXIS
-from diffusion_jax.train_state import OptimizerConfig, TrainState
+from diffusion_jax.runtime.parallel import AXIS
+from diffusion_jax.spec import OptimizerConfig
+from diffusion_jax.training.state import TrainState
 
 import helpers  # tests/ is on sys.path under pytest's rootdir conftest
 import oracles
@@ -296,8 +297,8 @@ def test_trainer_prunes_to_keep_checkpoints_and_writes_the_grid_at_its_steps(chi
   assert sorted(os.listdir(workdir / 'samples')) == [
       'step_00000002.png', 'step_00000004.png', 'step_00000005.png']
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
-  want = sampling.make_grid(np.zeros((8, 8, 8, 1), np.uint8)).shape[:2]
+  from diffusion_jax.storage import images as images_lib
+  want = images_lib.make_grid(np.zeros((8, 8, 8, 1), np.uint8)).shape[:2]
   with Image.open(workdir / 'samples' / 'step_00000004.png') as im:
     assert im.size[::-1] == want, (im.size, want)
 

@@ -1,4 +1,4 @@
-"""diffusion_jax.xla_flags: the opt-in GPU flags touch XLA_FLAGS only for a GPU run, keep the
+"""diffusion_jax.runtime.xla_flags: the opt-in GPU flags touch XLA_FLAGS only for a GPU run, keep the
 user's own values, and are flags this jaxlib knows (an unknown one would kill every process)."""
 
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from diffusion_jax import xla_flags
+from diffusion_jax.runtime import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

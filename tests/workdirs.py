@@ -13,10 +13,10 @@ import sys
 import jax
 import numpy as np
 
-from diffusion_jax import checkpointing
-from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.storage import checkpointing
+from diffusion_jax.storage import workdir as workdir_lib
 from diffusion_jax.spec import ExperimentSpec
-from diffusion_jax.train_state import TrainState
+from diffusion_jax.training.state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

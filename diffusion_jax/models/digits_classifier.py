@@ -3,7 +3,7 @@
 An MLP 64 → 256 → 128 → 10 on pixels scaled to [0, 1]. The 128-d penultimate activations
 are the features for FID and precision/recall; the logits give the Inception Score (of 10
 classes). `train(images, labels, seed=...)` fits it in a few seconds on a CPU and is
-deterministic given the seed. No IO: `diffusion_jax.features` caches the parameters.
+deterministic given the seed. No IO: `diffusion_jax.evaluation.features` caches the parameters.
 """
 
 from __future__ import annotations

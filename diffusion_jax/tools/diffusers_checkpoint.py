@@ -8,7 +8,7 @@ r"""diffusers `UNet2DModel` / `DDPMScheduler` checkpoints in and out of a workdi
 `config.json` and `diffusion_pytorch_model.safetensors` (or `.bin`, which needs torch), in
 `unet/` or at the top, and `scheduler/scheduler_config.json` (or a top-level
 `scheduler_config.json`) when present. It writes a workdir that `sample.py` and
-`python -m diffusion_jax.evaluate` read as they read a trained one: `spec.json` and one
+`python evaluate.py` read as they read a trained one: `spec.json` and one
 EMA-only checkpoint (`checkpointing.save_ema_only`, step 0). Everything is written into a
 temporary sibling folder first and renamed at the end, so a failure leaves nothing behind.
 
@@ -53,12 +53,12 @@ import jax
 import numpy as np
 from etils import epath
 
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import sampling
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.sampling import config as sampler_config
 from diffusion_jax import spec as spec_lib
 from diffusion_jax.models.layers import GROUPNORM_EPSILON, GROUPNORM_GROUPS
 from diffusion_jax.models.unet import UNetConfig
-from diffusion_jax.train_state import OptimizerConfig
+from diffusion_jax.spec import OptimizerConfig
 
 DOWN_BLOCKS = ('DownBlock2D', 'AttnDownBlock2D')
 UP_BLOCKS = ('UpBlock2D', 'AttnUpBlock2D')
@@ -551,7 +551,7 @@ def build_spec(model: UNetConfig, image_shape: tuple[int, int, int], facts: Sche
     param = facts.diffusion.parameterization
     raise _refuse('out_channels', model.out_ch, f'in_channels={image_shape[-1]} with '
                   f'variance_type {param.var_type.value} needs {want} output channels')
-  sampler = sampling.SamplerConfig.create('ddim', steps=min(100, facts.diffusion.num_timesteps),
+  sampler = sampler_config.SamplerConfig.create('ddim', steps=min(100, facts.diffusion.num_timesteps),
                                           clip_denoised=facts.clip_sample)
   return spec_lib.ExperimentSpec(
       seed=0,
@@ -657,9 +657,9 @@ def import_checkpoint(src, workdir, *, preset: str | None = None, dataset: str |
                       data_dir: str | None = None) -> spec_lib.ExperimentSpec:
   """Writes the workdir `workdir` (absent or empty) of the diffusers folder `src`: spec.json
   and the EMA-only checkpoint 0. Returns the spec. Nothing is written on failure."""
-  from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import paths  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.storage import checkpointing  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.storage import paths  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.storage import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   dst = paths.as_path(workdir)
   _fresh_destination(dst, '--workdir')
   if preset is not None and preset not in PRESETS:
@@ -694,7 +694,7 @@ def export_checkpoint(workdir, dst, *, step: int | None = None) -> epath.Path:
   """Writes the latest good (or `step`'s) EMA parameters of `workdir` and its diffusion as
   a diffusers DDPMPipeline folder `dst` (absent or empty). Nothing is written on failure."""
   from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import paths  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.storage import paths  # pylint: disable=g-import-not-at-top
   from diffusion_jax import trained_model  # pylint: disable=g-import-not-at-top
   out = paths.as_path(dst)
   _fresh_destination(out, 'DST')

@@ -18,3 +18,22 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray, scale: int = 1) ->
   buffer = io.BytesIO()
   Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, 'PNG')
   path.write_bytes(buffer.getvalue())
+
+
+def to_uint8(images) -> np.ndarray:
+  """[-1, 1] floats → uint8 [0, 255], rounding to the nearest level."""
+  x = np.asarray(images, np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
+  """uint8 `[N, H, W, C]` → one uint8 image `[rows·(H+pad)+pad, ncol·(W+pad)+pad, C]`."""
+  n, h, w, c = images.shape
+  ncol = ncol or int(np.ceil(np.sqrt(n)))
+  nrow = -(-n // ncol)
+  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+  for i in range(n):
+    r, k = divmod(i, ncol)
+    y, x = pad + r * (h + pad), pad + k * (w + pad)
+    grid[y:y + h, x:x + w] = images[i]
+  return grid

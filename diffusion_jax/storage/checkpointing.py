@@ -26,8 +26,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from diffusion_jax import faults
-from diffusion_jax import paths
+from diffusion_jax.runtime import faults
+from diffusion_jax.storage import paths
 
 ITEMS = ('state', 'ema', 'data')
 

@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import continuous
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import score_matching
-from diffusion_jax import timestep_sampler
-from diffusion_jax.parallel import AXIS
+from diffusion_jax.process import continuous
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.process import score_matching
+from diffusion_jax.training import timestep_sampler
+from diffusion_jax.runtime.parallel import AXIS
 from diffusion_jax.spec import ExperimentSpec, Objective, TimestepSampling
-from diffusion_jax.train_state import TrainState, ema_update
+from diffusion_jax.training.state import TrainState, ema_update
 
 
 

@@ -108,7 +108,7 @@ def dsm_loss(score_fn: ScoreFn, x0: Array, sigma: Array, noise: Array,
 
 def dsm_loss_process(score_fn: ScoreFn, process, x0: Array, t: Array, noise: Array,
                      weighting: str | DSMWeighting = 'sigma2') -> Array:
-  """Denoising score matching under a continuous process (`diffusion_jax.continuous`: VP,
+  """Denoising score matching under a continuous process (`diffusion_jax.process.continuous`: VP,
   VE or sub-VP).
 
   x_t = α(t) x₀ + σ(t) z (`process.q_sample`); the target score is −z/σ(t) (Vincent 2011;

@@ -1,7 +1,7 @@
 """Sample-quality metrics on feature vectors: Fréchet distance (FID), Inception Score and
 precision/recall (Kynkäänniemi et al. 2019).
 
-Pure NumPy in float64, no IO: features come from any extractor (`diffusion_jax.features`).
+Pure NumPy in float64, no IO: features come from any extractor (`diffusion_jax.evaluation.features`).
 
 * `gaussian_stats(features) -> (mu, sigma)`; `frechet_distance(mu1, sigma1, mu2, sigma2)`:
   ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁Σ₂)^½. The trace of the square root is taken as

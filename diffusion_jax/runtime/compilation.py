@@ -1,10 +1,10 @@
 """Compiling once: the persistent compilation cache, and what each compiled program cost.
 
-The entry points (train.py, sample.py, `python -m diffusion_jax.evaluate`) call
+The entry points (train.py, sample.py, `python evaluate.py`) call
 `enable_cache()` first; in a notebook or your own script, call it once before the first
 JAX computation:
 
-    from diffusion_jax import compilation
+    from diffusion_jax.runtime import compilation
     compilation.enable_cache()            # the default folder (below); returns it, or None
 
 Where the cache lives (one rule): the folder given, else `$JAX_COMPILATION_CACHE_DIR` when

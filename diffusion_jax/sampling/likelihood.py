@@ -34,9 +34,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.continuous import Denoiser, Process
-from diffusion_jax.gaussian_diffusion import Array
-from diffusion_jax.solvers import _diffrax_solver, diffrax_nfe, pf_ode_lambda_field
+from diffusion_jax.process.continuous import Denoiser, Process
+from diffusion_jax.process.gaussian_diffusion import Array
+from diffusion_jax.sampling.solvers import _diffrax_solver, diffrax_nfe, pf_ode_lambda_field
 
 BIN_WIDTH = 2.0 / 255.0  # the spacing of the 256-level grid x = k/127.5 − 1
 

@@ -10,8 +10,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from diffusion_jax import host_memory
-from diffusion_jax import xla_flags
+from diffusion_jax.runtime import host_memory
+from diffusion_jax.runtime import xla_flags
 
 flags.DEFINE_bool('compilation_cache', True, 'Keep compiled programs in a persistent cache '
                   '(--nocompilation_cache: off; DIFFUSION_JAX_COMPILATION_CACHE=0 too).')
@@ -77,7 +77,7 @@ def start(argv: list[str]) -> None:
   xla_flags.set_gpu_flags_if_requested()
   logging.get_absl_handler().addFilter(_QuietOrbax())
   _drop_closed_loop_callbacks()
-  from diffusion_jax import compilation  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.runtime import compilation  # pylint: disable=g-import-not-at-top
   if flags.FLAGS.compilation_cache:
     compilation.enable_cache(flags.FLAGS.compilation_cache_dir)
   else:

@@ -22,24 +22,25 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffusion_jax import checkpointing
-from diffusion_jax import compilation
-from diffusion_jax import evaluate
-from diffusion_jax import faults
-from diffusion_jax import parallel
-from diffusion_jax import paths
-from diffusion_jax import preemption
-from diffusion_jax import sampling
-from diffusion_jax import timestep_sampler
-from diffusion_jax import train_step as step_lib
-from diffusion_jax import workdir as workdir_lib
-from diffusion_jax import workdir_lock
+from diffusion_jax.storage import checkpointing
+from diffusion_jax.runtime import compilation
+from diffusion_jax.evaluation import evaluate
+from diffusion_jax.runtime import faults
+from diffusion_jax.runtime import parallel
+from diffusion_jax.storage import paths
+from diffusion_jax.runtime import preemption
+from diffusion_jax.sampling import sampler as sampler_lib
+from diffusion_jax.storage import images as images_lib
+from diffusion_jax.training import timestep_sampler
+from diffusion_jax.training import step as step_lib
+from diffusion_jax.storage import workdir as workdir_lib
+from diffusion_jax.storage import workdir_lock
 from diffusion_jax.data import datasets
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.data.prefetch import DevicePrefetcher, Stacked
-from diffusion_jax.images import save_png
+from diffusion_jax.storage.images import save_png
 from diffusion_jax.spec import ExperimentSpec
-from diffusion_jax.train_state import TrainState
+from diffusion_jax.training.state import TrainState
 
 AXIS = parallel.AXIS
 # Batches placed on the devices ahead of the step (data/prefetch.py).
@@ -314,8 +315,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
   sample_every = run.sample_every_steps
   if sample_every:
     n = -(-run.num_samples // jax.device_count()) * jax.device_count()
-    sample_run = sampling.data_parallel_sampler(
-        sampling.sample_fn(model, diffusion, parameterization=spec.parameterization,
+    sample_run = sampler_lib.data_parallel_sampler(
+        sampler_lib.sample_fn(model, diffusion, parameterization=spec.parameterization,
                            sampler=run.sampler, num_classes=spec.num_classes,
                            process=spec.diffusion.make_process()),
         mesh, spec.data.image_shape)
@@ -459,13 +460,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
         checkpointing.save_or_raise(manager, step, state, batches.snapshot())
       if sample_every and (step % sample_every == 0 or last):
         with tracked('sampler') as report:
-          images = sampling.to_uint8(sample_run(state.ema_params,
+          images = images_lib.to_uint8(sample_run(state.ema_params,
                                                 jax.random.fold_in(sample_rng, step),
                                                 sample_labels)[0])
         if report is not None:
           writer.scalars(step, report.scalars())
         if is_chief:
-          grid = sampling.make_grid(np.asarray(jax.device_get(images)))
+          grid = images_lib.make_grid(np.asarray(jax.device_get(images)))
           save_png(workdir / 'samples' / f'step_{step:08d}.png', grid)
           writer.image(step, 'samples', grid)
       if eval_every and step % eval_every == 0:

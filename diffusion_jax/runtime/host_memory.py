@@ -18,7 +18,7 @@ temporaries. The same can be set from outside, before a process starts, with
 
 It must run before the threads that run XLA programs first allocate: before the first JAX
 operation of the process (importing jax is fine). The entry points (`train.py`, `sample.py`,
-`python -m diffusion_jax.evaluate`) call it first thing, through `cli.start`.
+`python evaluate.py`) call it first thing, through `cli.start`.
 """
 
 import ctypes

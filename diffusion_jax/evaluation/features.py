@@ -32,8 +32,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from flax import traverse_util
 
-from diffusion_jax import fid
-from diffusion_jax import paths
+from diffusion_jax.evaluation import fid
+from diffusion_jax.storage import paths
 from diffusion_jax.data import datasets
 from diffusion_jax.data import digits as digits_lib
 from diffusion_jax.data import input_pipeline

@@ -21,9 +21,9 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from diffusion_jax import checkpointing
+from diffusion_jax.storage import checkpointing
 from diffusion_jax import spec as spec_lib
-from diffusion_jax.paths import as_path, write_text_atomic
+from diffusion_jax.storage.paths import as_path, write_text_atomic
 
 SPEC = 'spec.json'
 CONFIG = 'config.json'

@@ -28,7 +28,7 @@ import uuid
 from absl import logging
 from etils import epath
 
-from diffusion_jax import paths
+from diffusion_jax.storage import paths
 
 LOCK_NAME = 'train.lock'
 

@@ -17,7 +17,7 @@ Given a score s(x, t) = ∇ log p_t(x) = −ε/σ:
 
 `make_denoiser` wraps a model's `denoise_fn(x_t, timestep) -> output` (ε, x₀ or v) once into
 `denoiser(x, t) -> (x0_hat, eps_hat)` at continuous times, which every solver in
-`diffusion_jax.solvers` uses. Classifier-free guidance lives inside `denoise_fn` (the guided
+`diffusion_jax.sampling.solvers` uses. Classifier-free guidance lives inside `denoise_fn` (the guided
 mean output is a fixed linear combination, so it converts like any other output).
 
 Pure and jit/vmap-safe; no IO. Times `t` are float `[B]` (or scalars) in [1/T, 1]; values
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.gaussian_diffusion import Array, DenoiseFn, GaussianDiffusion, MeanType
+from diffusion_jax.process.gaussian_diffusion import Array, DenoiseFn, GaussianDiffusion, MeanType
 from diffusion_jax.options import Option
 
 # ᾱ below this is clamped (a zero-terminal-SNR schedule has ᾱ_{T-1} = 0, where λ = −∞).

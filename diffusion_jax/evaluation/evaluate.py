@@ -1,8 +1,8 @@
 r"""Evaluation of a trained DDPM: test bits/dim, and FID / Inception Score / precision-recall
-of its samples. Library functions and a CLI:
+of its samples. The library behind the root `evaluate.py`:
 
-  python -m diffusion_jax.evaluate --workdir /tmp/digits
-  python -m diffusion_jax.evaluate --workdir DIR --num_samples 50000 --features inception \
+  python evaluate.py --workdir /tmp/digits
+  python evaluate.py --workdir DIR --num_samples 50000 --features inception \
       --inception_weights inception_fid.npz --sampler ddpm --steps 1000
 
 * bits/dim: `gaussian_diffusion.calc_bpd_loop` (every term of the variational bound) on the
@@ -31,20 +31,21 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffusion_jax import compilation
-from diffusion_jax import continuous
-from diffusion_jax import features as features_lib
-from diffusion_jax import fid
-from diffusion_jax import gaussian_diffusion as gd
-from diffusion_jax import ode_likelihood
-from diffusion_jax import sampling
+from diffusion_jax.runtime import compilation
+from diffusion_jax.process import continuous
+from diffusion_jax.evaluation import features as features_lib
+from diffusion_jax.evaluation import fid
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.sampling import likelihood as ode_likelihood
+from diffusion_jax.sampling import config as sampler_config
+from diffusion_jax.sampling import sampler as sampler_lib
 from diffusion_jax import trained_model
-from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.storage import workdir as workdir_lib
 from diffusion_jax.data import datasets
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.spec import ExperimentSpec
 
-AXIS = sampling.AXIS
+AXIS = sampler_lib.AXIS
 DEFAULT_BPD_BATCH = 64        # global; calc_bpd_loop runs 8× that through the U-Net per call
 PR_NEIGHBOURS = 3
 LIKELIHOODS = ('vlb', 'ode')
@@ -66,7 +67,7 @@ def make_bpd_fn(model, diffusion: gd.GaussianDiffusion, *,
   """
   def per_device(params, rng, images, labels):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
-    denoise = sampling.make_denoise_fn(model, params, labels if num_classes else None)
+    denoise = sampler_lib.make_denoise_fn(model, params, labels if num_classes else None)
     out = gd.calc_bpd_loop(diffusion, denoise, images, rng,
                            **parameterization.as_kwargs(), clip_denoised=True,
                            timesteps_per_call=timesteps_per_call)
@@ -118,7 +119,7 @@ def make_ode_bpd_fn(model, diffusion: gd.GaussianDiffusion, *,
 
   def per_device(params, rng, images, labels):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
-    denoise = sampling.make_denoise_fn(model, params, labels if num_classes else None)
+    denoise = sampler_lib.make_denoise_fn(model, params, labels if num_classes else None)
     denoiser = continuous.make_denoiser(process, denoise, parameterization.mean_type)
     bpd, nfe = ode_likelihood.ode_bits_per_dim(process, denoiser, images, rng, rtol=rtol,
                                                atol=rtol, num_probes=num_probes)
@@ -269,7 +270,7 @@ def _write_json(path: epath.Path, results: dict[str, Any]) -> dict[str, Any]:
 def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = None,
              features: str | None = None, inception_weights: str | None = None,
              reference_stats: str | None = None,
-             sampler: sampling.SamplerConfig | None = None,
+             sampler: sampler_config.SamplerConfig | None = None,
              batch_size: int | None = None, seed: int = 0, data_dir=None,
              likelihood: str = 'vlb', progress: bool = True) -> dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir`; merges the results into WORKDIR/eval.json.
@@ -444,55 +445,3 @@ def make_periodic_eval(spec: ExperimentSpec, *, model, diffusion, mesh: jax.shar
     return out
 
   return periodic_eval
-
-
-# ------------------------------------------------------------------------------------------
-# CLI.
-# ------------------------------------------------------------------------------------------
-
-
-def _main():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import cli  # pylint: disable=g-import-not-at-top  (defines its flags)
-  from diffusion_jax import sampler_flags  # pylint: disable=g-import-not-at-top
-
-  flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
-  flags.DEFINE_integer('num_samples', 1000, 'Samples for FID / IS / precision-recall; 0: skip.')
-  flags.DEFINE_integer('bpd_examples', None, 'Test examples for bits/dim; default all; 0: skip.')
-  flags.DEFINE_string('features', None, "'digits' or 'inception'; default: digits on the "
-                      'digits dataset, else inception.')
-  flags.DEFINE_string('inception_weights', None, 'The FID Inception-v3 weights (.npz, '
-                      'format in diffusion_jax/models/inception.py).')
-  flags.DEFINE_string('reference_stats', None, 'An .npz with mu and sigma of the real '
-                      'data (same network); default: computed from the train split.')
-  sampler_flags.define_flags()  # the flags of sample.py's sampler, the same definitions
-  flags.DEFINE_integer('batch_size', None, 'Samples per call, a multiple of the device count.')
-  flags.DEFINE_integer('seed', 0, 'Random seed.')
-  flags.DEFINE_string('data_dir', None, "Where the dataset is; default: the workdir's spec.")
-  flags.DEFINE_string('likelihood', 'vlb', "'vlb': bits/dim of the variational bound; 'ode': "
-                      'also through the probability-flow ODE, beside it.')
-  flags.mark_flags_as_required(['workdir'])
-  FLAGS = flags.FLAGS
-
-  def main(argv):
-    cli.start(argv)
-    try:
-      sampler, source = sampler_flags.from_flags(
-          trained_model.read_workdir(FLAGS.workdir).spec.eval.sampler)
-      if FLAGS.num_samples:
-        print(f'sampler: {sampler.describe()} ({source})', file=sys.stderr, flush=True)
-      results = evaluate(FLAGS.workdir, num_samples=FLAGS.num_samples,
-                         bpd_examples=FLAGS.bpd_examples, features=FLAGS.features,
-                         inception_weights=FLAGS.inception_weights,
-                         reference_stats=FLAGS.reference_stats, sampler=sampler,
-                         batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                         data_dir=FLAGS.data_dir, likelihood=FLAGS.likelihood)
-    except (ValueError, FileNotFoundError) as e:
-      cli.exit_with_error(e)
-    print(json.dumps(results, indent=2, sort_keys=True))
-
-  app.run(main)
-
-
-if __name__ == '__main__':
-  _main()

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.continuous import Denoiser, Process, ProcessKind
-from diffusion_jax.gaussian_diffusion import Array
+from diffusion_jax.process.continuous import Denoiser, Process, ProcessKind
+from diffusion_jax.process.gaussian_diffusion import Array
 from diffusion_jax.options import Option
 
 

@@ -1,5 +1,5 @@
-"""The sampler's command-line flags, defined once for sample.py and `python -m
-diffusion_jax.evaluate`, and the sampler they choose.
+"""The sampler's command-line flags, defined once for sample.py and evaluate.py, and the
+sampler they choose.
 
 Every flag defaults to "not given": the sampler is then the workdir's recommended one (the
 `eval` sampler of its spec.json, recorded at training from the recipe). Flags given replace
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from absl import flags
 
-from diffusion_jax import sampling
+from diffusion_jax.sampling import config as sampler_config
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Defines --sampler and one flag per `sampling.OPTIONS`, all defaulting to None."""
+  """Defines --sampler and one flag per `sampler_config.OPTIONS`, all defaulting to None."""
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string(
       'sampler', None, 'ddpm (ancestral), ddim, or a solver of the continuous-time process: '
@@ -37,10 +37,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                      'models).', **fv)
 
 
-def from_flags(recommended: sampling.SamplerConfig, flag_values: flags.FlagValues = flags.FLAGS
-               ) -> tuple[sampling.SamplerConfig, str]:
+def from_flags(recommended: sampler_config.SamplerConfig, flag_values: flags.FlagValues = flags.FLAGS
+               ) -> tuple[sampler_config.SamplerConfig, str]:
   """(the sampler, where it came from): `recommended` with the given flags applied."""
-  values = {name: flag_values[name].value for name in sampling.OPTIONS}
+  values = {name: flag_values[name].value for name in sampler_config.OPTIONS}
   kind = flag_values['sampler'].value
   if kind is None and all(v is None for v in values.values()):
     return recommended, "the workdir's recommended sampler"

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.gaussian_diffusion import (
+from diffusion_jax.process.gaussian_diffusion import (
     Array, DenoiseFn, GaussianDiffusion, MeanType, VarType, _pred_xstart, p_mean_variance,
     predict_noise_from_start)
 
