@@ -31,6 +31,7 @@ import numpy as np
 from diffusion_jax.process import continuous
 from diffusion_jax.process import gaussian_diffusion as gd
 from diffusion_jax.sampling import config as sampler_config
+from diffusion_jax.sampling import solvers
 from diffusion_jax.process import schedules
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.models.unet import UNetConfig
@@ -200,17 +201,16 @@ class DiffusionSpec:
 
   def check_sampler(self, sampler: 'sampler_config.SamplerConfig') -> None:
     """A one-line ValueError where `sampler` has no meaning for this process."""
-    kind = sampler.kind
-    if self.process is not continuous.ProcessKind.VP:
-      if kind.solver is None:
-        raise ValueError(f'sampler {kind.value!r} runs the discrete DDPM chain, which the '
-                         f'{self.process.value!r} process does not have: use ald (ve), sde, '
-                         'pc, ode, euler, heun, dpmpp_2m or dpmpp_3m')
-      return
-    if kind is sampler_config.SamplerKind.ALD:
-      raise ValueError("sampler 'ald' (annealed Langevin dynamics) is defined for the 've' "
-                       "process only, not 'vp': use sde, pc or ode")
-    sampler.check_steps(self.num_timesteps)
+    processes = sampler.info.processes
+    if self.process not in processes:
+      allowed = ', '.join(p.value for p in processes)
+      raise ValueError(f'sampler {sampler.kind.value!r} is defined for the {allowed} process '
+                       f'only, not {self.process.value!r}')
+    if self.process is continuous.ProcessKind.VP:
+      sampler.check_steps(self.num_timesteps)
+    elif sampler.step_schedule is solvers.ScheduleKind.RESPACED:
+      raise ValueError("step_schedule 'respaced' places the steps on DDPM's integer timesteps: "
+                       f"it needs the 'vp' process, not {self.process.value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,6 @@ from diffusion_jax.runtime import compilation
 from diffusion_jax.process import gaussian_diffusion as gd
 from diffusion_jax.runtime import parallel
 from diffusion_jax.storage import paths
-from diffusion_jax.sampling import samplers
 from diffusion_jax.sampling import config as sampler_config
 from diffusion_jax.sampling import sampler as sampler_lib
 from diffusion_jax.storage import images as images_lib
@@ -208,34 +207,42 @@ def _denoise_fn(trained: TrainedModel, params, labels, sampler: sampler_config.S
 
 def progressive(trained: TrainedModel, sampler: sampler_config.SamplerConfig, rng: jax.Array,
                 labels, num_frames: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The ancestral chain of a few samples (on one device): x_t and the predicted x₀.
+  """The trajectory of a few samples (on one device): x_t and the predicted x₀ at levels of
+  any fixed-step sampler, recorded by a trajectory callback on the model's evaluations.
 
   Returns uint8 (x_t `[F, B, H, W, C]`, x̂₀ `[F, B, H, W, C]`) and the model timesteps `[F]`
-  of `num_frames` evenly spaced steps of the (respaced) chain, from t = T−1 down to 0.
+  of `num_frames` evenly spaced levels of the sampler's schedule, the noisiest first (for
+  ddpm: the respaced chain's, T−1 down to 0). At a level evaluated more than once (heun, pc,
+  ald) the last evaluation is shown. Same rng: the samples of `make_sampler`'s first device.
   """
-  if sampler.kind is not sampler_config.SamplerKind.DDPM:
-    raise ValueError('the progressive chain is that of the ancestral sampler: use --sampler '
-                     'ddpm with --progressive')
-  d = trained.diffusion
-  steps = sampler.steps or d.num_timesteps
-  if steps != d.num_timesteps:
-    d = samplers.respace(d, samplers.space_timesteps(d.num_timesteps, steps))
-  saves = np.unique(np.round(np.linspace(d.num_timesteps - 1, 0, num_frames)).astype(int))
-  saves = saves[::-1]  # T−1 first
+  if sampler.info.adaptive:
+    raise ValueError(f'--progressive shows the levels of a fixed-step sampler, not '
+                     f'{sampler.kind.value!r}')
+  process = trained.spec.diffusion.make_process()
+  levels = np.asarray(sampler_lib.schedule_of(sampler, process).t)  # [K], noisiest first
+  k = len(levels)
+  picks = np.unique(np.round(np.linspace(k - 1, 0, num_frames)).astype(int))[::-1]
+  picks = k - 1 - picks     # positions in `levels`, noisiest first
   labels = jnp.asarray(labels, jnp.int32)
   shape = (labels.shape[0],) + tuple(trained.image_shape)
+  seen = {}
+
+  def record(t, x, x0):
+    seen[float(np.asarray(t)[0])] = (np.asarray(x), np.asarray(x0))  # the last one wins
 
   @jax.jit
-  def chain(params, rng, labels):
-    _, x_t, x0 = samplers.p_sample_loop_progressive(
-        d, _denoise_fn(trained, params, labels, sampler), shape, rng,
-        **trained.parameterization.as_kwargs(), save_timesteps=saves,
-        clip_denoised=sampler.clip_denoised)
-    return x_t, x0
+  def run(params, rng, labels):
+    return sampler_lib.sample(_denoise_fn(trained, params, labels, sampler), process, shape,
+                              rng, sampler=sampler, parameterization=trained.parameterization,
+                              record=record)
 
-  x_t, x0 = chain(jax.device_get(trained.ema_params), rng, labels)
-  return (images_lib.to_uint8(x_t), images_lib.to_uint8(x0),
-          np.asarray(d.timestep_map)[saves])
+  jax.block_until_ready(run(jax.device_get(trained.ema_params), rng, labels))
+  jax.effects_barrier()
+  x_t = np.stack([seen[float(levels[j])][0] for j in picks])
+  x0 = np.stack([seen[float(levels[j])][1] for j in picks])
+  with jax.ensure_compile_time_eval():
+    timesteps = np.asarray(process.model_timestep(jnp.asarray(levels[picks])))
+  return images_lib.to_uint8(x_t), images_lib.to_uint8(x0), timesteps
 
 
 def slerp(z0: jax.Array, z1: jax.Array, alpha: jax.Array) -> jax.Array:
@@ -255,29 +262,35 @@ def slerp(z0: jax.Array, z1: jax.Array, alpha: jax.Array) -> jax.Array:
 
 def interpolate(trained: TrainedModel, sampler: sampler_config.SamplerConfig, x_a: np.ndarray,
                 x_b: np.ndarray, label: int = 0, num: int = 10) -> np.ndarray:
-  """Images between uint8 `x_a` and `x_b` `[H, W, C]` through their deterministic DDIM
-  latents: encode both (`ddim_reverse_sample_loop`), slerp the latents, decode with η = 0
-  over the same `sampler.steps` (default T). Class-conditional models use `label` for all.
+  """Images between uint8 `x_a` and `x_b` `[H, W, C]` through their deterministic latents:
+  encode both (`sampler_lib.encode`, the solve run upwards), slerp the latents, decode with
+  the same sampler made deterministic: ddpm goes through DDIM over the same steps (as Song
+  et al. do), ddim with η = 0, heun without churn; the SDE samplers are a one-line ValueError.
+  Class-conditional models use `label`.
 
   Returns uint8 `[num, H, W, C]`; the ends reconstruct `x_a` and `x_b` (approximately).
   """
-  steps = sampler.steps or trained.diffusion.num_timesteps
-  d = trained.diffusion
+  if sampler.kind is sampler_config.SamplerKind.DDPM:
+    sampler = sampler_config.SamplerConfig('ddim', steps=sampler.steps,
+                                           clip_denoised=sampler.clip_denoised,
+                                           guidance_scale=sampler.guidance_scale,
+                                           step_schedule=sampler.step_schedule)
+  sampler = dataclasses.replace(sampler, eta=0.0, churn=0.0)
+  process = trained.spec.diffusion.make_process()
+  param = trained.parameterization
   x = jnp.asarray(np.stack([x_a, x_b]), jnp.float32) / 127.5 - 1.0  # [2, H, W, C]
 
   @jax.jit
   def run(params, x):
     enc_labels = jnp.full((2,), label, jnp.int32)
-    z = samplers.ddim_reverse_sample_loop(
-        d, _denoise_fn(trained, params, enc_labels, sampler), x, num_steps=steps,
-        mean_type=trained.parameterization.mean_type, clip_denoised=sampler.clip_denoised)
+    z = sampler_lib.encode(_denoise_fn(trained, params, enc_labels, sampler), process, x,
+                           sampler=sampler, parameterization=param)
     zs = slerp(z[0], z[1], jnp.linspace(0.0, 1.0, num))  # [num, H, W, C]
     dec_labels = jnp.full((num,), label, jnp.int32)
-    return samplers.ddim_sample_loop(
-        d, _denoise_fn(trained, params, dec_labels, sampler), zs.shape,
-        jax.random.PRNGKey(0), num_steps=steps, eta=0.0,
-        mean_type=trained.parameterization.mean_type,
-        clip_denoised=sampler.clip_denoised, x_init=zs)
+    images, _ = sampler_lib.sample(_denoise_fn(trained, params, dec_labels, sampler), process,
+                                   zs.shape, jax.random.PRNGKey(0), sampler=sampler,
+                                   parameterization=param, x_init=zs)
+    return images
 
   return images_lib.to_uint8(run(jax.device_get(trained.ema_params), x))
 
@@ -336,11 +349,14 @@ def sample_to_dir(workdir, *, num_samples: int, sampler: sampler_config.SamplerC
   if not isinstance(num_samples, int) or num_samples <= 0:
     raise ValueError(f'--num_samples must be a positive integer, got {num_samples!r}')
   cfg = sampler
-  if interpolation and cfg.kind not in (sampler_config.SamplerKind.DDPM, sampler_config.SamplerKind.DDIM):
-    raise ValueError('--interpolate goes through the DDIM latents: use it with --sampler ddim '
-                     'or ddpm')
-  if progressive_chain and cfg.kind is not sampler_config.SamplerKind.DDPM:
-    raise ValueError('--progressive shows the ancestral chain: use it with --sampler ddpm')
+  if interpolation and cfg.kind.value not in ('ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m',
+                                               'dpmpp_3m'):
+    raise ValueError('--interpolate encodes through a deterministic solve: use it with --sampler '
+                     f'ddpm or ddim (through DDIM), euler, heun, dpmpp_2m or dpmpp_3m, not '
+                     f'{cfg.kind.value!r}')
+  if progressive_chain and cfg.info.adaptive:
+    raise ValueError(f'--progressive shows the levels of a fixed-step sampler, not '
+                     f'{cfg.kind.value!r}')
   if interpolation and num_samples < 2:
     raise ValueError('--interpolate needs --num_samples >= 2 (it joins samples 0 and 1)')
   n_dev = jax.device_count()

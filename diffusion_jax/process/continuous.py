@@ -55,7 +55,8 @@ MIN_ALPHA_BAR = 1e-10
 # (x, t [B]) -> (x0_hat, eps_hat), each like x.
 Denoiser = Callable[[Array, Array], tuple[Array, Array]]
 
-CONTINUOUS_MEAN_TYPES = (MeanType.EPS, MeanType.XSTART, MeanType.V, MeanType.SCORE)
+CONTINUOUS_MEAN_TYPES = (MeanType.EPS, MeanType.XSTART, MeanType.V, MeanType.SCORE,
+                         MeanType.XPREV)
 
 
 class ProcessKind(Option):
@@ -204,8 +205,14 @@ class VPProcess(_Marginals):
     return -2.0 * self.f(t)
 
   def model_timestep(self, t: Array) -> Array:
-    """The model's (real-valued) timestep T·t − 1: t_n ↦ n."""
-    return self.num_timesteps * self._clamp(t) - 1.0
+    """The model's (real-valued) timestep T·t − 1: t_n ↦ n.
+
+    At a node (t equal to `t_nodes[n]`, as the discrete chains place their steps) it is the
+    integer n itself, not T·t_n − 1 rounded in float32: the model sees DDPM's own levels."""
+    t = self._clamp(t)
+    n = jnp.clip(jnp.searchsorted(self.t_nodes, t), 0, self.num_timesteps - 1)
+    continuous_t = self.num_timesteps * t - 1.0
+    return jnp.where(self.t_nodes[n] == t, n.astype(continuous_t.dtype), continuous_t)
 
 
 def log_sigma_from_log_alpha(log_alpha: Array) -> Array:
@@ -444,7 +451,7 @@ def pf_ode_drift(process: VPProcess, x: Array, t: Array, score: Array) -> Array:
 
 
 def parse_continuous_mean_type(mean_type) -> MeanType:
-  """A `MeanType` that the ODE/SDE solvers can use (eps, xstart or v)."""
+  """A `MeanType` that the solvers can use: eps, xstart, v, score, or xprev (VP only)."""
   mt = MeanType.parse(mean_type)
   if mt not in CONTINUOUS_MEAN_TYPES:
     allowed = ', '.join(repr(m.value) for m in CONTINUOUS_MEAN_TYPES)
@@ -453,12 +460,32 @@ def parse_continuous_mean_type(mean_type) -> MeanType:
   return mt
 
 
-def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type) -> Denoiser:
+def _x0_from_xprev(process: VPProcess, x: Array, mean: Array, t: Array) -> Array:
+  """x̂₀ from a predicted posterior mean μ̃ of one DDPM step, from t to s = t − 1/T (the data,
+  α = 1, below the first node): μ̃ = c₀ x̂₀ + c_x x with Ho's c₀ = β√ᾱ_s/(1 − ᾱ_t),
+  c_x = (1 − ᾱ_s)√(ᾱ_t/ᾱ_s)/(1 − ᾱ_t), β = 1 − ᾱ_t/ᾱ_s."""
+  if process.kind is not ProcessKind.VP:
+    raise ValueError(f"mean_type 'xprev' predicts a DDPM step's mean: it needs the 'vp' process, "
+                     f'not {process.kind.value!r}')
+  la_t = process.log_alpha_t(t)
+  first = t < process.t_nodes[0] + 0.5 / process.num_timesteps
+  la_s = jnp.where(first, 0.0, process.log_alpha_t(t - 1.0 / process.num_timesteps))
+  ab_t, ab_s = jnp.exp(2.0 * la_t), jnp.exp(2.0 * la_s)
+  beta = -jnp.expm1(2.0 * (la_t - la_s))
+  c0 = beta * jnp.sqrt(ab_s) / (1.0 - ab_t)
+  cx = (1.0 - ab_s) * jnp.exp(la_t - la_s) / (1.0 - ab_t)
+  return (mean - _bcast(cx, x) * x) / _bcast(c0, x)
+
+
+def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type, *,
+                  with_variance: bool = False) -> Denoiser:
   """`denoiser(x [B, ..., C], t [B]) -> (x0_hat, eps_hat)` at continuous times t.
 
   Calls `denoise_fn(c_in·x, process.model_timestep(t))` once (c_in = `input_scale`: 1 but for
-  VE; the timestep is T·t − 1 for VP, log σ for VE, 999·t for sub-VP), keeps the first C output channels (a learned
-  variance's channels are ignored) and converts ε / x₀ / v / the score to both x₀ and ε.
+  VE; the timestep is T·t − 1 for VP, log σ for VE, 999·t for sub-VP), keeps the first C output
+  channels and converts ε / x₀ / v / the score / a DDPM step's mean (xprev, VP) to both x₀ and
+  ε. `with_variance`: a model with learned variances (2C channels) also returns its last C
+  channels, `(x0_hat, eps_hat, variance_output)`, for the ancestral `ddpm` solver.
   """
   mt = parse_continuous_mean_type(mean_type)
 
@@ -466,33 +493,39 @@ def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type) -> Denoi
     chex.assert_rank(t, 1)
     chex.assert_equal(t.shape[0], x.shape[0])
     c = x.shape[-1]
-    out = denoise_fn(x * _bcast(process.input_scale(t), x).astype(x.dtype),
-                     process.model_timestep(t))
-    chex.assert_equal(out.shape[:-1], x.shape[:-1])
-    if out.shape[-1] not in (c, 2 * c):
-      raise ValueError(f'model output has {out.shape[-1]} channels; expected {c} or {2 * c}')
-    out = out[..., :c].astype(x.dtype)
+    full = denoise_fn(x * _bcast(process.input_scale(t), x).astype(x.dtype),
+                      process.model_timestep(t))
+    chex.assert_equal(full.shape[:-1], x.shape[:-1])
+    if full.shape[-1] not in (c, 2 * c) or (with_variance and full.shape[-1] != 2 * c):
+      expected = f'{2 * c} (learned variances)' if with_variance else f'{c} or {2 * c}'
+      raise ValueError(f'model output has {full.shape[-1]} channels; expected {expected}')
+    out = full[..., :c].astype(x.dtype)
+    extra = (full[..., c:].astype(x.dtype),) if with_variance else ()
     alpha = _bcast(process.alpha(t), x)
     sigma = _bcast(process.sigma(t), x)
     if mt is MeanType.EPS:
-      return x0_from_eps(x, out, alpha, sigma), out
+      return (x0_from_eps(x, out, alpha, sigma), out) + extra
     if mt is MeanType.XSTART:
-      return out, eps_from_x0(x, out, alpha, sigma)
+      return (out, eps_from_x0(x, out, alpha, sigma)) + extra
     if mt is MeanType.SCORE:
       eps = eps_from_score(out, sigma)
-      return x0_from_eps(x, eps, alpha, sigma), eps
-    return x0_from_v(x, out, alpha, sigma), eps_from_v(x, out, alpha, sigma)
+      return (x0_from_eps(x, eps, alpha, sigma), eps) + extra
+    if mt is MeanType.XPREV:
+      x0 = _x0_from_xprev(process, x, out, t)
+      return (x0, eps_from_x0(x, x0, alpha, sigma)) + extra
+    return (x0_from_v(x, out, alpha, sigma), eps_from_v(x, out, alpha, sigma)) + extra
 
   return denoiser
 
 
 def clip_x0(process: VPProcess, denoiser: Denoiser) -> Denoiser:
   """`denoiser` with x̂₀ clipped to [-1, 1] and ε̂ re-derived from it (as DDIM's
-  `clip_denoised`; DPM-Solver++'s static thresholding)."""
+  `clip_denoised`; DPM-Solver++'s static thresholding). Further outputs pass through."""
 
   def clipped(x: Array, t: Array):
-    x0, _ = denoiser(x, t)
+    x0, _, *rest = denoiser(x, t)
     x0 = jnp.clip(x0, -1.0, 1.0)
-    return x0, eps_from_x0(x, x0, _bcast(process.alpha(t), x), _bcast(process.sigma(t), x))
+    eps = eps_from_x0(x, x0, _bcast(process.alpha(t), x), _bcast(process.sigma(t), x))
+    return (x0, eps, *rest)
 
   return clipped

@@ -4,39 +4,18 @@ the training-time grid and the evaluation read. No IO, nothing of the model."""
 from __future__ import annotations
 
 import dataclasses
-import enum
 
 from diffusion_jax.sampling import solvers
 
 
-class SamplerKind(enum.Enum):
-  """A sampler: the discrete-time chains of `samplers.py`, or a solver of the continuous-time
-  view (`solvers.py`) of the same process."""
-  DDPM = 'ddpm'          # ancestral; respaced when steps < T
-  DDIM = 'ddim'
-  EULER = 'euler'        # PF-ODE, Karras et al. 2022
-  HEUN = 'heun'          # PF-ODE, 2nd order, optional churn
-  DPMPP_2M = 'dpmpp_2m'  # DPM-Solver++ 2M (Lu et al. 2022)
-  DPMPP_3M = 'dpmpp_3m'
-  SDE = 'sde'            # Euler–Maruyama on the reverse SDE
-  PC = 'pc'              # predictor–corrector (Song et al. 2021)
-  ODE = 'ode'            # adaptive PF-ODE solve (diffrax); reports its evaluations
-  ALD = 'ald'            # annealed Langevin dynamics (Song & Ermon 2019): the 've' process
+# Every sampler, one member per entry of the registry `solvers.SOLVERS`.
+SamplerKind = solvers.SolverKind
 
-  @property
-  def solver(self) -> 'solvers.SolverKind | None':
-    """The continuous-time solver, or None for ddpm and ddim."""
-    if self in (SamplerKind.DDPM, SamplerKind.DDIM):
-      return None
-    return solvers.SolverKind.parse(self.value)
-
-
-# The step schedule each solver uses unless told otherwise: log-SNR steps for the exponential
-# integrators and the SDE samplers, Karras' ρ = 7 for the σ-space Euler and Heun.
-DEFAULT_STEP_SCHEDULE = {
-    SamplerKind.EULER: solvers.ScheduleKind.KARRAS,
-    SamplerKind.HEUN: solvers.ScheduleKind.KARRAS,
-}
+# The options that belong to some samplers only (the registry says whose), and their owners.
+_OWNERS: dict[str, list[str]] = {}
+for _name, _info in solvers.SOLVERS.items():
+  for _field in _info.options:
+    _OWNERS.setdefault(_field, []).append(_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +23,13 @@ class SamplerConfig:
   """How to sample: the one parsed value that sample.py, the training-time grid and the
   evaluation read. Strings are parsed on construction (`SamplerConfig('dpmpp_2m', steps=20)`).
 
-  steps: ddpm, ddim and the fixed-step solvers (None: all T); not for 'ode'.
+  steps: the levels the model sees for ddpm and ddim, the steps of the other fixed-step
+    solvers (None: all T); not for 'ode'.
   eta: DDIM only. churn: Heun's S_churn. snr: the PC corrector's target signal-to-noise.
-  step_schedule: the solvers' time steps ('time_uniform', 'logsnr', 'karras'; None: the
-    solver's default). rtol: the adaptive 'ode' solve's tolerance (rtol = atol).
+  step_schedule: the time steps ('time_uniform', 'logsnr', 'karras', 'respaced'; None: the
+    sampler's default). rtol: the adaptive 'ode' solve's tolerance (rtol = atol).
+  Which sampler takes which option is the registry's (`solvers.SOLVERS`); an option set away
+  from its default for a sampler that does not take it is a one-line ValueError.
   clip_denoised: clip x̂₀ to [-1, 1] at each model evaluation (ε̂ follows from it).
   langevin_steps, langevin_step_size: ald's steps per noise level (T) and its ε (the step at
     level i is ε·σ_i²/σ_L²); `steps` is then the number of levels less one.
@@ -76,21 +58,19 @@ class SamplerConfig:
       if (isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1):
         raise ValueError(f'sampler steps must be a positive integer (or None: all T), got '
                          f'{self.steps!r}')
-      if kind is SamplerKind.ODE:
-        raise ValueError("the 'ode' sampler chooses its own steps: set rtol, not steps")
+      if self.info.adaptive:
+        raise ValueError(f"the {kind.value!r} sampler chooses its own steps: set rtol, not "
+                         'steps')
     if self.eta < 0:
       raise ValueError(f'eta must be >= 0, got {self.eta}')
-    if self.eta and kind is not SamplerKind.DDIM:
-      raise ValueError(f'eta applies to the ddim sampler only, not {kind.value!r}')
     if self.guidance_scale < 0:
       raise ValueError(f'guidance_scale must be >= 0, got {self.guidance_scale}')
     if self.step_schedule is not None:
-      if kind.solver is None:
-        raise ValueError(f'step_schedule applies to the solvers, not {kind.value!r}')
+      if self.info.adaptive:
+        raise ValueError(f'step_schedule applies to the fixed-step samplers, not {kind.value!r}')
       object.__setattr__(self, 'step_schedule', solvers.ScheduleKind.parse(self.step_schedule))
-    if self.churn < 0 or (self.churn and kind is not SamplerKind.HEUN):
-      raise ValueError(f'churn must be >= 0 and applies to heun only, got {self.churn} for '
-                       f'{kind.value!r}')
+    if self.churn < 0:
+      raise ValueError(f'churn must be >= 0, got {self.churn}')
     if not self.snr > 0:
       raise ValueError(f'snr must be > 0, got {self.snr}')
     if not 0 < self.rtol < 1:
@@ -100,6 +80,20 @@ class SamplerConfig:
       raise ValueError(f'langevin_steps must be a positive integer, got {self.langevin_steps!r}')
     if not self.langevin_step_size > 0:
       raise ValueError(f'langevin_step_size must be > 0, got {self.langevin_step_size!r}')
+    for field, owners in _OWNERS.items():
+      default = SamplerConfig.__dataclass_fields__[field].default
+      if getattr(self, field) != default and field not in self.info.options:
+        raise ValueError(f'{field} applies to the {" and ".join(owners)} sampler'
+                         f'{"s" if len(owners) > 1 else ""} only, not {kind.value!r}')
+
+  @property
+  def info(self) -> solvers.SolverInfo:
+    """The sampler's registry entry."""
+    return solvers.info(self.kind)
+
+  def solver_options(self) -> dict:
+    """The keyword arguments of the solver that this config's options give (registry's map)."""
+    return {kwarg: getattr(self, field) for field, kwarg in self.info.options.items()}
 
   @classmethod
   def create(cls, kind: str | SamplerKind = 'ddpm', **kwargs) -> 'SamplerConfig':
@@ -117,10 +111,18 @@ class SamplerConfig:
       base = SamplerConfig(kind, clip_denoised=self.clip_denoised)
     return dataclasses.replace(base, **{k: v for k, v in options.items() if v is not None})
 
+  def schedule_for(self, process) -> 'solvers.ScheduleKind':
+    """The step schedule on `process`: the one set, else the sampler's default ('respaced',
+    the default of ddpm and ddim, needs a VP process of T steps: elsewhere 'logsnr')."""
+    kind = self.step_schedule or self.info.schedule
+    if kind is solvers.ScheduleKind.RESPACED and process.num_timesteps is None:
+      return solvers.ScheduleKind.LOGSNR
+    return kind
+
   @property
   def schedule(self) -> 'solvers.ScheduleKind':
-    """The solvers' step schedule, with the solver's default filled in."""
-    return self.step_schedule or DEFAULT_STEP_SCHEDULE.get(self.kind, solvers.ScheduleKind.LOGSNR)
+    """The step schedule on a VP process of T steps, the default filled in."""
+    return self.step_schedule or self.info.schedule
 
   def check_steps(self, num_timesteps: int) -> None:
     """Raises a one-line ValueError unless the steps fit a process of T = `num_timesteps`."""
@@ -132,11 +134,11 @@ class SamplerConfig:
     """Model evaluations per sample (a guided one evaluates a doubled batch); None for the
     adaptive 'ode', which reports its own."""
     steps = self.steps or num_timesteps
-    if self.kind in (SamplerKind.DDPM, SamplerKind.DDIM):
-      return steps
-    if self.kind is SamplerKind.ODE:
+    if self.info.adaptive:
       return None
-    return solvers.num_evaluations(self.kind.solver, steps, steps_per_level=self.langevin_steps)
+    if self.info.levels:
+      return steps
+    return solvers.num_evaluations(self.kind, steps, steps_per_level=self.langevin_steps)
 
   def describe(self) -> str:
     """'dpmpp_2m, 20 steps (logsnr)' and the like, for logs and file names."""
@@ -150,8 +152,8 @@ class SamplerConfig:
         f', {self.langevin_steps} per level, step {self.langevin_step_size:g}'
         if self.kind is SamplerKind.ALD else '') + (
         f', guidance {self.guidance_scale:g}' if self.guidance_scale else '')
-    return f'{self.kind.value}, {steps}{extra}' + (f' ({self.schedule.value})'
-                                                    if self.kind.solver else '')
+    shown = self.step_schedule or (None if self.info.levels else self.schedule)
+    return f'{self.kind.value}, {steps}{extra}' + (f' ({shown.value})' if shown else '')
 
   def to_dict(self) -> dict:
     return dict(kind=self.kind.value, steps=self.steps, eta=self.eta,
@@ -167,6 +169,6 @@ class SamplerConfig:
 
 
 # The options of every sampler, by the one name that sample.py's and evaluate's flags
-# (diffusion_jax/sampling/flags.py) and the config groups `training` and `eval` give them.
-OPTIONS = ('steps', 'eta', 'step_schedule', 'churn', 'snr', 'rtol', 'guidance_scale',
-           'langevin_steps', 'langevin_step_size')
+# (diffusion_jax/sampling/flags.py) and the config groups `training` and `eval` give them:
+# those of all samplers, then those the registry gives to some.
+OPTIONS = ('steps', 'step_schedule', 'guidance_scale', *_OWNERS)

@@ -12,7 +12,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from diffusion_jax.process import continuous
 from diffusion_jax.process import gaussian_diffusion as gd
 from diffusion_jax.runtime import parallel
-from diffusion_jax.sampling import samplers
 from diffusion_jax.sampling import solvers
 from diffusion_jax.sampling.config import SamplerConfig, SamplerKind
 
@@ -45,68 +44,121 @@ def make_denoise_fn(model: nn.Module, params, labels: jax.Array | None = None, *
   return guided
 
 
+def schedule_of(sampler: SamplerConfig, process: continuous.Process) -> solvers.StepSchedule:
+  """The levels that `sampler` visits on `process`, computed once on the host (concrete even
+  inside a `jit`, given a concrete process): `steps` levels for ddpm and ddim (default: all T,
+  on DDPM's integer timesteps), `steps` steps for the other solvers, the two ends for 'ode'."""
+  info = sampler.info
+  kind = sampler.schedule_for(process)
+  steps = sampler.steps or process.num_timesteps or info.default_steps
+  with jax.ensure_compile_time_eval():
+    if info.adaptive:
+      return solvers.step_schedule(process, 1, kind)
+    if info.levels:
+      return solvers.level_schedule(process, steps, kind)
+    return solvers.step_schedule(process, steps, kind)
+
+
+def _recording(denoiser: continuous.Denoiser, record) -> continuous.Denoiser:
+  """`denoiser` that also hands every evaluation's (t [B], x, x̂₀) to the host function
+  `record`, in order (a trajectory callback: what the model saw and predicted)."""
+  def recorded(x, t):
+    out = denoiser(x, t)
+    jax.debug.callback(record, t, x, out[0], ordered=True)
+    return out
+  return recorded
+
+
+def model_denoiser(denoise_fn: gd.DenoiseFn, process: continuous.Process, *,
+                   sampler: SamplerConfig, parameterization: gd.Parameterization,
+                   record=None) -> continuous.Denoiser:
+  """A model's `denoise_fn(x_t, timesteps) -> output` as the solvers' denoiser: its output
+  converted to (x̂₀, ε̂) (`continuous.make_denoiser`), x̂₀ clipped when `sampler` says so,
+  with the variance output for a ddpm chain of a learned-variance model."""
+  with_variance = sampler.info.uses_variance and parameterization.var_type.is_learned
+  denoiser = continuous.make_denoiser(process, denoise_fn, parameterization.mean_type,
+                                      with_variance=with_variance)
+  if sampler.clip_denoised:
+    denoiser = continuous.clip_x0(process, denoiser)
+  return denoiser if record is None else _recording(denoiser, record)
+
+
+def sample(denoise_fn: gd.DenoiseFn, process: continuous.Process, shape, rng: jax.Array, *,
+           sampler: SamplerConfig, parameterization: gd.Parameterization,
+           x_init: jax.Array | None = None, record=None) -> tuple[jax.Array, jax.Array]:
+  """Samples `[*shape]` from a model's `denoise_fn(x_t, timesteps)` with any registered
+  sampler: (x₀ in [-1, 1] when clipping, model evaluations per sample int32 []).
+
+  The one sampling path. `process` is the model's (`VPProcess.from_diffusion(d)` for a DDPM);
+  the start is `x_init` or a prior draw from the first half of `split(rng)`, and the solver
+  draws from the second. `record(t, x, x0_hat)`: see `_recording`. jit-safe with `process`,
+  `sampler` and `parameterization` fixed (closed over).
+  """
+  denoiser = model_denoiser(denoise_fn, process, sampler=sampler,
+                            parameterization=parameterization, record=record)
+  options = sampler.solver_options()
+  if sampler.info.uses_variance:
+    options['variance'] = parameterization.var_type
+  init_rng, loop_rng = jax.random.split(rng)
+  x_T = process.prior_sample(init_rng, tuple(shape), jnp.float32) if x_init is None else x_init
+  solution = solvers.solve(sampler.kind, denoiser, x_T, schedule_of(sampler, process), loop_rng,
+                           **options)
+  x0 = jnp.clip(solution.x0, -1.0, 1.0) if sampler.clip_denoised else solution.x0
+  return x0, solution.nfe
+
+
+def encode(denoise_fn: gd.DenoiseFn, process: continuous.Process, x0: jax.Array, *,
+           sampler: SamplerConfig, parameterization: gd.Parameterization) -> jax.Array:
+  """The deterministic encoder x₀ → x at t = 1: the sampler's solve run upwards over its own
+  levels, so that `sample(..., x_init=encode(x0))` with the same sampler returns ≈ x₀.
+
+  A first-order (DDIM) step lifts x₀ to the lowest level with ε̂ of the model there; then the
+  solver runs over the reversed levels (for ddim: Song et al.'s encoder, S evaluations for S
+  levels). Deterministic samplers only: ddim with η = 0, euler, heun without churn, dpmpp_*.
+  """
+  info = sampler.info
+  if sampler.kind.value not in ('ddim', 'euler', 'heun', 'dpmpp_2m', 'dpmpp_3m') or any(
+      sampler.solver_options().values()):
+    raise ValueError(f'encoding runs a deterministic solve upwards: use ddim (eta 0), euler, '
+                     f'heun (churn 0), dpmpp_2m or dpmpp_3m, not {sampler.describe()!r}')
+  denoiser = model_denoiser(denoise_fn, process, sampler=sampler,
+                            parameterization=parameterization)
+  sched = schedule_of(sampler, process)
+  with jax.ensure_compile_time_eval():
+    up = solvers.StepSchedule(process=process, t=sched.t[::-1])  # lowest level first
+  t0 = jnp.full((x0.shape[0],), up.t[0], up.t.dtype)
+  _, eps = denoiser(x0, t0)
+  bc = lambda c: jnp.reshape(c, (-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
+  x = bc(process.alpha(t0)) * x0 + bc(process.sigma(t0)) * eps
+  return info.fn(denoiser, x, up, None)
+
+
 def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *,
               parameterization: gd.Parameterization, sampler: SamplerConfig,
               num_classes: int | None = None, process: continuous.Process | None = None):
-  """`fn(params, rng, labels, x_shape) -> (images [B, H, W, C] in [-1, 1], nfe)` on one
-  device; nfe (int32 []) counts the model evaluations per sample.
+  """`fn(params, rng, labels, x_shape, x_init=None) -> (images [B, H, W, C] in [-1, 1], nfe)`
+  on one device; nfe (int32 []) counts the model evaluations per sample.
 
-  Everything fixed is resolved here, on the host, once: the respaced process of a DDPM with
-  fewer steps, or the continuous-time process and step schedule of a solver. A parameterisation
-  that a solver cannot use (`xprev` with an ODE/SDE solver) is a one-line ValueError.
-
-  `process`: the model's continuous-time process (`DiffusionSpec.make_process`); None reads
-  `diffusion` as a VP-SDE. The solvers start from its prior; ddpm and ddim need 'vp'.
+  `process`: the model's process (`DiffusionSpec.make_process`); None reads `diffusion` as a
+  VP process of its T steps. What the sampler cannot do on it (ald on vp, a parameterisation
+  without a denoiser) is a one-line ValueError here, on the host.
   """
   if process is None:
     process = continuous.VPProcess.from_diffusion(diffusion)
-  if process.kind is not continuous.ProcessKind.VP and sampler.kind.solver is None:
-    raise ValueError(f'sampler {sampler.kind.value!r} runs the discrete DDPM chain, which the '
-                     f'{process.kind.value!r} process does not have: use a solver (sde, pc, '
-                     'ode, ...)')
-  if process.kind is continuous.ProcessKind.VP:
-    sampler.check_steps(diffusion.num_timesteps)
-  mean_type, var_type = parameterization.mean_type, parameterization.var_type
-  steps = sampler.steps or diffusion.num_timesteps
-  kind = sampler.kind
-  d = diffusion
-  if kind is SamplerKind.DDPM and steps != diffusion.num_timesteps:
-    d = samplers.respace(diffusion, samplers.space_timesteps(diffusion.num_timesteps, steps))
-  if kind.solver is not None:
-    continuous.parse_continuous_mean_type(mean_type)
-    if process.num_timesteps is None and not sampler.steps:
-      steps = 100 if kind is not SamplerKind.ALD else 10   # a continuous process has no T
-    schedule = solvers.step_schedule(process, 1 if kind is SamplerKind.ODE else steps,
-                                     sampler.schedule)
-    options = {SamplerKind.HEUN: dict(s_churn=sampler.churn),
-               SamplerKind.PC: dict(snr=sampler.snr),
-               SamplerKind.ODE: dict(rtol=sampler.rtol, atol=sampler.rtol),
-               SamplerKind.ALD: dict(steps_per_level=sampler.langevin_steps,
-                                     step_size=sampler.langevin_step_size)}.get(kind, {})
+  if process.kind not in sampler.info.processes:
+    raise ValueError(f'sampler {sampler.kind.value!r} is defined for the '
+                     f'{", ".join(p.value for p in sampler.info.processes)} process only, not '
+                     f'{process.kind.value!r}')
+  if process.num_timesteps is not None:
+    sampler.check_steps(process.num_timesteps)
+  continuous.parse_continuous_mean_type(parameterization.mean_type)
+  schedule_of(sampler, process)  # a bad schedule is refused here, once
 
-  def fn(params, rng, labels, x_shape):
+  def fn(params, rng, labels, x_shape, x_init=None):
     denoise = make_denoise_fn(model, params, labels if num_classes else None,
-                              guidance_scale=sampler.guidance_scale,
-                              num_classes=num_classes)
-    if kind is SamplerKind.DDIM:
-      x0 = samplers.ddim_sample_loop(d, denoise, x_shape, rng, num_steps=steps,
-                                     eta=sampler.eta, mean_type=mean_type,
-                                     clip_denoised=sampler.clip_denoised)
-      return x0, jnp.asarray(steps, jnp.int32)
-    if kind is SamplerKind.DDPM:
-      x0 = samplers.p_sample_loop(d, denoise, x_shape, rng, mean_type=mean_type,
-                                  var_type=var_type, clip_denoised=sampler.clip_denoised)
-      return x0, jnp.asarray(steps, jnp.int32)
-    denoiser = continuous.make_denoiser(process, denoise, mean_type)
-    if sampler.clip_denoised:
-      denoiser = continuous.clip_x0(process, denoiser)
-    init_rng, loop_rng = jax.random.split(rng)
-    x_T = process.prior_sample(init_rng, x_shape, jnp.float32)  # at t = 1
-    solution = solvers.solve(kind.solver, denoiser, x_T, schedule, loop_rng, **options)
-    x0 = solution.x0
-    if sampler.clip_denoised:
-      x0 = jnp.clip(x0, -1.0, 1.0)
-    return x0, solution.nfe
+                              guidance_scale=sampler.guidance_scale, num_classes=num_classes)
+    return sample(denoise, process, x_shape, rng, sampler=sampler,
+                  parameterization=parameterization, x_init=x_init)
   return fn
 
 

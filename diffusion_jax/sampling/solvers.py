@@ -1,4 +1,5 @@
-"""Solvers of the probability-flow ODE and the reverse SDE, k-diffusion style.
+"""Every sampler, one signature and one registry: Ho's ancestral chain (`ddpm`) and DDIM
+beside the solvers of the probability-flow ODE and the reverse SDE, k-diffusion style.
 
 Each solver is a small function `solver(denoiser, x_T, schedule, rng, **options) -> x_end`
 of a `denoiser(x, t [B]) -> (x0_hat, eps_hat)` (`continuous.make_denoiser`), the noise x_T
@@ -15,6 +16,17 @@ Processes: every solver takes any `continuous.Process` (VP, VE, sub-VP); α and 
 λ by the process's own `log_alpha_of_lambda` / `log_sigma_of_lambda`. `annealed_langevin`
 (NCSN's sampler) is defined for VE only.
 
+The discrete chains are steps between two levels t > s of the same process: `ddpm` draws from
+the posterior q(x_s | x_t, x̂₀) (for VE it is score_sde's ancestral predictor), `ddim` moves
+along it deterministically (η = 0: first-order DPM-Solver++) or adds η² of its variance. Their
+coefficients are computed once on the host in float64 from the schedule, which must then be
+concrete (built outside `jit` and closed over). On a VP process of T steps their default
+schedule is 'respaced': the levels sit on DDPM's integer timesteps (`space_timesteps`), where
+the model sees its own timesteps, so they reproduce Ho's and Song's chains to float32 rounding.
+
+A new sampler is one function here and one entry in `SOLVERS`: `SamplerConfig`, the command
+line flags and the spec's checks read the registry.
+
 Orders: the interpolated α(t) has a kink at every node 1/T, so no solver integrates in raw t.
 Euler and Heun (Karras et al. 2022) work in σ̃ = σ/α = e^{−λ} on x̃ = x/α, where the PF-ODE is
 dx̃/dσ̃ = ε̂; DPM-Solver++ (Lu et al. 2022) and the adaptive solve work in λ. The SDE samplers
@@ -23,8 +35,9 @@ take their coefficients from the exact α at the step ends.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import chex
 import flax.struct
@@ -32,34 +45,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.process.continuous import Denoiser, Process, ProcessKind
-from diffusion_jax.process.gaussian_diffusion import Array
 from diffusion_jax.options import Option
+from diffusion_jax.process.continuous import Denoiser, Process, ProcessKind
+from diffusion_jax.process.gaussian_diffusion import Array, VarType
+from diffusion_jax.process.respacing import space_timesteps
 
 
 class ScheduleKind(Option):
   TIME_UNIFORM = 'time_uniform'  # uniform in t
   LOGSNR = 'logsnr'              # uniform in λ (half the log-SNR)
   KARRAS = 'karras'              # Karras et al. 2022, ρ = 7, in σ̃ = e^{−λ}
+  RESPACED = 'respaced'          # DDPM's own levels, `space_timesteps(T, N + 1)` (VP of T steps)
 
   @classmethod
   def _what(cls):
     return 'step_schedule'
-
-
-class SolverKind(Option):
-  EULER = 'euler'
-  HEUN = 'heun'
-  DPMPP_2M = 'dpmpp_2m'
-  DPMPP_3M = 'dpmpp_3m'
-  SDE = 'sde'   # Euler–Maruyama on the reverse SDE
-  PC = 'pc'     # ancestral predictor + Langevin corrector (Song et al. 2021)
-  ODE = 'ode'   # adaptive PF-ODE solve (diffrax)
-  ALD = 'ald'   # annealed Langevin dynamics (Song & Ermon 2019), VE only
-
-  @classmethod
-  def _what(cls):
-    return 'solver'
 
 
 # ------------------------------------------------------------------------------------------
@@ -89,10 +89,14 @@ def step_schedule(process: Process, num_steps: int, kind: str | ScheduleKind = '
   For VE, 'logsnr' steps are geometric in σ (NCSN's levels)."""
   kind = ScheduleKind.parse(kind)
   big_t = process.num_timesteps  # None: a process of continuous time
+  if kind is ScheduleKind.RESPACED:
+    big_t = None if big_t is None else big_t - 1  # N + 1 levels out of T
   if (isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer))
       or num_steps < 1 or (big_t is not None and num_steps > big_t)):
     bound = f'[1, {big_t}]' if big_t is not None else '[1, ∞)'
     raise ValueError(f'steps must be an integer in {bound}, got {num_steps!r}')
+  if kind is ScheduleKind.RESPACED:
+    return _respaced(process, num_steps + 1)
   u = jnp.linspace(0.0, 1.0, num_steps + 1)  # [N + 1]
   t_max, t_min = jnp.asarray(process.t_max), jnp.asarray(process.t_min)
   if kind is ScheduleKind.TIME_UNIFORM:
@@ -110,8 +114,37 @@ def step_schedule(process: Process, num_steps: int, kind: str | ScheduleKind = '
   return StepSchedule(process=process, t=t)
 
 
+def _respaced(process: Process, num_levels: int) -> StepSchedule:
+  """The levels t_n = (n + 1)/T of a VP process at `space_timesteps(T, num_levels)`, T−1 first."""
+  if process.kind is not ProcessKind.VP or process.num_timesteps is None:
+    raise ValueError("step_schedule 'respaced' places the steps on DDPM's integer timesteps: "
+                     f"it needs the 'vp' process, not {process.kind.value!r}")
+  taus = space_timesteps(process.num_timesteps, num_levels)
+  return StepSchedule(process=process, t=process.t_nodes[np.asarray(taus[::-1])])
+
+
+def level_schedule(process: Process, num_levels: int, kind: str | ScheduleKind = 'respaced'
+                   ) -> StepSchedule:
+  """`num_levels` decreasing levels from t = 1 (N = num_levels − 1 steps): the schedule of the
+  discrete chains, whose `steps` count the levels the model sees. One level is t = 1 alone
+  (the sample is then x̂₀ of the prior draw)."""
+  if (isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer))
+      or num_levels < 1):
+    raise ValueError(f'steps must be a positive integer, got {num_levels!r}')
+  kind = ScheduleKind.parse(kind)
+  if kind is ScheduleKind.RESPACED:
+    if process.num_timesteps is not None and num_levels > process.num_timesteps:
+      raise ValueError(f'steps must be an integer in [1, {process.num_timesteps}], got '
+                       f'{num_levels!r}')
+    return _respaced(process, num_levels)
+  if num_levels == 1:
+    return StepSchedule(process=process, t=jnp.asarray([process.t_max], jnp.float32))
+  return step_schedule(process, num_levels - 1, kind)
+
+
 def schedule_from_times(process: Process, t) -> StepSchedule:
-  """A custom schedule: decreasing times `[N + 1]` within [t_min, 1]."""
+  """A custom schedule: times `[N + 1]` within [t_min, 1], decreasing (or, for a deterministic
+  solver run upwards, increasing: `ddim` encodes that way)."""
   t = jnp.asarray(t)
   chex.assert_rank(t, 1)
   if t.shape[0] < 2:
@@ -422,13 +455,15 @@ def diffrax_nfe(stats: dict[str, Any], method: str = 'tsit5') -> Array:
 
 
 def ode_adaptive(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
-                 rtol: float = 1e-4, atol: float = 1e-4, method: str = 'tsit5',
+                 rtol: float = 1e-4, atol: float | None = None, method: str = 'tsit5',
                  max_steps: int = 4096) -> tuple[Array, Array]:
   """The PF-ODE from λ(t_0) to λ(t_N) with adaptive steps (a PID controller).
 
-  Only the schedule's ends are used. Returns (x at t_N, vector-field evaluations int32 []).
+  Only the schedule's ends are used; `atol` defaults to `rtol`. Returns (x at t_N, vector-field
+  evaluations int32 []).
   """
   del rng
+  atol = rtol if atol is None else atol
   import diffrax  # pylint: disable=g-import-not-at-top
   field = pf_ode_lambda_field(denoiser, sched.process)
   lam = sched.lam
@@ -438,6 +473,124 @@ def ode_adaptive(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
       saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
   return sol.ys[-1], jnp.asarray(diffrax_nfe(sol.stats, method), jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------
+# The discrete chains (Ho et al. 2020; Song et al. 2021, DDIM) as steps between two levels.
+#   With h = λ_s − λ_t > 0 between the level t and the next, s, the posterior q(x_s | x_t, x₀):
+#     mean = (σ_s/σ_t) e^{−h} x_t + α_s (1 − e^{−2h}) x₀,   variance β̃ = σ_s² (1 − e^{−2h}),
+#   and the forward step's variance β = σ_t² (1 − e^{−2h}) (= 1 − ᾱ_t/ᾱ_s for VP).
+# ------------------------------------------------------------------------------------------
+
+
+def _host_levels(sched: StepSchedule) -> tuple[np.ndarray, np.ndarray]:
+  """float64 (log α, log σ) `[N + 1]` at the schedule's levels, computed on the host."""
+  if isinstance(sched.t, jax.core.Tracer):
+    raise ValueError('ddpm and ddim compute their coefficients on the host: build the schedule '
+                     'outside jit and close over it, rather than passing it as a traced argument')
+  with jax.ensure_compile_time_eval():
+    la = np.asarray(sched.process.log_alpha_t(sched.t), np.float64)
+    if sched.process.kind is ProcessKind.VP:   # α² + σ² = 1: σ from α in float64
+      ls = 0.5 * np.log(-np.expm1(2.0 * la))
+    else:
+      ls = np.asarray(sched.process.log_sigma_t(sched.t), np.float64)
+  return la, ls
+
+
+@dataclasses.dataclass(frozen=True)
+class PairCoefficients:
+  """Each step's coefficients, float64 `[N]` (from level i to level i + 1)."""
+  x: np.ndarray          # (σ_s/σ_t) e^{−h}: the posterior mean's weight on x_t
+  x0: np.ndarray         # α_s (1 − e^{−2h}): its weight on x̂₀
+  alpha_s: np.ndarray    # α_s
+  sigma_s: np.ndarray    # σ_s
+  small: np.ndarray      # β̃, the posterior variance (Ho's fixed-small)
+  large: np.ndarray      # β, the forward step's variance (Ho's fixed-large)
+
+
+def pair_coefficients(sched: StepSchedule) -> PairCoefficients:
+  """The posterior's coefficients for every pair of adjacent levels, in float64 on the host."""
+  la, ls = _host_levels(sched)
+  lam = la - ls
+  h = lam[1:] - lam[:-1]
+  one_minus = -np.expm1(-2.0 * h)   # 1 − e^{−2h}
+  return PairCoefficients(x=np.exp(ls[1:] - ls[:-1] - h), x0=np.exp(la[1:]) * one_minus,
+                          alpha_s=np.exp(la[1:]), sigma_s=np.exp(ls[1:]),
+                          small=np.exp(2.0 * ls[1:]) * one_minus,
+                          large=np.exp(2.0 * ls[:-1]) * one_minus)
+
+
+def _f32(a: np.ndarray) -> Array:
+  return jnp.asarray(a, jnp.float32)
+
+
+def _chain_key(rng: Array, sched: StepSchedule, i: Array) -> Array:
+  """Step i's key: Ho's chain numbers its steps by the level they leave, N − i (so the same
+  seed gives the same samples as the chains over a respaced process always did)."""
+  return jax.random.fold_in(rng, sched.num_steps - i)
+
+
+def ddpm(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
+         variance: str | VarType = 'fixedsmall') -> Array:
+  """Ancestral sampling (Ho et al. 2020, Alg. 2): x_s ~ N(posterior mean(x_t, x̂₀), Σ) at each
+  of the N steps (N evaluations; `solve`'s final x̂₀ is the chain's last, noiseless step).
+
+  `variance`: 'fixedsmall' (β̃), 'fixedlarge' (β), 'learned' (log Σ is the model's variance
+  output) or 'learned_range' (log Σ = f log β + (1 − f) log β̃, f = (v + 1)/2). The learned ones
+  need a denoiser that returns the variance output third (`make_denoiser(with_variance=True)`).
+  """
+  _need_rng(rng, 'ddpm')
+  var = VarType.parse(variance)
+  c = pair_coefficients(sched)
+  c_x, c_x0 = _f32(c.x), _f32(c.x0)
+  log_small, log_large = _f32(np.log(c.small)), _f32(np.log(c.large))
+
+  def step(x, i):
+    out = denoiser(x, _bt(sched.t[i], x))
+    mean = c_x0[i] * out[0] + c_x[i] * x
+    if var is VarType.FIXED_SMALL:
+      log_var = log_small[i]
+    elif var is VarType.FIXED_LARGE:
+      log_var = log_large[i]
+    elif var is VarType.LEARNED:
+      log_var = out[2]
+    else:
+      frac = (out[2] + 1.0) / 2.0
+      log_var = frac * log_large[i] + (1.0 - frac) * log_small[i]
+    z = jax.random.normal(_chain_key(rng, sched, i), x.shape, x.dtype)
+    return mean + jnp.exp(0.5 * log_var) * z, None
+
+  x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
+  return x
+
+
+def ddim(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
+         eta: float = 0.0) -> Array:
+  """DDIM (Song et al. 2021): x_s = α_s x̂₀ + √(σ_s² − η²β̃) ε̂ + η√β̃ z (N evaluations).
+
+  η = 0 is deterministic, first-order DPM-Solver++ in λ, and runs in either direction: over
+  increasing levels it is the DDIM encoder. η = 1 is the ancestral chain with fixed-small
+  variance, written through ε̂.
+  """
+  if eta < 0:
+    raise ValueError(f'ddim eta must be >= 0, got {eta!r}')
+  if eta:
+    _need_rng(rng, 'ddim (eta > 0)')
+  c = pair_coefficients(sched)
+  var = eta ** 2 * c.small if eta else np.zeros_like(c.small)
+  c_x0 = _f32(c.alpha_s)
+  c_eps = _f32(np.sqrt(np.maximum(np.square(c.sigma_s) - var, 0.0)))
+  c_z = _f32(np.sqrt(var))
+
+  def step(x, i):
+    x0, eps = denoiser(x, _bt(sched.t[i], x))[:2]
+    x_next = c_x0[i] * x0 + c_eps[i] * eps
+    if eta:
+      x_next = x_next + c_z[i] * jax.random.normal(_chain_key(rng, sched, i), x.shape, x.dtype)
+    return x_next, None
+
+  x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
+  return x
 
 
 # ------------------------------------------------------------------------------------------
@@ -452,44 +605,87 @@ class Solution:
   nfe: Array      # int32 [] model evaluations, the final denoising included
 
 
-_FIXED = {
-    SolverKind.EULER: euler,
-    SolverKind.HEUN: heun,
-    SolverKind.DPMPP_2M: dpmpp_2m,
-    SolverKind.DPMPP_3M: dpmpp_3m,
-    SolverKind.SDE: euler_maruyama,
-    SolverKind.PC: predictor_corrector,
-    SolverKind.ALD: annealed_langevin,
+@dataclasses.dataclass(frozen=True)
+class SolverInfo:
+  """A registry entry: what `SamplerConfig`, the flags and the spec need to know of a solver."""
+  fn: Callable
+  summary: str                               # for --sampler's help
+  options: Mapping[str, str] = dataclasses.field(default_factory=dict)  # config field → kwarg
+  evaluations_per_step: int | None = 1       # None: adaptive (reports its own)
+  levels: bool = False       # `steps` counts the levels the model sees (ddpm, ddim), not steps
+  schedule: ScheduleKind = ScheduleKind.LOGSNR   # the default step schedule
+  processes: tuple[ProcessKind, ...] = tuple(ProcessKind)
+  uses_variance: bool = False                # takes the model's variance (ddpm)
+  default_steps: int = 100                   # steps on a process without T
+  adaptive: bool = False                     # chooses its own steps ('ode')
+
+
+SOLVERS: dict[str, SolverInfo] = {
+    'ddpm': SolverInfo(ddpm, 'ancestral sampling (Ho et al.), respaced when steps < T',
+                       levels=True, schedule=ScheduleKind.RESPACED, uses_variance=True),
+    'ddim': SolverInfo(ddim, 'DDIM (Song et al.); eta > 0 adds noise', options={'eta': 'eta'},
+                       levels=True, schedule=ScheduleKind.RESPACED),
+    'euler': SolverInfo(euler, 'PF-ODE, Euler in sigma (Karras et al.)',
+                        schedule=ScheduleKind.KARRAS),
+    'heun': SolverInfo(heun, 'PF-ODE, Heun, optional churn (Karras et al.)',
+                       options={'churn': 's_churn'}, evaluations_per_step=2,
+                       schedule=ScheduleKind.KARRAS),
+    'dpmpp_2m': SolverInfo(dpmpp_2m, 'PF-ODE, DPM-Solver++ 2M (Lu et al.)'),
+    'dpmpp_3m': SolverInfo(dpmpp_3m, 'PF-ODE, DPM-Solver++ 3M'),
+    'sde': SolverInfo(euler_maruyama, 'reverse SDE, Euler-Maruyama'),
+    'pc': SolverInfo(predictor_corrector, 'predictor-corrector (Song et al.)',
+                     options={'snr': 'snr'}, evaluations_per_step=2),
+    'ode': SolverInfo(ode_adaptive, 'adaptive PF-ODE (diffrax); set rtol, not steps',
+                      options={'rtol': 'rtol'}, evaluations_per_step=None, adaptive=True),
+    'ald': SolverInfo(annealed_langevin, 'annealed Langevin dynamics (ve models)',
+                      options={'langevin_steps': 'steps_per_level',
+                               'langevin_step_size': 'step_size'},
+                      evaluations_per_step=None, processes=(ProcessKind.VE,), default_steps=10),
 }
+
+
+class _SolverOption(Option):
+  @classmethod
+  def _what(cls):
+    return 'sampler'
+
+
+# The solvers by name, one member per registry entry (SolverKind.DDPM, SolverKind('heun'), ...).
+SolverKind = _SolverOption('SolverKind', {name.upper(): name for name in SOLVERS})
+
+
+def info(kind: str | SolverKind) -> SolverInfo:
+  return SOLVERS[SolverKind.parse(kind).value]
 
 
 def num_evaluations(kind: str | SolverKind, num_steps: int, *, corrector_steps: int = 1,
                     steps_per_level: int = 100) -> int:
   """Model evaluations of a fixed-step solve with N steps, the final denoising included:
-  euler, dpmpp_2m/3m, sde: N + 1; heun: 2N + 1; pc: N(1 + corrector_steps) + 1;
+  ddpm, ddim, euler, dpmpp_2m/3m, sde: N + 1; heun: 2N + 1; pc: N(1 + corrector_steps) + 1;
   ald: (N + 1)·steps_per_level + 1."""
   kind = SolverKind.parse(kind)
   if kind is SolverKind.ODE:
     raise ValueError("solver 'ode' is adaptive: its evaluations are in Solution.nfe")
   if kind is SolverKind.ALD:
     return (num_steps + 1) * steps_per_level + 1
-  per_step = {SolverKind.HEUN: 2, SolverKind.PC: 1 + corrector_steps}.get(kind, 1)
+  per_step = 1 + corrector_steps if kind is SolverKind.PC else info(kind).evaluations_per_step
   return per_step * num_steps + 1
 
 
 def solve(kind: str | SolverKind, denoiser: Denoiser, x_T: Array, sched: StepSchedule,
           rng: Array | None = None, **options) -> Solution:
   """Runs solver `kind` from x_T `[B, ...]` at t_0 = 1 (a draw of `process.prior_sample`)
-  over `sched`; jit-safe for fixed `kind` and options (bind them with functools.partial)."""
+  over `sched`; jit-safe for fixed `kind` and options (bind them with functools.partial; ddpm
+  and ddim need the schedule concrete, closed over)."""
   kind = SolverKind.parse(kind)
   chex.assert_rank(sched.t, 1)
   if kind is SolverKind.ODE:
     x_end, nfe = ode_adaptive(denoiser, x_T, sched, rng, **options)
   else:
-    x_end = _FIXED[kind](denoiser, x_T, sched, rng, **options)
+    x_end = info(kind).fn(denoiser, x_T, sched, rng, **options)
     nfe = jnp.asarray(num_evaluations(kind, sched.num_steps,
                                       corrector_steps=options.get('corrector_steps', 1),
                                       steps_per_level=options.get('steps_per_level', 100)) - 1,
                       jnp.int32)
-  x0, _ = denoiser(x_end, _bt(sched.t[-1], x_end))
+  x0 = denoiser(x_end, _bt(sched.t[-1], x_end))[0]
   return Solution(x0=x0, x_end=x_end, nfe=nfe + 1)

@@ -1,10 +1,8 @@
-"""Samplers: ancestral (DDPM), respaced ancestral, and DDIM, each one compiled XLA loop.
-
-Every loop is a `lax.scan` over timesteps, so under `jax.jit` a whole chain is one program
-with no host round trip per step. Keys are derived with `fold_in(rng, step)`.
-
-`denoise_fn(x_t, t) -> model_output` receives the model's own timesteps: for a respaced
-process (`respace`) these are the kept original timesteps, `d.timestep_map[i]`.
+"""The discrete DDPM chains as they were before they became solvers (diffusion_jax at 8b2fe3d,
+`samplers.py`), frozen here as golden references for `diffusion_jax.sampling.solvers`'
+`ddpm` and `ddim`: ancestral sampling over a (respaced) `GaussianDiffusion` through
+`p_mean_variance`, the respaced β's, and DDIM with its encoder. Do not "fix" this file: the
+tests compare the new solvers against it.
 """
 
 from __future__ import annotations
