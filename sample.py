@@ -8,8 +8,8 @@ r"""Samples from a trained DDPM: a thin entry point around
 
 Loads the EMA parameters of the latest checkpoint in DIR/checkpoints, samples data-parallel
 over every device, and writes OUT/samples.npz (uint8 `images` [N, H, W, C], and `labels`
-for a class-conditional model) and OUT/grid.png; --progressive adds OUT/progressive.png (the
-ancestral chain), --interpolate OUT/interpolation.png (DDIM-latent interpolation).
+for a class-conditional model) and OUT/grid.png; --progressive adds OUT/progressive.png (x_t and
+x̂₀ at the sampler's levels), --interpolate OUT/interpolation.png (latent interpolation).
 OUT defaults to DIR/samples_<sampler>_<steps>. Bad arguments: one `error: ...` line, exit 1.
 
 The sampler flags are `diffusion_jax/sampling/flags.py`'s, shared with evaluate.py; without
@@ -32,8 +32,10 @@ flags.DEFINE_integer('seed', 0, 'Random seed.')
 flags.DEFINE_string('output', None, 'Output folder; default WORKDIR/samples_<sampler>_<steps>.')
 flags.DEFINE_integer('label', None, 'Class of every sample (class-conditional); default: '
                      'every class in turn.')
-flags.DEFINE_bool('progressive', False, 'Also write progressive.png (needs --sampler ddpm).')
-flags.DEFINE_bool('interpolate', False, 'Also write interpolation.png (samples 0 → 1).')
+flags.DEFINE_bool('progressive', False, 'Also write progressive.png (x_t and x̂₀ at 10 '
+                  'levels; any fixed-step sampler).')
+flags.DEFINE_bool('interpolate', False, 'Also write interpolation.png (samples 0 → 1 through '
+                  'their latents; ddpm, ddim or a deterministic solver).')
 flags.DEFINE_bool('overwrite', False, 'Replace the files of an earlier run in OUT.')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS

@@ -158,7 +158,8 @@ class VPProcess(_Marginals):
     log_ab = np.cumsum(np.log1p(-np.minimum(betas, 1.0)))
     log_ab = np.maximum(log_ab, np.log(MIN_ALPHA_BAR))
     nodes = np.arange(1, t + 1, dtype=np.float64) / t
-    return cls(t_nodes=jnp.asarray(nodes), log_alpha=jnp.asarray(0.5 * log_ab))
+    with jax.ensure_compile_time_eval():  # concrete even when built inside a jit
+      return cls(t_nodes=jnp.asarray(nodes), log_alpha=jnp.asarray(0.5 * log_ab))
 
   # ----- the marginal coefficients -----------------------------------------------------
 

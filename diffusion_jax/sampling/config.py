@@ -36,6 +36,7 @@ class SamplerConfig:
   """
   kind: SamplerKind = SamplerKind.DDPM
   steps: int | None = None
+  # (and, not a field: `info`, the sampler's `solvers.SolverInfo`, set on construction)
   eta: float = 0.0
   clip_denoised: bool = True
   guidance_scale: float = 0.0     # classifier-free guidance weight w (0: none)
@@ -54,6 +55,7 @@ class SamplerConfig:
         allowed = ', '.join(k.value for k in SamplerKind)
         raise ValueError(f'unknown sampler {self.kind!r}; allowed: {allowed}') from None
     kind = self.kind
+    object.__setattr__(self, 'info', solvers.SOLVERS[kind.value])  # its registry entry
     if self.steps is not None:
       if (isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1):
         raise ValueError(f'sampler steps must be a positive integer (or None: all T), got '
@@ -85,11 +87,6 @@ class SamplerConfig:
       if getattr(self, field) != default and field not in self.info.options:
         raise ValueError(f'{field} applies to the {" and ".join(owners)} sampler'
                          f'{"s" if len(owners) > 1 else ""} only, not {kind.value!r}')
-
-  @property
-  def info(self) -> solvers.SolverInfo:
-    """The sampler's registry entry."""
-    return solvers.info(self.kind)
 
   def solver_options(self) -> dict:
     """The keyword arguments of the solver that this config's options give (registry's map)."""

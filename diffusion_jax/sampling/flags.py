@@ -11,30 +11,41 @@ from __future__ import annotations
 from absl import flags
 
 from diffusion_jax.sampling import config as sampler_config
+from diffusion_jax.sampling import solvers
+
+
+# Each option's help; which samplers take it comes from the registry (`solvers.SOLVERS`).
+_HELP = {
+    'steps': "Sampling steps (ddpm, ddim: the levels the model sees; at most T; not for ode). "
+             "Default: the recommended sampler's, or all T for another --sampler.",
+    'step_schedule': 'time_uniform, logsnr, karras (rho 7) or respaced (DDPM\'s timesteps, vp); '
+                     "default: the sampler's own.",
+    'guidance_scale': 'Classifier-free guidance w (class-conditional models).',
+    'eta': 'η (0: deterministic).',
+    'churn': 'S_churn (0: deterministic).',
+    'snr': "the Langevin corrector's target signal-to-noise ratio.",
+    'rtol': 'relative (and absolute) tolerance.',
+    'langevin_steps': 'Langevin steps per noise level.',
+    'langevin_step_size': 'the step ε (ε·σ_i²/σ_L² at level i).',
+}
+_TYPES = {'steps': flags.DEFINE_integer, 'langevin_steps': flags.DEFINE_integer,
+          'step_schedule': flags.DEFINE_string}
+
+
+def _owners(option: str) -> str:
+  names = [n for n, info in solvers.SOLVERS.items() if option in info.options]
+  return f'{"/".join(names)}: ' if names else ''
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines --sampler and one flag per `sampler_config.OPTIONS`, all defaulting to None."""
   fv = dict(flag_values=flag_values)
-  flags.DEFINE_string(
-      'sampler', None, 'ddpm (ancestral), ddim, or a solver of the continuous-time process: '
-      'euler, heun, dpmpp_2m, dpmpp_3m (PF-ODE), sde (reverse SDE, Euler-Maruyama), pc '
-      '(predictor-corrector), ode (adaptive PF-ODE), ald (annealed Langevin dynamics, ve models). Default: the workdir\'s recommended '
-      'sampler (eval.sampler in its spec.json).', **fv)
-  flags.DEFINE_integer('steps', None, 'Sampling steps (not for ode; at most T). Default: the '
-                       'recommended sampler\'s, or all T for another --sampler.', **fv)
-  flags.DEFINE_float('eta', None, 'ddim: η (0: deterministic).', **fv)
-  flags.DEFINE_string('step_schedule', None, 'Solvers: time_uniform, logsnr or karras (rho 7); '
-                      'default: karras for euler/heun, logsnr for the others.', **fv)
-  flags.DEFINE_float('churn', None, 'heun: S_churn (0: deterministic).', **fv)
-  flags.DEFINE_float('snr', None, 'pc: the Langevin corrector\'s target signal-to-noise '
-                     'ratio.', **fv)
-  flags.DEFINE_float('rtol', None, 'ode: relative (and absolute) tolerance.', **fv)
-  flags.DEFINE_integer('langevin_steps', None, 'ald: Langevin steps per noise level.', **fv)
-  flags.DEFINE_float('langevin_step_size', None, 'ald: the step ε (ε·σ_i²/σ_L² at level i).',
-                     **fv)
-  flags.DEFINE_float('guidance_scale', None, 'Classifier-free guidance w (class-conditional '
-                     'models).', **fv)
+  kinds = '; '.join(f'{name} ({info.summary})' for name, info in solvers.SOLVERS.items())
+  flags.DEFINE_string('sampler', None, f'{kinds}. Default: the workdir\'s recommended sampler '
+                      '(eval.sampler in its spec.json).', **fv)
+  for name in sampler_config.OPTIONS:
+    define = _TYPES.get(name, flags.DEFINE_float)
+    define(name, None, _owners(name) + _HELP[name], **fv)
 
 
 def from_flags(recommended: sampler_config.SamplerConfig, flag_values: flags.FlagValues = flags.FLAGS

@@ -85,14 +85,16 @@ def model_denoiser(denoise_fn: gd.DenoiseFn, process: continuous.Process, *,
 
 def sample(denoise_fn: gd.DenoiseFn, process: continuous.Process, shape, rng: jax.Array, *,
            sampler: SamplerConfig, parameterization: gd.Parameterization,
-           x_init: jax.Array | None = None, record=None) -> tuple[jax.Array, jax.Array]:
+           x_init: jax.Array | None = None, record=None,
+           schedule: solvers.StepSchedule | None = None) -> tuple[jax.Array, jax.Array]:
   """Samples `[*shape]` from a model's `denoise_fn(x_t, timesteps)` with any registered
   sampler: (x₀ in [-1, 1] when clipping, model evaluations per sample int32 []).
 
   The one sampling path. `process` is the model's (`VPProcess.from_diffusion(d)` for a DDPM);
   the start is `x_init` or a prior draw from the first half of `split(rng)`, and the solver
-  draws from the second. `record(t, x, x0_hat)`: see `_recording`. jit-safe with `process`,
-  `sampler` and `parameterization` fixed (closed over).
+  draws from the second. `record(t, x, x0_hat)`: see `_recording`. `schedule`: the levels,
+  when already computed (`schedule_of`). jit-safe with `process`, `sampler` and
+  `parameterization` fixed (closed over).
   """
   denoiser = model_denoiser(denoise_fn, process, sampler=sampler,
                             parameterization=parameterization, record=record)
@@ -101,8 +103,8 @@ def sample(denoise_fn: gd.DenoiseFn, process: continuous.Process, shape, rng: ja
     options['variance'] = parameterization.var_type
   init_rng, loop_rng = jax.random.split(rng)
   x_T = process.prior_sample(init_rng, tuple(shape), jnp.float32) if x_init is None else x_init
-  solution = solvers.solve(sampler.kind, denoiser, x_T, schedule_of(sampler, process), loop_rng,
-                           **options)
+  schedule = schedule_of(sampler, process) if schedule is None else schedule
+  solution = solvers.solve(sampler.kind, denoiser, x_T, schedule, loop_rng, **options)
   x0 = jnp.clip(solution.x0, -1.0, 1.0) if sampler.clip_denoised else solution.x0
   return x0, solution.nfe
 
@@ -152,13 +154,13 @@ def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *,
   if process.num_timesteps is not None:
     sampler.check_steps(process.num_timesteps)
   continuous.parse_continuous_mean_type(parameterization.mean_type)
-  schedule_of(sampler, process)  # a bad schedule is refused here, once
+  schedule = schedule_of(sampler, process)  # once, on the host: a bad one is refused here
 
   def fn(params, rng, labels, x_shape, x_init=None):
     denoise = make_denoise_fn(model, params, labels if num_classes else None,
                               guidance_scale=sampler.guidance_scale, num_classes=num_classes)
     return sample(denoise, process, x_shape, rng, sampler=sampler,
-                  parameterization=parameterization, x_init=x_init)
+                  parameterization=parameterization, x_init=x_init, schedule=schedule)
   return fn
 
 

@@ -541,6 +541,8 @@ def ddpm(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
   """
   _need_rng(rng, 'ddpm')
   var = VarType.parse(variance)
+  if sched.num_steps == 0:   # one level: the sample is `solve`'s x̂₀ of x
+    return x
   c = pair_coefficients(sched)
   c_x, c_x0 = _f32(c.x), _f32(c.x0)
   log_small, log_large = _f32(np.log(c.small)), _f32(np.log(c.large))
@@ -576,6 +578,8 @@ def ddim(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
     raise ValueError(f'ddim eta must be >= 0, got {eta!r}')
   if eta:
     _need_rng(rng, 'ddim (eta > 0)')
+  if sched.num_steps == 0:   # one level: the sample is `solve`'s x̂₀ of x
+    return x
   c = pair_coefficients(sched)
   var = eta ** 2 * c.small if eta else np.zeros_like(c.small)
   c_x0 = _f32(c.alpha_s)
@@ -655,7 +659,8 @@ SolverKind = _SolverOption('SolverKind', {name.upper(): name for name in SOLVERS
 
 
 def info(kind: str | SolverKind) -> SolverInfo:
-  return SOLVERS[SolverKind.parse(kind).value]
+  """The registry entry of `kind`."""
+  return SOLVERS[kind.value if isinstance(kind, SolverKind) else SolverKind.parse(kind).value]
 
 
 def num_evaluations(kind: str | SolverKind, num_steps: int, *, corrector_steps: int = 1,

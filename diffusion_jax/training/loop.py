@@ -1,8 +1,10 @@
 """Training: `train_and_evaluate(config, workdir)` runs a DDPM end to end.
 
-One loop in sections: spec, mesh, input, model and optimizer, state and sharding, update step,
-checkpoint, logging, loop. Data-parallel over every device of every process; re-running the
-same command resumes from the latest checkpoint in `workdir/checkpoints`, bit-identically.
+`_train_locked` is the outline of a run, one function per part: spec, mesh, input, model and
+optimizer, state (restored or fresh), update step, samples and evaluation during training,
+then the step loop with its periodic hooks (logging, checkpoint, sample grid, evaluation).
+Data-parallel over every device of every process; re-running the same command resumes from
+the latest checkpoint in `workdir/checkpoints`, bit-identically.
 The config is parsed once into an `ExperimentSpec` (spec.py), written to the workdir at the
 first start and compared with the stored one at every restart (workdir.py).
 """
@@ -10,9 +12,11 @@ first start and compared with the stored one at every restart (workdir.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -20,7 +24,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax.storage import checkpointing
 from diffusion_jax.runtime import compilation
@@ -239,44 +243,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
                   is_chief: bool, clock_start: float, timeline: _Timeline) -> TrainState:
-  """The run, with the workdir locked by process 0."""
+  """The run, with the workdir locked by process 0: the spec, the mesh, the input, the model,
+  the state (restored or fresh), the programs, then the step loop."""
+  spec, changes = _load_spec(config, workdir)
+  mesh = parallel.make_mesh()
+  train_iter = _make_train_iterator(spec)
+  timeline.mark('data')
 
-  # ---- Spec: the config parsed once, checked against the workdir's. ----------------------
+  model, diffusion = spec.model.make(), spec.diffusion.make()
+  step_cfg, tx = step_lib.StepConfig.from_spec(spec), spec.optimizer.make()
+  init_rng, state_rng, sample_rng = jax.random.split(jax.random.PRNGKey(spec.seed), 3)
+  init_state = init_state_fn(spec, tx, init_rng, state_rng)
+  manager, state = _restore_or_init(spec, workdir, mesh, init_state, train_iter, is_chief,
+                                    timeline)
+  step = _resumable_step(spec, state)
+  if is_chief:
+    _record_start(spec, config, workdir, changes, state, step)
+
+  update = _make_update(spec, mesh, model, diffusion, step_cfg, tx)
+  sample = _make_sampler(spec, mesh, model, diffusion, sample_rng)
+  periodic_eval, compile_scalars = _make_periodic_eval(spec, mesh, model, diffusion, is_chief)
+  run = _Run(spec=spec, workdir=workdir, is_chief=is_chief, clock_start=clock_start,
+             manager=manager, update=update, sample=sample, periodic_eval=periodic_eval,
+             first_calls={'sampler', 'periodic_eval'},
+             writer=_Writer(workdir / 'tensorboard', enabled=is_chief))
+  return _step_loop(run, state, step, train_iter, timeline, compile_scalars)
+
+
+# ------------------------------------------------------------------------------------------
+# Before the loop: spec, input, state, programs.
+# ------------------------------------------------------------------------------------------
+
+
+def _load_spec(config: ml_collections.ConfigDict, workdir: epath.Path
+               ) -> tuple[ExperimentSpec, list[tuple[str, Any, Any]] | None]:
+  """The config parsed once into a spec (its dataset prepared), checked against the devices
+  and the workdir's stored spec; returns it and the settings changed since the last start."""
   workdir_lib.check_dataset(workdir, config.data.dataset)
   info = prepare_dataset(config)
   spec = ExperimentSpec.from_config(config, info)
   check_devices(spec)
   changes = workdir_lib.check_resume(workdir, spec)  # every process; nothing written yet
-  run = spec.run
+  return spec, changes
 
-  # ---- Mesh. ------------------------------------------------------------------------------
-  mesh = parallel.make_mesh()
-  replicated = NamedSharding(mesh, P())
 
-  # ---- Input. -----------------------------------------------------------------------------
+def _make_train_iterator(spec: ExperimentSpec):
+  """This process's iterator of training batches: held in memory or streamed, as the spec
+  says."""
   make_iterator = (input_pipeline.create_memory_train_iterator
                    if spec.data.pipeline is input_pipeline.DataPipeline.MEMORY
                    else input_pipeline.create_train_iterator)
-  train_iter = make_iterator(
+  return make_iterator(
       spec.data.dataset, spec.data.data_dir, global_batch_size=spec.training.batch_size,
       seed=spec.seed, random_flip=spec.data.random_flip,
       process_index=jax.process_index(), process_count=jax.process_count())
-  timeline.mark('data')
 
-  # ---- Model, diffusion and optimizer. -----------------------------------------------------
-  model = spec.model.make()
-  diffusion = spec.diffusion.make()
-  step_cfg = step_lib.StepConfig.from_spec(spec)
-  tx = spec.optimizer.make()
 
-  # ---- State and sharding. ----------------------------------------------------------------
-  rng = jax.random.PRNGKey(spec.seed)
-  init_rng, state_rng, sample_rng = jax.random.split(rng, 3)
-
-  init_state = init_state_fn(spec, tx, init_rng, state_rng)
+def _restore_or_init(spec: ExperimentSpec, workdir: epath.Path, mesh: Mesh, init_state,
+                     train_iter, is_chief: bool, timeline: _Timeline):
+  """Returns the checkpoint manager of `workdir` and the state, replicated over `mesh`: the
+  newest checkpoint that reads (`train_iter` set to its data position), else `init_state()`."""
+  replicated = NamedSharding(mesh, P())
   abstract_state = checkpointing.abstract_like(jax.eval_shape(init_state), replicated)
   manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(workdir),
-                                       keep=run.keep_checkpoints)
+                                       keep=spec.run.keep_checkpoints)
   # The newest checkpoint that reads; damaged ones are moved aside, one warning line each.
   latest, state = checkpointing.restore_latest_good(manager, abstract_state, train_iter,
                                                     move_aside=True)
@@ -289,201 +319,313 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
     with compilation.track('init_state', log=is_chief), jax.threefry_partitionable(False):
       state = jax.jit(init_state, out_shardings=replicated)()
     timeline.mark('model init')
-  step = int(jax.device_get(state.step))
-  if step % run.steps_per_call:
-    raise ValueError(f'checkpoint {step} is not a multiple of training.steps_per_call='
-                     f'{run.steps_per_call}: resume it with a steps_per_call that divides {step} '
-                     '(1 always does)')
-  if is_chief:
-    workdir_lib.record_start(workdir, spec, config, changes, step)
-    if changes:
-      logging.info('Resumed with changed settings: %s',
-                   ', '.join(f'{n} {o!r} -> {v!r}' for n, o, v in changes))
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info('U-Net: %s parameters; %d devices on %d processes; global batch %d',
-                 f'{num_params:,}', jax.device_count(), jax.process_count(),
-                 spec.training.batch_size)
+  return manager, state
 
-  # ---- Update step. -----------------------------------------------------------------------
+
+def _resumable_step(spec: ExperimentSpec, state: TrainState) -> int:
+  """The state's step; a ValueError when `training.steps_per_call` does not divide it."""
+  step = int(jax.device_get(state.step))
+  steps_per_call = spec.run.steps_per_call
+  if step % steps_per_call:
+    raise ValueError(f'checkpoint {step} is not a multiple of training.steps_per_call='
+                     f'{steps_per_call}: resume it with a steps_per_call that divides {step} '
+                     '(1 always does)')
+  return step
+
+
+def _record_start(spec: ExperimentSpec, config: ml_collections.ConfigDict, workdir: epath.Path,
+                  changes: list[tuple[str, Any, Any]] | None, state: TrainState,
+                  step: int) -> None:
+  """Process 0: records this start in the workdir and logs the changed settings and the size
+  of the model and of the run."""
+  workdir_lib.record_start(workdir, spec, config, changes, step)
+  if changes:
+    logging.info('Resumed with changed settings: %s',
+                 ', '.join(f'{n} {o!r} -> {v!r}' for n, o, v in changes))
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('U-Net: %s parameters; %d devices on %d processes; global batch %d',
+               f'{num_params:,}', jax.device_count(), jax.process_count(),
+               spec.training.batch_size)
+
+
+def _make_update(spec: ExperimentSpec, mesh: Mesh, model, diffusion,
+                 step_cfg: step_lib.StepConfig, tx) -> Callable:
+  """`update(state, batch) -> (state, metrics)`: `training.steps_per_call` steps, data-parallel
+  over `mesh`."""
   step_fn = functools.partial(step_lib.train_step, model=model, diffusion=diffusion, tx=tx,
                               learning_rate_fn=spec.optimizer.learning_rate_schedule(),
                               cfg=step_cfg)
-  k = run.steps_per_call   # steps per call of `update`
-  update = step_lib.data_parallel_step(step_fn, mesh, k)
+  return step_lib.data_parallel_step(step_fn, mesh, spec.run.steps_per_call)
 
-  # ---- Samples during training. -----------------------------------------------------------
-  sample_every = run.sample_every_steps
-  if sample_every:
-    n = -(-run.num_samples // jax.device_count()) * jax.device_count()
-    sample_run = sampler_lib.data_parallel_sampler(
-        sampler_lib.sample_fn(model, diffusion, parameterization=spec.parameterization,
-                           sampler=run.sampler, num_classes=spec.num_classes,
-                           process=spec.diffusion.make_process()),
-        mesh, spec.data.image_shape)
-    sample_labels = np.arange(n) % max(spec.data.num_classes, 1)
 
-  # ---- Evaluation during training (bits/dim, FID). ----------------------------------------
-  eval_every = spec.eval.every_steps
-  if eval_every:
-    # Preparing it compiles the feature extractor (reference statistics of the train split).
-    with compilation.track('eval_features', log=is_chief) as report:
-      periodic_eval = evaluate.make_periodic_eval(spec, model=model, diffusion=diffusion,
-                                                  mesh=mesh)
-    compile_scalars = report.scalars()
-  else:
-    compile_scalars = {}
-  first_calls = {'sampler', 'periodic_eval'}  # programs compiled at their first call
+def _make_sampler(spec: ExperimentSpec, mesh: Mesh, model, diffusion,
+                  sample_rng: jax.Array) -> Callable | None:
+  """`sample(ema_params, step) -> uint8 images`: the images of a step's sample grid (the
+  same labels and, for a step, the same key at every call); None when the run draws none."""
+  run = spec.run
+  if not run.sample_every_steps:
+    return None
+  n = -(-run.num_samples // jax.device_count()) * jax.device_count()
+  sample_run = sampler_lib.data_parallel_sampler(
+      sampler_lib.sample_fn(model, diffusion, parameterization=spec.parameterization,
+                            sampler=run.sampler, num_classes=spec.num_classes,
+                            process=spec.diffusion.make_process()),
+      mesh, spec.data.image_shape)
+  sample_labels = np.arange(n) % max(spec.data.num_classes, 1)
 
-  def tracked(name: str):
-    """`compilation.track(name)` at the first call of a program, else nothing."""
-    if name not in first_calls:
-      return contextlib.nullcontext(None)
-    first_calls.discard(name)
-    return compilation.track(name, log=is_chief)
+  def sample(ema_params, step: int):
+    return images_lib.to_uint8(sample_run(ema_params, jax.random.fold_in(sample_rng, step),
+                                          sample_labels)[0])
+  return sample
 
-  # ---- Loop. ------------------------------------------------------------------------------
-  writer = _Writer(workdir / 'tensorboard', enabled=is_chief)
-  total, log_every = run.num_train_steps, run.log_every_steps
-  ckpt_every = run.checkpoint_every_steps
-  pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked on the host
-  last_time, last_step, start_time, start_step = time.time(), step, time.time(), step
 
-  budget = run.time_budget_s
+def _make_periodic_eval(spec: ExperimentSpec, mesh: Mesh, model, diffusion, is_chief: bool
+                        ) -> tuple[Callable | None, dict[str, float]]:
+  """Evaluation during training (bits/dim, FID): `(periodic_eval, compile scalars)`, where
+  `periodic_eval(ema_params, step) -> metrics`; `(None, {})` when the run evaluates nothing."""
+  if not spec.eval.every_steps:
+    return None, {}
+  # Preparing it compiles the feature extractor (reference statistics of the train split).
+  with compilation.track('eval_features', log=is_chief) as report:
+    periodic_eval = evaluate.make_periodic_eval(spec, model=model, diffusion=diffusion,
+                                                mesh=mesh)
+  return periodic_eval, report.scalars()
 
-  def out_of_time(step: int) -> bool:
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """The pieces of a run that the step loop and its periodic hooks share."""
+  spec: ExperimentSpec
+  workdir: epath.Path
+  is_chief: bool
+  clock_start: float                # `time.time()` at the program's start (the time budget's)
+  manager: Any                      # the checkpoint manager of workdir/checkpoints
+  update: Callable                  # `update(state, batch) -> (state, metrics)`
+  sample: Callable | None           # `sample(ema_params, step) -> images`; None: no grids
+  periodic_eval: Callable | None    # `periodic_eval(ema_params, step) -> metrics`; None: none
+  first_calls: set[str]             # programs compiled at their first call, not called yet
+  writer: _Writer
+
+
+def _tracked(run: _Run, name: str):
+  """`compilation.track(name)` at the first call of a program, else nothing."""
+  if name not in run.first_calls:
+    return contextlib.nullcontext(None)
+  run.first_calls.discard(name)
+  return compilation.track(name, log=run.is_chief)
+
+
+# ------------------------------------------------------------------------------------------
+# The loop: the metrics and the clock.
+# ------------------------------------------------------------------------------------------
+
+
+class _Progress:
+  """The metrics not yet checked on the host, and the clock: the time budget, the check for
+  non-finite values and the progress line."""
+
+  def __init__(self, run: _Run, step: int):
+    self._run = run
+    self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked
+    self._last_time, self._last_step = time.time(), step
+    self._start_time, self._start_step = time.time(), step
+
+  def out_of_time(self, step: int) -> bool:
     """The time budget is spent (checked after every call of the step). Several processes
     follow process 0's clock, read at the log steps (one tiny broadcast), so that all stop
     after the same step."""
+    budget, clock_start = self._run.spec.run.time_budget_s, self._run.clock_start
     if not budget:
       return False
-    if jax.process_count() > 1 and step % log_every:
+    if jax.process_count() > 1 and step % self._run.spec.run.log_every_steps:
       return False
     # The clock counts finished work: wait for the step before this one (one stays in
     # flight). Otherwise the loop, running ahead of the computation, would see the budget
     # spent while tens of dispatched steps are still to run.
-    if len(pending) >= 2:
-      jax.block_until_ready(pending[-2][1])
+    if len(self.pending) >= 2:
+      jax.block_until_ready(self.pending[-2][1])
     if jax.process_count() == 1:
       return time.time() - clock_start >= budget
     return bool(multihost_utils.broadcast_one_to_all(
         np.bool_(time.time() - clock_start >= budget)))
 
-  def check_and_log():
+  def check_and_log(self) -> None:
     """Fetches pending metrics; raises on a non-finite loss; logs the latest ones."""
-    nonlocal last_time, last_step
-    if not pending:
+    if not self.pending:
       return
-    fetched = jax.device_get(pending)
-    pending.clear()
+    fetched = jax.device_get(self.pending)
+    self.pending.clear()
+    k = self._run.spec.run.steps_per_call
     if k > 1:  # a call's metrics are per step, [k]: step s - k + 1 + i is entry i
       fetched = [(s - k + 1 + i, {n: v[i] for n, v in m.items()})
                  for s, m in fetched for i in range(k)]
-    for s, m in fetched:
-      # The metrics of step s are those of the state of step s − 1: that state and every
-      # later one are bad; they are moved aside, so that a rerun resumes from a safe one.
-      bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(m[k])]
-      if bad:
-        manager.wait_until_finished()
-        for c in checkpointing.candidate_steps(workdir):
-          if c >= s - 1:
-            checkpointing.set_aside(workdir, c, f'non-finite {bad[0]} at step {s}')
-        safe = checkpointing.candidate_steps(workdir)
-        raise NonFiniteLossError(
-            f'non-finite {" and ".join(bad)} ({float(m[bad[0]])}) at step {s}; stopping. The '
-            f'last good checkpoint ({safe[0] if safe else "none"}) in {manager.directory} is '
-            'safe to resume from (later ones were moved to '
-            f'{workdir / checkpointing.SET_ASIDE})')
+    _raise_if_non_finite(self._run, fetched)
+    self._log(fetched)
+
+  def _log(self, fetched: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+    """Writes the means of the fetched metrics and the speed to TensorBoard; process 0 logs
+    the progress line of the latest step."""
+    run, spec = self._run, self._run.spec
+    total, budget = spec.run.num_train_steps, spec.run.time_budget_s
     now = time.time()
     s, m = fetched[-1]
-    steps_per_sec = (s - last_step) / max(now - last_time, 1e-9)
-    last_time, last_step = now, s
+    steps_per_sec = (s - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_time, self._last_step = now, s
     values = {k: float(np.mean([mm[k] for _, mm in fetched])) for k in m}
     values.update(steps_per_sec=steps_per_sec,
                   images_per_sec=steps_per_sec * spec.training.batch_size)
-    writer.scalars(s, values)
-    if is_chief:
-      rate = (s - start_step) / max(now - start_time, 1e-9)
+    run.writer.scalars(s, values)
+    if run.is_chief:
+      rate = (s - self._start_step) / max(now - self._start_time, 1e-9)
       eta = (total - s) / max(rate, 1e-9)
       if budget:
-        eta = min(eta, budget - (now - clock_start))
+        eta = min(eta, budget - (now - run.clock_start))
       logging.info('step %d/%d (%.0f%%) loss %.5f grad_norm %.3f lr %.2e | %.2f steps/s '
                    '%.0f img/s | ETA %s', s, total, 100.0 * s / total, values['loss'],
                    values['grad_norm'], values['learning_rate'], steps_per_sec,
                    values['images_per_sec'], _format_eta(eta))
 
+
+def _raise_if_non_finite(run: _Run, fetched: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+  """Raises NonFiniteLossError at the first step whose loss or gradient norm is not finite,
+  after moving aside the checkpoints it makes bad."""
+  workdir, manager = run.workdir, run.manager
+  for s, m in fetched:
+    # The metrics of step s are those of the state of step s − 1: that state and every
+    # later one are bad; they are moved aside, so that a rerun resumes from a safe one.
+    bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(m[k])]
+    if bad:
+      manager.wait_until_finished()
+      for c in checkpointing.candidate_steps(workdir):
+        if c >= s - 1:
+          checkpointing.set_aside(workdir, c, f'non-finite {bad[0]} at step {s}')
+      safe = checkpointing.candidate_steps(workdir)
+      raise NonFiniteLossError(
+          f'non-finite {" and ".join(bad)} ({float(m[bad[0]])}) at step {s}; stopping. The '
+          f'last good checkpoint ({safe[0] if safe else "none"}) in {manager.directory} is '
+          'safe to resume from (later ones were moved to '
+          f'{workdir / checkpointing.SET_ASIDE})')
+
+
+# ------------------------------------------------------------------------------------------
+# The loop: steps and periodic hooks.
+# ------------------------------------------------------------------------------------------
+
+
+def _step_loop(run: _Run, state: TrainState, step: int, train_iter, timeline: _Timeline,
+               compile_scalars: dict[str, float]) -> TrainState:
+  """Calls `update` until the last step, the end of the time budget or a preemption notice,
+  with the periodic hooks after each call; then waits for the last save and closes the
+  writer, also on an error. Returns the final state."""
+  total, k = run.spec.run.num_train_steps, run.spec.run.steps_per_call
+  progress = _Progress(run, step)
   # The next batches are read and placed on the devices while a step runs (no wait on the
   # host between steps); checkpoints record the position of the batches the steps consumed.
   batches = DevicePrefetcher(train_iter if k == 1 else Stacked(train_iter, k),
-                             update.batch_sharding, ahead=PREFETCH_BATCHES)
+                             run.update.batch_sharding, ahead=PREFETCH_BATCHES)
   first_step = step
   restore_signals = preemption.install()  # SIGTERM/SIGINT now only set a flag
   try:
     while step < total:
       if step == first_step:
-        # The first step compiles: measured, and waited for once, for the startup line.
-        with compilation.track('train_step', log=is_chief) as report:
-          batch = next(batches)
-          if jax.process_count() > 1:
-            # Compiled before any process runs it, so all reach its collectives together.
-            update.compile(state, batch)
-            parallel.host_barrier('train step compiled')
-          state, metrics = update(state, batch)
-          del batch
-          jax.block_until_ready(metrics)
-        timeline.mark('first step')
-        compile_scalars.update(report.scalars())
-        if is_chief:
-          logging.info('%s', timeline.line(report))
-        writer.scalars(step + k, {**timeline.scalars(), **compile_scalars})
+        state, metrics = _first_call(run, state, step, batches, timeline, compile_scalars)
       else:
-        state, metrics = update(state, next(batches))
+        state, metrics = run.update(state, next(batches))
       step += k
-      pending.append((step, metrics))
-      budget_spent = out_of_time(step)
-      if budget_spent and is_chief:
+      progress.pending.append((step, metrics))
+      budget_spent = progress.out_of_time(step)
+      if budget_spent and run.is_chief:
         logging.info('Time budget of %g s spent after step %d (%.0f s since the start); '
-                     'stopping with a checkpoint', budget, step, time.time() - clock_start)
-      last = step == total or budget_spent
-      if step % log_every == 0 or last:
-        check_and_log()
-        faults.at(faults.Point.AFTER_STEP, step)  # tests only: DIFFUSION_JAX_FAULT
-      # SIGTERM/SIGINT: save this step, wait, stop (every process agrees on the step).
-      # (With several processes it agrees on a call's index: k steps per call.)
-      if preemption.should_stop(step // k) and not last:
-        check_and_log()
-        checkpointing.save_or_raise(manager, step, state, batches.snapshot())
-        checkpointing.wait_or_raise(manager)
-        raise preemption.Preempted(step, str(manager.directory),
-                                   preemption.signal_received() or 'preemption notice')
-      if step % ckpt_every == 0 or last:
-        check_and_log()  # never checkpoint a non-finite state
-        checkpointing.save_or_raise(manager, step, state, batches.snapshot())
-      if sample_every and (step % sample_every == 0 or last):
-        with tracked('sampler') as report:
-          images = images_lib.to_uint8(sample_run(state.ema_params,
-                                                jax.random.fold_in(sample_rng, step),
-                                                sample_labels)[0])
-        if report is not None:
-          writer.scalars(step, report.scalars())
-        if is_chief:
-          grid = images_lib.make_grid(np.asarray(jax.device_get(images)))
-          save_png(workdir / 'samples' / f'step_{step:08d}.png', grid)
-          writer.image(step, 'samples', grid)
-      if eval_every and step % eval_every == 0:
-        with tracked('periodic_eval') as report:
-          eval_metrics = periodic_eval(state.ema_params, step)
-        if report is not None:
-          writer.scalars(step, report.scalars())
-        writer.scalars(step, eval_metrics)
-        if is_chief:
-          logging.info('step %d eval: %s', step,
-                       ' '.join(f'{k[5:]} {v:.4g}' for k, v in eval_metrics.items()))
+                     'stopping with a checkpoint', run.spec.run.time_budget_s, step,
+                     time.time() - run.clock_start)
+      _after_call(run, progress, state, step, batches, last=step == total or budget_spent)
       if budget_spent:
         break
   finally:
     restore_signals()
     try:
-      checkpointing.wait_or_raise(manager)  # a failed save: one line
+      checkpointing.wait_or_raise(run.manager)  # a failed save: one line
     finally:
-      writer.close()
+      run.writer.close()
   return state
+
+
+def _first_call(run: _Run, state: TrainState, step: int, batches: DevicePrefetcher,
+                timeline: _Timeline, compile_scalars: dict[str, float]):
+  """The first call of `update`, which compiles: measured, and waited for once, for the
+  startup line (logged) and the startup scalars (written). Returns `(state, metrics)`."""
+  with compilation.track('train_step', log=run.is_chief) as report:
+    batch = next(batches)
+    if jax.process_count() > 1:
+      # Compiled before any process runs it, so all reach its collectives together.
+      run.update.compile(state, batch)
+      parallel.host_barrier('train step compiled')
+    state, metrics = run.update(state, batch)
+    del batch
+    jax.block_until_ready(metrics)
+  timeline.mark('first step')
+  compile_scalars.update(report.scalars())
+  if run.is_chief:
+    logging.info('%s', timeline.line(report))
+  run.writer.scalars(step + run.spec.run.steps_per_call,
+                     {**timeline.scalars(), **compile_scalars})
+  return state, metrics
+
+
+def _after_call(run: _Run, progress: _Progress, state: TrainState, step: int,
+                batches: DevicePrefetcher, last: bool) -> None:
+  """The periodic hooks after the call of `update` that ended at `step`, in order: the
+  metrics check and log, preemption, the checkpoint, the sample grid, the evaluation."""
+  cadence = run.spec.run
+  if step % cadence.log_every_steps == 0 or last:
+    progress.check_and_log()
+    faults.at(faults.Point.AFTER_STEP, step)  # tests only: DIFFUSION_JAX_FAULT
+  # SIGTERM/SIGINT: save this step, wait, stop (every process agrees on the step).
+  # (With several processes it agrees on a call's index: k steps per call.)
+  if preemption.should_stop(step // cadence.steps_per_call) and not last:
+    _save_and_stop(run, progress, state, step, batches)
+  if step % cadence.checkpoint_every_steps == 0 or last:
+    progress.check_and_log()  # never checkpoint a non-finite state
+    checkpointing.save_or_raise(run.manager, step, state, batches.snapshot())
+  sample_every, eval_every = cadence.sample_every_steps, run.spec.eval.every_steps
+  if sample_every and (step % sample_every == 0 or last):
+    _sample_grid(run, state, step)
+  if eval_every and step % eval_every == 0:
+    _evaluate(run, state, step)
+
+
+def _save_and_stop(run: _Run, progress: _Progress, state: TrainState, step: int,
+                   batches: DevicePrefetcher) -> None:
+  """Preemption: checks the pending metrics, saves `step`, waits for the save and raises
+  `preemption.Preempted`."""
+  progress.check_and_log()
+  checkpointing.save_or_raise(run.manager, step, state, batches.snapshot())
+  checkpointing.wait_or_raise(run.manager)
+  raise preemption.Preempted(step, str(run.manager.directory),
+                             preemption.signal_received() or 'preemption notice')
+
+
+def _sample_grid(run: _Run, state: TrainState, step: int) -> None:
+  """Samples the EMA parameters; process 0 saves the grid (samples/step_*.png) and writes it
+  to TensorBoard."""
+  with _tracked(run, 'sampler') as report:
+    images = run.sample(state.ema_params, step)
+  if report is not None:
+    run.writer.scalars(step, report.scalars())
+  if run.is_chief:
+    grid = images_lib.make_grid(np.asarray(jax.device_get(images)))
+    save_png(run.workdir / 'samples' / f'step_{step:08d}.png', grid)
+    run.writer.image(step, 'samples', grid)
+
+
+def _evaluate(run: _Run, state: TrainState, step: int) -> None:
+  """Evaluates the EMA parameters (bits/dim, FID): written to TensorBoard, and logged on
+  one line by process 0."""
+  with _tracked(run, 'periodic_eval') as report:
+    eval_metrics = run.periodic_eval(state.ema_params, step)
+  if report is not None:
+    run.writer.scalars(step, report.scalars())
+  run.writer.scalars(step, eval_metrics)
+  if run.is_chief:
+    logging.info('step %d eval: %s', step,
+                 ' '.join(f'{k[5:]} {v:.4g}' for k, v in eval_metrics.items()))
