@@ -280,15 +280,19 @@ def bench_forward(args) -> dict:
 
 
 def bench_sample(args) -> dict:
-  """`p_sample_loop` over a K-step respaced process: one compiled scan, seconds per step."""
+  """Ancestral sampling (the `ddpm` sampler) at K levels, respaced: one compiled scan of K
+  model evaluations, seconds per step."""
   model, params = model_and_params(args)
-  d = dj.respace(diffusion(), dj.space_timesteps(T, args.steps))
+  process = dj.VPProcess.from_diffusion(diffusion())
+  sampler = dj.SamplerConfig('ddpm', steps=args.steps)
+  parameterization = dj.Parameterization('eps', 'fixedlarge')
   shape = (args.batch,) + image_shape(args)
 
   @jax.jit
   def sample(p, rng):
     denoise = lambda x, t: model.apply({'params': p}, x, t)
-    return dj.p_sample_loop(d, denoise, shape, rng, mean_type='eps', var_type='fixedlarge')
+    return dj.sample(denoise, process, shape, rng, sampler=sampler,
+                     parameterization=parameterization)[0]
 
   start = time.perf_counter()
   compiled = sample.lower(params, jax.random.key(0)).compile(options(args))

@@ -7,7 +7,7 @@ import pytest
 
 from diffusion_jax.process import continuous as ct
 from diffusion_jax.process import gaussian_diffusion as gd
-from diffusion_jax.sampling import samplers
+from diffusion_jax.process import respacing
 
 import oracles  # tests/ is on sys.path under pytest's rootdir conftest
 
@@ -177,13 +177,16 @@ def test_make_denoiser_mean_types_agree_and_ignore_variance_channels():
 def test_bad_inputs_raise_one_line_errors():
   d = _diffusion()
   p = ct.VPProcess.from_diffusion(d)
-  with pytest.raises(ValueError, match=r"^mean_type 'xprev' has no continuous-time.*'eps'") as e:
-    ct.make_denoiser(p, lambda x, t: x, 'xprev')
+  # xprev (a DDPM step's mean) has a denoiser on the VP process only.
+  ve_den = ct.make_denoiser(ct.VEProcess(), lambda x, t: x, 'xprev')
+  with pytest.raises(ValueError, match=r"^mean_type 'xprev' predicts a DDPM step's mean: it "
+                     r"needs the 'vp' process, not 've'") as e:
+    ve_den(jnp.zeros((1, 2)), jnp.ones((1,)))
   oracles.assert_one_line_error(e.value)
   with pytest.raises(ValueError, match="unknown mean_type 'noise'"):
     ct.make_denoiser(p, lambda x, t: x, 'noise')
   with pytest.raises(ValueError, match='full process'):
-    ct.VPProcess.from_diffusion(samplers.respace(d, samplers.space_timesteps(T, 10)))
+    ct.VPProcess.from_diffusion(respacing.respace(d, respacing.space_timesteps(T, 10)))
   den = ct.make_denoiser(p, lambda x, t: jnp.concatenate([x, x, x], -1), 'eps')
   with pytest.raises(ValueError, match='expected 2 or 4'):
     den(jnp.zeros((1, 2)), jnp.ones((1,)))

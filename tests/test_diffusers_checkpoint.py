@@ -28,8 +28,11 @@ import numpy as np
 import pytest
 
 from diffusion_jax.storage import checkpointing
+from diffusion_jax.process import continuous
 from diffusion_jax.process import gaussian_diffusion as gd
-from diffusion_jax.sampling import samplers
+from diffusion_jax.sampling import sampler as sampler_lib
+from diffusion_jax.sampling import solvers
+from diffusion_jax.sampling.config import SamplerConfig
 from diffusion_jax import trained_model
 from diffusion_jax.storage import workdir as workdir_lib
 from diffusion_jax.tools import diffusers_checkpoint as dc
@@ -328,20 +331,25 @@ def test_export_round_trip_is_exact_and_diffusers_loads_and_runs_it(cifar, torch
 
 @pytest.mark.slow
 def test_one_ddpm_step_equals_diffusers(cifar, monkeypatch, torch, diffusers):
+  """One ancestral step t = 617 → 616: the ddpm solver on the 2-level schedule of those nodes
+  (one step, N = 1: its noise is fold_in(rng, 1)) against DDPMScheduler.step."""
   trained = cifar['trained']
-  d = trained.diffusion
+  process = continuous.VPProcess.from_diffusion(trained.diffusion)
   x, _ = _inputs(SEED + 2, 2, (32, 32, 3))
-  t = np.array([617, 617], np.int32)
   rng = jax.random.PRNGKey(SEED)
   denoise = lambda x_t, tt: cifar['fwd'](cifar['params'], x_t, tt)
-  ours, _ = samplers.p_sample(d, denoise, jnp.asarray(x), jnp.asarray(t), rng,
-                              **trained.parameterization.as_kwargs(), clip_denoised=True)
-  noise = np.array(jax.random.normal(rng, x.shape, jnp.float32))  # what p_sample drew
+  denoiser = sampler_lib.model_denoiser(
+      denoise, process, sampler=SamplerConfig('ddpm', clip_denoised=True),
+      parameterization=trained.parameterization)
+  sched = solvers.schedule_from_times(process, process.t_nodes[np.array([617, 616])])
+  ours = solvers.ddpm(denoiser, jnp.asarray(x), sched, rng,
+                      variance=trained.parameterization.var_type)
+  noise = np.array(jax.random.normal(jax.random.fold_in(rng, 1), x.shape, jnp.float32))  # its z
   from diffusers.schedulers import scheduling_ddpm  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(scheduling_ddpm, 'randn_tensor',
                       lambda *a, **k: torch.from_numpy(noise.transpose(0, 3, 1, 2)))
   scheduler = diffusers.DDPMScheduler.from_pretrained(cifar['src'], subfolder='scheduler')
-  out = _theirs(cifar['theirs'], x, t)
+  out = _theirs(cifar['theirs'], x, np.array([617, 617], np.int32))
   theirs = scheduler.step(torch.from_numpy(out.transpose(0, 3, 1, 2)), 617,
                           torch.from_numpy(x.transpose(0, 3, 1, 2))).prev_sample
   theirs = theirs.numpy().transpose(0, 2, 3, 1)
@@ -353,7 +361,8 @@ def test_one_ddpm_step_equals_diffusers(cifar, monkeypatch, torch, diffusers):
 @pytest.mark.slow
 def test_ddim_steps_equal_diffusers(cifar, torch, diffusers):
   """Two DDIM steps (η = 0): t = 500 → 0 → x̂₀, diffusers' 'leading' spacing for 2 steps;
-  ours on the process respaced to {0, 500}.
+  ours the ddim solver over the levels at the nodes of timesteps 500 and 0, then `solve`'s
+  final x̂₀ (what the old chain on the process respaced to {0, 500} computed).
 
   Given the same model outputs, the steps agree to float32 rounding (RTOL). With each side's
   own network, the network's difference (≤ RTOL · max |ε̂|) passes through the step's
@@ -361,7 +370,8 @@ def test_ddim_steps_equal_diffusers(cifar, torch, diffusers):
   t = 0), so that is the bound there: max |Δx| ≤ RTOL · Σ c_t max |ε̂_t|.
   """
   trained = cifar['trained']
-  d = samplers.respace(trained.diffusion, [0, 500])
+  process = continuous.VPProcess.from_diffusion(trained.diffusion)
+  sched = solvers.schedule_from_times(process, process.t_nodes[np.array([500, 0])])
   x, _ = _inputs(SEED + 3, 2, (32, 32, 3))
   scheduler = diffusers.DDIMScheduler.from_pretrained(cifar['src'], subfolder='scheduler')
   scheduler.set_timesteps(2)
@@ -376,10 +386,10 @@ def test_ddim_steps_equal_diffusers(cifar, torch, diffusers):
   theirs = sample.numpy().transpose(0, 2, 3, 1)
 
   def run(denoise):
-    return np.asarray(samplers.ddim_sample_loop(
-        d, denoise, x.shape, jax.random.PRNGKey(0), num_steps=2, eta=0.0,
-        mean_type=trained.parameterization.mean_type, clip_denoised=True,
-        x_init=jnp.asarray(x)))
+    denoiser = sampler_lib.model_denoiser(
+        denoise, process, sampler=SamplerConfig('ddim', eta=0.0, clip_denoised=True),
+        parameterization=trained.parameterization)
+    return np.asarray(solvers.solve('ddim', denoiser, jnp.asarray(x), sched).x0)
 
   shared = run(lambda x_t, tt: jnp.where((tt == 500)[:, None, None, None], outs[500], outs[0]))
   err = _rel_err(shared, theirs)

@@ -155,7 +155,8 @@ class VPProcess(_Marginals):
       raise ValueError('continuous-time solvers take the full process, not a respaced one '
                        f'(timestep_map is not arange({t})); pass the un-respaced diffusion')
     betas = np.asarray(d.betas, np.float64)
-    log_ab = np.cumsum(np.log1p(-np.minimum(betas, 1.0)))
+    with np.errstate(divide='ignore'):  # β = 1 (zero terminal SNR): log 0, clamped below
+      log_ab = np.cumsum(np.log1p(-np.minimum(betas, 1.0)))
     log_ab = np.maximum(log_ab, np.log(MIN_ALPHA_BAR))
     nodes = np.arange(1, t + 1, dtype=np.float64) / t
     with jax.ensure_compile_time_eval():  # concrete even when built inside a jit
