@@ -120,7 +120,8 @@ def _respaced(process: Process, num_levels: int) -> StepSchedule:
     raise ValueError("step_schedule 'respaced' places the steps on DDPM's integer timesteps: "
                      f"it needs the 'vp' process, not {process.kind.value!r}")
   taus = space_timesteps(process.num_timesteps, num_levels)
-  return StepSchedule(process=process, t=process.t_nodes[np.asarray(taus[::-1])])
+  t = np.asarray(process.t_nodes)[taus[::-1]]  # the nodes' own float32 values, on the host
+  return StepSchedule(process=process, t=jnp.asarray(t))
 
 
 def level_schedule(process: Process, num_levels: int, kind: str | ScheduleKind = 'respaced'
@@ -488,12 +489,17 @@ def _host_levels(sched: StepSchedule) -> tuple[np.ndarray, np.ndarray]:
   if isinstance(sched.t, jax.core.Tracer):
     raise ValueError('ddpm and ddim compute their coefficients on the host: build the schedule '
                      'outside jit and close over it, rather than passing it as a traced argument')
+  process = sched.process
+  if process.kind is ProcessKind.VP:
+    # NumPy, not eager jnp (no small programs to compile): log α interpolated between the
+    # nodes as `VPProcess.log_alpha_t` does (exact at a node), σ from α² + σ² = 1.
+    nodes = np.asarray(process.t_nodes, np.float64)
+    t = np.clip(np.asarray(sched.t, np.float64), nodes[0], nodes[-1])
+    la = np.interp(t, nodes, np.asarray(process.log_alpha, np.float64))
+    return la, 0.5 * np.log(-np.expm1(2.0 * la))
   with jax.ensure_compile_time_eval():
-    la = np.asarray(sched.process.log_alpha_t(sched.t), np.float64)
-    if sched.process.kind is ProcessKind.VP:   # α² + σ² = 1: σ from α in float64
-      ls = 0.5 * np.log(-np.expm1(2.0 * la))
-    else:
-      ls = np.asarray(sched.process.log_sigma_t(sched.t), np.float64)
+    la = np.asarray(process.log_alpha_t(sched.t), np.float64)
+    ls = np.asarray(process.log_sigma_t(sched.t), np.float64)
   return la, ls
 
 
