@@ -63,6 +63,7 @@ class ProcessKind(Option):
   VP = 'vp'        # variance preserving: DDPM's process
   VE = 've'        # variance exploding: NCSN's
   SUBVP = 'subvp'  # sub-VP (Song et al. 2021)
+  EDM = 'edm'      # Karras et al. 2022: σ-space (α = 1) with their preconditioning
 
   @classmethod
   def _what(cls):
@@ -373,17 +374,56 @@ class SubVPProcess(_Marginals):
     return 999.0 * self._clamp(t)
 
 
-Process = VPProcess | VEProcess | SubVPProcess
+@flax.struct.dataclass
+class EDMProcess(VEProcess):
+  """Karras et al. 2022's process: x = y + σ n (α = 1) for σ in [σ_min, σ_max], the levels
+  geometric in t as for VE, with EDM's preconditioning of the network F:
+
+    D(x; σ) = c_skip x + c_out F(c_in x; c_noise),   c_skip = σ_d²/(σ² + σ_d²),
+    c_out = σ σ_d/√(σ² + σ_d²),   c_in = 1/√(σ² + σ_d²),   c_noise = ¼ ln σ.
+
+  c_in and c_noise are this process's `input_scale` and `model_timestep`; c_skip and c_out are
+  the conversion of mean_type 'edm' in `make_denoiser` (`edm_skip_out`). Prior N(0, σ_max² I).
+  """
+  sigma_min: float = flax.struct.field(pytree_node=False, default=0.002)
+  sigma_max: float = flax.struct.field(pytree_node=False, default=80.0)
+  sigma_data: float = flax.struct.field(pytree_node=False, default=0.5)
+
+  kind = ProcessKind.EDM
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not (np.isfinite(self.sigma_data) and self.sigma_data > 0):
+      raise ValueError(f'sigma_data must be a finite number > 0, got {self.sigma_data!r}')
+
+  def model_timestep(self, t: Array) -> Array:
+    """c_noise = ¼ ln σ."""
+    return 0.25 * self.log_sigma_t(t)
+
+  def input_scale(self, t: Array) -> Array:
+    """c_in = 1/√(σ² + σ_d²)."""
+    return jax.lax.rsqrt(jnp.square(self.sigma(t)) + self.sigma_data ** 2)
+
+
+def edm_skip_out(sigma: Array, sigma_data: float) -> tuple[Array, Array]:
+  """(c_skip, c_out) of EDM's preconditioning at σ (Karras et al. 2022, Table 1)."""
+  s2, d2 = jnp.square(sigma), sigma_data ** 2
+  return d2 / (s2 + d2), sigma * sigma_data * jax.lax.rsqrt(s2 + d2)
+
+
+Process = VPProcess | VEProcess | SubVPProcess | EDMProcess
 
 
 def make_process(kind, **params) -> Process:
-  """A continuous-time process of kind 've' or 'subvp' from its parameters (VP comes from a
+  """A continuous-time process of kind 've', 'subvp' or 'edm' from its parameters (VP comes from a
   discrete `GaussianDiffusion`: `VPProcess.from_diffusion`)."""
   kind = ProcessKind.parse(kind)
   if kind is ProcessKind.VE:
     return VEProcess(**params)
   if kind is ProcessKind.SUBVP:
     return SubVPProcess(**params)
+  if kind is ProcessKind.EDM:
+    return EDMProcess(**params)
   raise ValueError("the 'vp' process is built from its discrete diffusion: "
                    'VPProcess.from_diffusion(diffusion)')
 
@@ -486,6 +526,9 @@ def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type, *,
   channels, `(x0_hat, eps_hat, variance_output)`, for the ancestral `ddpm` solver.
   """
   mt = parse_continuous_mean_type(mean_type)
+  if (mt is MeanType.EDM) != (process.kind is ProcessKind.EDM):
+    raise ValueError("mean_type 'edm' (EDM's preconditioned F) and the 'edm' process go "
+                     f'together, not mean_type {mt.value!r} with process {process.kind.value!r}')
 
   def denoiser(x: Array, t: Array):
     chex.assert_rank(t, 1)
@@ -510,6 +553,10 @@ def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type, *,
       return (x0_from_eps(x, eps, alpha, sigma), eps) + extra
     if mt is MeanType.XPREV:
       x0 = _x0_from_xprev(process, x, out, t)
+      return (x0, eps_from_x0(x, x0, alpha, sigma)) + extra
+    if mt is MeanType.EDM:
+      c_skip, c_out = edm_skip_out(sigma, process.sigma_data)
+      x0 = c_skip * x + c_out * out
       return (x0, eps_from_x0(x, x0, alpha, sigma)) + extra
     return (x0_from_v(x, out, alpha, sigma), eps_from_v(x, out, alpha, sigma)) + extra
 

@@ -42,6 +42,7 @@ class MeanType(Option):
   V = 'v'            # v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho 2022)
   XPREV = 'xprev'    # the posterior mean μ̃(x_t, x₀) itself
   SCORE = 'score'    # ∇ log p_t(x_t) = −ε/σ (score-based models; continuous-time only)
+  EDM = 'edm'        # F of Karras et al. 2022: x̂₀ = c_skip x + c_out F (the 'edm' process)
 
   @classmethod
   def _what(cls):
@@ -289,9 +290,9 @@ def _model_variance(d: GaussianDiffusion, var_output, x_t: Array, t: Array, var_
 
 
 def _refuse_score(mean_type: MeanType) -> None:
-  if mean_type is MeanType.SCORE:
-    raise ValueError("mean_type 'score' is for the continuous-time solvers and the score-"
-                     "matching objectives, not the discrete DDPM chains or losses")
+  if mean_type in (MeanType.SCORE, MeanType.EDM):
+    raise ValueError(f'mean_type {mean_type.value!r} is for the continuous-time solvers and '
+                     'objectives, not the discrete DDPM chains or losses')
 
 
 def _pred_xstart(d, mean_output, x_t, t, mean_type: MeanType) -> Array:

@@ -397,12 +397,13 @@ def annealed_langevin(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=Non
   level):  x ← x + ½α_i s(x, σ_i) + √α_i z.  (N + 1)·T evaluations in one `lax.scan`;
   returns x after the last level (`solve` adds Tweedie's x + σ_L² s as its x₀).
 
-  For the 've' process only: the levels perturb x₀ without scaling it (α = 1).
+  For the 've' and 'edm' processes only: the levels perturb x₀ without scaling it (α = 1).
   """
   _need_rng(rng, 'ald')
-  if sched.process.kind is not ProcessKind.VE:
-    raise ValueError("solver 'ald' (annealed Langevin dynamics) is defined for the 've' "
-                     f"process only, not {sched.process.kind.value!r}: use sde, pc or ode")
+  if sched.process.kind not in (ProcessKind.VE, ProcessKind.EDM):
+    raise ValueError("solver 'ald' (annealed Langevin dynamics) is defined for the 've' and "
+                     f"'edm' processes only, not {sched.process.kind.value!r}: use sde, pc or "
+                     'ode')
   if isinstance(steps_per_level, bool) or int(steps_per_level) != steps_per_level \
       or steps_per_level < 1:
     raise ValueError(f'ald steps_per_level must be a positive integer, got {steps_per_level!r}')
@@ -647,10 +648,11 @@ SOLVERS: dict[str, SolverInfo] = {
                      options={'snr': 'snr'}, evaluations_per_step=2),
     'ode': SolverInfo(ode_adaptive, 'adaptive PF-ODE (diffrax); set rtol, not steps',
                       options={'rtol': 'rtol'}, evaluations_per_step=None, adaptive=True),
-    'ald': SolverInfo(annealed_langevin, 'annealed Langevin dynamics (ve models)',
+    'ald': SolverInfo(annealed_langevin, 'annealed Langevin dynamics (ve, edm models)',
                       options={'langevin_steps': 'steps_per_level',
                                'langevin_step_size': 'step_size'},
-                      evaluations_per_step=None, processes=(ProcessKind.VE,), default_steps=10),
+                      evaluations_per_step=None, processes=(ProcessKind.VE, ProcessKind.EDM),
+                      default_steps=10),
 }
 
 

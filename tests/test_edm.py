@@ -1,0 +1,197 @@
+"""EDM (Karras et al. 2022): the preconditioning, the loss and its noise levels against the
+paper's expressions and Gaussian closed forms; Table 1 against `make_denoiser`; Heun's order.
+
+For data y ~ N(μ, s²) per coordinate and x = y + σn, the ideal denoiser is
+D*(x; σ) = μ + s²/(s² + σ²)(x − μ), its error has variance v = s²σ²/(s² + σ²), so the EDM loss
+at the ideal is λ(σ)·v, and a network output off by δ adds exactly λ c_out² δ² = δ². With
+s = σ_d and μ = 0, D* = c_skip x: the ideal network output is 0.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.process import continuous
+from diffusion_jax.process import edm
+from diffusion_jax.process import gaussian_diffusion as gd
+from diffusion_jax.process import preconditioning
+from diffusion_jax.sampling import solvers
+
+try:
+  from tests import helpers
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+  import helpers
+
+SIGMA_DATA = 0.5
+
+
+@pytest.fixture
+def seed(request):
+  s = abs(hash(request.node.name)) % 2**31
+  print(f'seed {s}')
+  return s
+
+
+def _ideal_net(mu, s, sigma_data=SIGMA_DATA):
+  """The exact F(c_in x; c_noise) of N(μ, s²) data: (D* − c_skip x)/c_out, σ = e^{4 c_noise}."""
+  def net(xin, c_noise):
+    sigma = jnp.exp(4.0 * c_noise).reshape((-1,) + (1,) * (xin.ndim - 1))
+    x = xin * jnp.sqrt(jnp.square(sigma) + sigma_data ** 2)      # undo c_in
+    d = mu + s ** 2 / (s ** 2 + jnp.square(sigma)) * (x - mu)
+    c_skip, c_out = continuous.edm_skip_out(sigma, sigma_data)
+    return (d - c_skip * x) / c_out
+  return net
+
+
+def test_preconditioning_and_weight_are_the_papers_in_float64():
+  sigma = np.geomspace(1e-3, 200.0, 41)
+  sd = 0.37
+  with jax.enable_x64(True):
+    c_skip, c_out, c_in, c_noise = (np.asarray(c) for c in
+                                    edm.preconditioning(jnp.asarray(sigma), sd))
+    weight = np.asarray(edm.loss_weight(jnp.asarray(sigma), sd))
+  np.testing.assert_allclose(c_skip, sd**2 / (sigma**2 + sd**2), rtol=1e-13)
+  np.testing.assert_allclose(c_out, sigma * sd / np.sqrt(sigma**2 + sd**2), rtol=1e-13)
+  np.testing.assert_allclose(c_in, 1.0 / np.sqrt(sigma**2 + sd**2), rtol=1e-13)
+  np.testing.assert_allclose(c_noise, np.log(sigma) / 4.0, rtol=1e-13)
+  np.testing.assert_allclose(weight, (sigma**2 + sd**2) / (sigma * sd) ** 2, rtol=1e-13)
+  np.testing.assert_allclose(weight * c_out**2, 1.0, rtol=1e-13)   # unit-variance target
+
+
+def test_the_edm_process_uses_the_same_preconditioning():
+  process = continuous.EDMProcess(sigma_min=0.002, sigma_max=80.0, sigma_data=SIGMA_DATA)
+  t = jnp.linspace(0.0, 1.0, 9)
+  sigma = process.sigma(t)
+  _, _, c_in, c_noise = edm.preconditioning(sigma, SIGMA_DATA)
+  np.testing.assert_allclose(process.input_scale(t), c_in, rtol=1e-6)
+  np.testing.assert_allclose(process.model_timestep(t), c_noise, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(sigma)[[0, -1]], [0.002, 80.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize('sigma,mu,s', [(0.05, 0.3, 0.4), (0.6, -0.2, 0.5), (7.0, 0.1, 0.8)])
+def test_the_loss_at_the_ideal_denoiser_and_off_it(seed, sigma, mu, s):
+  n = 400_000
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  y = mu + s * jax.random.normal(k1, (n, 1, 1, 1))
+  noise = jax.random.normal(k2, (n, 1, 1, 1))
+  sig = jnp.full((n,), sigma)
+  v = s**2 * sigma**2 / (s**2 + sigma**2)
+  lam = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
+  net = _ideal_net(mu, s)
+  per = np.asarray(edm.loss(net, y, sig, noise, SIGMA_DATA), np.float64)
+  # λ (D* − y)² = λ v χ²₁: mean λv, standard deviation λv√2.
+  assert abs(per.mean() - lam * v) <= 5 * lam * v * math.sqrt(2.0 / n), (per.mean(), lam * v)
+  delta = 0.3
+  off = np.asarray(edm.loss(lambda a, c: net(a, c) + delta, y, sig, noise, SIGMA_DATA))
+  # The excess is exactly δ² plus a zero-mean cross term 2δ c_out √λ (D* − y)·√λ.
+  excess = off.mean() - per.mean()
+  assert abs(excess - delta**2) <= 5 * 2 * delta * math.sqrt(lam * v) * math.sqrt(
+      lam) * (sigma * SIGMA_DATA / math.sqrt(sigma**2 + SIGMA_DATA**2)) / math.sqrt(n), excess
+
+
+def test_the_ideal_network_output_is_zero_when_the_data_scale_is_sigma_data(seed):
+  x = jax.random.normal(jax.random.key(seed), (64, 4, 4, 1)) * 3.0
+  sigma = jnp.geomspace(0.002, 80.0, 64)
+  _, _, c_in, c_noise = edm.preconditioning(sigma, SIGMA_DATA)
+  f = _ideal_net(0.0, SIGMA_DATA)(c_in[:, None, None, None] * x, c_noise)
+  assert float(jnp.max(jnp.abs(f))) < 1e-5
+
+
+def test_log_sigma_is_normal_with_the_papers_mean_and_std(seed):
+  """Kolmogorov–Smirnov distance of ln σ to N(P_mean, P_std²) under the DKW bound at 1e-6."""
+  n = 100_000
+  p_mean, p_std = -1.2, 1.2
+  log_sigma = np.sort(np.log(np.asarray(edm.sample_sigma(jax.random.key(seed), (n,), p_mean,
+                                                         p_std), np.float64)))
+  from scipy.stats import norm  # pylint: disable=g-import-not-at-top
+  cdf = norm.cdf(log_sigma, loc=p_mean, scale=p_std)
+  ks = max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n))
+  bound = math.sqrt(math.log(2 / 1e-6) / (2 * n))
+  assert ks < bound, (ks, bound)
+
+
+# ------------------------------------------------------------------------------------------
+# Table 1 as code: every model's D(x̃; σ̃) is the x̂₀ that `make_denoiser` computes.
+# ------------------------------------------------------------------------------------------
+
+
+def _processes():
+  return {'vp': helpers.linear_vp_process(1000),
+          've': continuous.VEProcess(sigma_min=0.01, sigma_max=50.0),
+          'subvp': continuous.SubVPProcess(),
+          'edm': continuous.EDMProcess()}
+
+
+@pytest.mark.parametrize('kind,mean_type', [
+    ('vp', 'eps'), ('vp', 'xstart'), ('vp', 'v'), ('ve', 'eps'), ('ve', 'score'),
+    ('subvp', 'eps'), ('subvp', 'v'), ('edm', 'edm')])
+def test_table_one_reproduces_the_denoiser_of_each_code_path(seed, kind, mean_type):
+  process = _processes()[kind]
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  b = 16
+  t = jax.random.uniform(k1, (b,), minval=process.t_min + 1e-3, maxval=process.t_max)
+  x = jax.random.normal(k2, (b, 4, 4, 2)) * process.sigma(t)[:, None, None, None] * 1.5
+  w = jnp.linspace(-1.0, 1.0, 2)
+
+  def net(xin, c_noise):   # some network of (input, noise coordinate)
+    return jnp.tanh(xin * 1.3 + w) * (1.0 + 0.1 * jnp.sin(3.0 * c_noise))[:, None, None, None]
+
+  want, _ = continuous.make_denoiser(process, net, mean_type)(x, t)
+  alpha = process.alpha(t)[:, None, None, None]
+  sigma_tilde = jnp.exp(-process.lam(t))
+  c_skip, c_out, c_in, c_noise = preconditioning.coefficients(process, mean_type, sigma_tilde)
+  bc = lambda c: c[:, None, None, None]
+  x_tilde = x / alpha
+  got = bc(c_skip) * x_tilde + bc(c_out) * net(bc(c_in) * x_tilde, c_noise)
+  # Table 1 is written in σ̃, so the check goes t → λ → t in float32; sub-VP's inverse t(λ)
+  # loses ~1e-4 of t near t = 1 (its c_noise is 999 t), the others are exact to rounding.
+  # There x̃ = x/α reaches 40: the error is relative to that scale.
+  atol = 1e-4 * float(jnp.max(jnp.abs(want))) if kind == 'subvp' else 5e-5
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=atol)
+
+
+def test_round_sigma_lands_on_the_models_timesteps():
+  process = helpers.linear_vp_process(1000)
+  sigma_tilde = jnp.geomspace(0.01, 150.0, 50)
+  rounded = preconditioning.round_sigma(process, sigma_tilde)
+  n = process.model_timestep(process.t_of_lambda(-jnp.log(rounded)))
+  np.testing.assert_allclose(n, np.round(n), atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling: Heun in σ-space is of order 2 on the ideal Gaussian denoiser.
+# ------------------------------------------------------------------------------------------
+
+
+def test_heun_converges_at_order_two_in_sigma(seed):
+  mu, s = 0.2, 0.7
+  process = continuous.EDMProcess(sigma_min=0.002, sigma_max=80.0, sigma_data=SIGMA_DATA)
+  denoiser = continuous.make_denoiser(process, _ideal_net(mu, s), 'edm')
+  x_t = 80.0 * jax.random.normal(jax.random.key(seed), (256, 1, 1, 1))
+  # The exact PF-ODE flow of Gaussian data: x(σ) − μ scales with √(s² + σ²).
+  exact = mu + (x_t - mu) * math.sqrt(s**2 + 0.002**2) / math.sqrt(s**2 + 80.0**2)
+  errors = []
+  for n in (8, 16, 32):
+    sched = solvers.step_schedule(process, n, 'karras')
+    x_end = jax.jit(lambda x, sched=sched: solvers.heun(denoiser, x, sched))(x_t)
+    errors.append(float(jnp.max(jnp.abs(x_end - exact))))
+  orders = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+  print('heun errors', errors, 'orders', orders)
+  assert all(1.7 < o < 2.5 for o in orders), (errors, orders)
+
+
+def test_bad_edm_settings_are_one_line_errors():
+  for kwargs, fragment in [(dict(sigma_data=0.0), 'sigma_data must be'),
+                           (dict(sigma_min=80.0, sigma_max=0.002), 'sigma_min must be')]:
+    with pytest.raises(ValueError, match=fragment) as e:
+      continuous.EDMProcess(**kwargs)
+    assert '\n' not in str(e.value)
+  with pytest.raises(ValueError, match="mean_type 'edm'"):
+    continuous.make_denoiser(continuous.VEProcess(), lambda x, t: x, 'edm')
+  with pytest.raises(ValueError, match="not the discrete DDPM"):
+    gd.p_mean_variance(gd.GaussianDiffusion.from_betas(np.linspace(1e-4, 0.02, 10)),
+                       jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1)),
+                       jnp.zeros((1,), jnp.int32), mean_type='edm', var_type='fixedsmall')
