@@ -49,12 +49,17 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.snr_gamma = ml_collections.config_dict.placeholder(float)  # None: unweighted
   diffusion.timestep_sampler = 'uniform'  # or 'importance' (by the L_vlb history)
   # The score-based family (docs/score_based.md): the process ('vp', DDPM's; 've', NCSN's;
-  # 'subvp') and the objective ('ddpm': the losses above at discrete timesteps, 'vp' only;
-  # 'dsm' or 'ssm': score matching at continuous t). sigma_min/max: the 've' process's range.
+  # 'subvp'; 'edm', Karras et al.'s) and the objective ('ddpm': the losses above at discrete
+  # timesteps, 'vp' only; 'dsm' or 'ssm': score matching at continuous t; 'edm' with the 'edm'
+  # process and mean_type). sigma_min/max: the 've' and 'edm' processes' range.
   diffusion.process = 'vp'
   diffusion.objective = 'ddpm'
   diffusion.sigma_min = 0.01
   diffusion.sigma_max = 50.0
+  # EDM (docs/edm.md): the data's standard deviation σ_d; training's ln σ ~ N(p_mean, p_std²).
+  diffusion.sigma_data = 0.5
+  diffusion.p_mean = -1.2
+  diffusion.p_std = 1.2
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128             # global, over all devices and hosts
@@ -69,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3
   training.ema_decay = 0.9999
   training.ema_warmup = False           # True: decay min(ema_decay, (1 + n) / (10 + n))
+  # EDM's EMA instead of ema_decay: a half-life in thousands of images, ramped up over the
+  # first images seen (half-life at most ramp-up × images); None: off.
+  training.ema_halflife_kimg = ml_collections.config_dict.placeholder(float)
+  training.ema_rampup_ratio = ml_collections.config_dict.placeholder(float)
   training.compute_dtype = 'float32'    # or 'bfloat16' (parameters stay float32)
   training.grad_accum_steps = 1         # micro-batches per step, each batch_size / this
   training.label_dropout = 0.1          # class-conditional: p(null label), for guidance

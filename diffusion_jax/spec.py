@@ -95,6 +95,7 @@ class Objective(Option):
   DDPM = 'ddpm'  # DDPM's losses over discrete timesteps (loss_type): the 'vp' process only
   DSM = 'dsm'    # denoising score matching over continuous t, weighting λ = σ² (Song & Ermon)
   SSM = 'ssm'    # sliced score matching of the perturbed marginals (Song et al. 2019)
+  EDM = 'edm'    # Karras et al. 2022: log-normal σ, λ(σ), the preconditioned D ('edm' process)
 
   @classmethod
   def _what(cls):
@@ -133,8 +134,13 @@ class DiffusionSpec:
   # the defaults: DDPM's process and losses.
   process: continuous.ProcessKind = continuous.ProcessKind.VP
   objective: Objective = Objective.DDPM
-  sigma_min: float = 0.01   # the 've' process: σ(t) = σ_min (σ_max/σ_min)^t
+  sigma_min: float = 0.01   # the 've' and 'edm' processes: σ(t) = σ_min (σ_max/σ_min)^t
   sigma_max: float = 50.0
+  # EDM (Karras et al. 2022; docs/edm.md): the data's scale σ_d, and ln σ ~ N(p_mean, p_std²)
+  # in training. Specs written before these fields read as the paper's values.
+  sigma_data: float = 0.5
+  p_mean: float = -1.2
+  p_std: float = 1.2
 
   def __post_init__(self):
     object.__setattr__(self, 'loss_type', gd.LossType.parse(self.loss_type))
@@ -144,6 +150,8 @@ class DiffusionSpec:
     object.__setattr__(self, 'objective', Objective.parse(self.objective))
     object.__setattr__(self, 'sigma_min', float(self.sigma_min))
     object.__setattr__(self, 'sigma_max', float(self.sigma_max))
+    for name in ('sigma_data', 'p_mean', 'p_std'):
+      object.__setattr__(self, name, float(getattr(self, name)))
     self._check_score_based()
     if self.snr_gamma is not None:
       if self.parameterization.mean_type is gd.MeanType.XPREV:
@@ -172,6 +180,9 @@ class DiffusionSpec:
       return continuous.VPProcess.from_diffusion(self.make())
     if self.process is continuous.ProcessKind.VE:
       return continuous.make_process('ve', sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+    if self.process is continuous.ProcessKind.EDM:
+      return continuous.make_process('edm', sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                                     sigma_data=self.sigma_data)
     return continuous.make_process(self.process)
 
   def _check_score_based(self) -> None:
@@ -179,15 +190,26 @@ class DiffusionSpec:
     if self.process is not continuous.ProcessKind.VP and not self.continuous_time:
       raise ValueError(f"diffusion.objective 'ddpm' (DDPM's losses) is defined for the 'vp' "
                        f"process only, not {kind!r}: use 'dsm' or 'ssm'")
-    if self.process is continuous.ProcessKind.VE:
-      continuous.VEProcess(sigma_min=self.sigma_min, sigma_max=self.sigma_max)  # checks range
+    if self.process in (continuous.ProcessKind.VE, continuous.ProcessKind.EDM):
+      self.make_process()  # checks sigma_min < sigma_max (and sigma_data > 0)
+    is_edm = self.objective is Objective.EDM
+    if is_edm != (self.process is continuous.ProcessKind.EDM):
+      raise ValueError("diffusion.objective 'edm' and diffusion.process 'edm' go together, not "
+                       f'objective {obj!r} with process {kind!r}')
     if not self.continuous_time:
       return
     mt = self.parameterization.mean_type
-    if mt not in continuous.CONTINUOUS_MEAN_TYPES:
+    if is_edm and mt is not gd.MeanType.EDM:
+      raise ValueError(f"diffusion.objective 'edm' trains EDM's preconditioned F: set "
+                       f"diffusion.mean_type 'edm', not {mt.value!r}")
+    if not is_edm and mt not in continuous.CONTINUOUS_MEAN_TYPES:
       allowed = ', '.join(repr(m.value) for m in continuous.CONTINUOUS_MEAN_TYPES)
       raise ValueError(f'diffusion.mean_type {mt.value!r} has no meaning for objective {obj!r}; '
                        f'allowed: {allowed}')
+    if is_edm and not (math.isfinite(self.p_std) and self.p_std > 0
+                       and math.isfinite(self.p_mean)):
+      raise ValueError(f'diffusion.p_mean must be finite and diffusion.p_std > 0, got '
+                       f'p_mean={self.p_mean!r}, p_std={self.p_std!r}')
     if self.parameterization.var_type.is_learned:
       raise ValueError(f'diffusion.var_type {self.parameterization.var_type.value!r} is learned '
                        f"by DDPM's L_vlb: objective {obj!r} needs a fixed variance "
@@ -261,12 +283,28 @@ class TrainingSpec:
   grad_accum_steps: int
   label_dropout: float       # class-conditional: p(null label) for classifier-free guidance
   ema_warmup: bool = False   # decay min(ema_decay, (1 + n) / (10 + n)) at step n
+  # EDM's EMA (Karras et al. 2022): a half-life in thousands of images instead of ema_decay,
+  # decay 0.5^(batch / half-life), the half-life at most ramp-up × images seen (None: none).
+  ema_halflife_kimg: float | None = None
+  ema_rampup_ratio: float | None = None
 
   def __post_init__(self):
     _positive_int(self.batch_size, 'training.batch_size')
     _positive_int(self.grad_accum_steps, 'training.grad_accum_steps')
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f'training.ema_decay must be in [0, 1), got {self.ema_decay}')
+    for name in ('ema_halflife_kimg', 'ema_rampup_ratio'):
+      value = getattr(self, name)
+      if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                    and value > 0):
+        raise ValueError(f'training.{name} must be a finite number > 0 (or None), got '
+                         f'{value!r}')
+    if self.ema_halflife_kimg is None and self.ema_rampup_ratio is not None:
+      raise ValueError('training.ema_rampup_ratio ramps up the EMA half-life: it needs '
+                       'training.ema_halflife_kimg')
+    if self.ema_halflife_kimg is not None and self.ema_warmup:
+      raise ValueError('training.ema_warmup and training.ema_halflife_kimg are two EMA '
+                       'schedules: set one')
     if not 0.0 <= self.label_dropout < 1.0:
       raise ValueError(f'training.label_dropout must be in [0, 1), got {self.label_dropout}')
 
@@ -394,11 +432,14 @@ class ExperimentSpec:
         snr_gamma=None if d.snr_gamma is None else float(d.snr_gamma),
         timestep_sampling=d.timestep_sampler, process=process,
         objective=d.get('objective', 'ddpm'), sigma_min=d.get('sigma_min', 0.01),
-        sigma_max=d.get('sigma_max', 50.0))
+        sigma_max=d.get('sigma_max', 50.0), sigma_data=d.get('sigma_data', 0.5),
+        p_mean=d.get('p_mean', -1.2), p_std=d.get('p_std', 1.2))
     t = c.training
     training = TrainingSpec(
         batch_size=t.batch_size, ema_decay=float(t.ema_decay),
         ema_warmup=bool(t.get('ema_warmup', False)), grad_accum_steps=t.grad_accum_steps,
+        ema_halflife_kimg=t.get('ema_halflife_kimg', None),
+        ema_rampup_ratio=t.get('ema_rampup_ratio', None),
         label_dropout=float(t.label_dropout) if num_classes else 0.0)
     run = RunSpec(
         num_train_steps=t.num_train_steps, log_every_steps=t.log_every_steps,
@@ -484,7 +525,7 @@ def _to_json(x):
 # of another order.) The batch size is not here: the saved data
 # position counts batches, so another batch size would resume elsewhere in the stream.
 RESUMABLE = ('run.', 'eval.', 'data.data_dir', 'data.pipeline', 'optimizer.', 'training.ema_decay',
-             'training.ema_warmup',
+             'training.ema_warmup', 'training.ema_halflife_kimg', 'training.ema_rampup_ratio',
              'training.grad_accum_steps')
 
 
@@ -500,7 +541,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
 
 # Fields added to DiffusionSpec after specs were first written, whose defaults keep an older
 # spec's meaning (DDPM's process and losses): absent from a stored spec, they read as these.
-_DIFFUSION_DEFAULTS = ('process', 'objective', 'sigma_min', 'sigma_max')
+_DIFFUSION_DEFAULTS = ('process', 'objective', 'sigma_min', 'sigma_max', 'sigma_data', 'p_mean',
+                       'p_std')
 
 
 def _normalised(spec: ExperimentSpec | Mapping[str, Any]) -> Mapping[str, Any]:

@@ -195,3 +195,101 @@ def test_bad_edm_settings_are_one_line_errors():
     gd.p_mean_variance(gd.GaussianDiffusion.from_betas(np.linspace(1e-4, 0.02, 10)),
                        jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 1)),
                        jnp.zeros((1,), jnp.int32), mean_type='edm', var_type='fixedsmall')
+
+
+# ------------------------------------------------------------------------------------------
+# The spec, the EMA by half-life, and a run through the CLIs.
+# ------------------------------------------------------------------------------------------
+
+
+def _edm_spec(**changes):
+  from configs import digits_edm  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = digits_edm.get_config()
+  for key, value in changes.items():
+    group, name = key.split('.')
+    setattr(config[group], name, value)
+  info = input_pipeline.ImageDatasetInfo('digits', (8, 8, 1), 10, {'train': 1500, 'test': 297})
+  return spec_lib.ExperimentSpec.from_config(config, info)
+
+
+def test_the_edm_spec_builds_the_edm_process_and_is_fixed_on_resume():
+  from diffusion_jax import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  spec = _edm_spec()
+  process = spec.diffusion.make_process()
+  assert isinstance(process, continuous.EDMProcess)
+  assert (process.sigma_min, process.sigma_max, process.sigma_data) == (0.002, 80.0, 0.75)
+  assert spec_lib.ExperimentSpec.from_json(spec.to_json()) == spec
+  for key, value in (('diffusion.sigma_data', 0.5), ('diffusion.p_std', 1.0),
+                     ('diffusion.p_mean', -1.0), ('diffusion.sigma_max', 60.0)):
+    fixed, _ = spec_lib.differences(spec, _edm_spec(**{key: value}))
+    assert [name for name, _, _ in fixed] == [key], fixed
+  # A spec.json written before the EDM fields reads as the paper's values, unchanged.
+  stored = _edm_spec(**{'diffusion.sigma_data': 0.5}).to_json()
+  for k in ('sigma_data', 'p_mean', 'p_std'):
+    del stored['diffusion'][k]
+  del stored['training']['ema_halflife_kimg'], stored['training']['ema_rampup_ratio']
+  new = _edm_spec(**{'diffusion.sigma_data': 0.5})
+  assert spec_lib.differences(stored, new)[0] == []
+
+
+@pytest.mark.parametrize('changes, fragments', [
+    ({'diffusion.sigma_data': 0.0}, ('sigma_data', '0.0')),
+    ({'diffusion.sigma_min': 80.0, 'diffusion.sigma_max': 0.002}, ('sigma_min', 'sigma_max')),
+    ({'diffusion.p_std': 0.0}, ('p_std', '0.0')),
+    ({'diffusion.process': 'vp'}, ("'edm'", "'vp'")),
+    ({'diffusion.objective': 'dsm'}, ("'edm'", "'dsm'")),
+    ({'diffusion.mean_type': 'eps'}, ("mean_type 'edm'", "'eps'")),
+    ({'diffusion.var_type': 'learned_range'}, ("'learned_range'", "'edm'")),
+    ({'diffusion.loss_type': 'hybrid'}, ("'hybrid'", "'mse'")),
+    ({'diffusion.snr_gamma': 5.0}, ('snr_gamma', "'edm'")),
+    ({'training.ema_halflife_kimg': -1.0}, ('ema_halflife_kimg', '-1.0')),
+    ({'training.ema_warmup': True}, ('ema_warmup', 'ema_halflife_kimg')),
+])
+def test_bad_edm_specs_are_one_line_errors(changes, fragments):
+  with pytest.raises(ValueError) as e:
+    _edm_spec(**changes)
+  message = str(e.value)
+  assert '\n' not in message and all(f in message for f in fragments), message
+
+
+def test_the_ema_half_life_is_edms():
+  from diffusion_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  cfg = step_lib.StepConfig.from_spec(_edm_spec())
+  batch, halflife, rampup = 64, 10_000.0, 0.05
+  for n in (0, 1, 10, 3124, 3125, 3126, 20_000):
+    want = 0.5 ** (batch / max(min(halflife, n * batch * rampup), 1e-8))
+    got = float(step_lib.ema_decay(cfg, jnp.asarray(n, jnp.int32)))
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-30), (n, got, want)
+
+
+@pytest.mark.slow
+def test_an_edm_run_trains_samples_and_refuses_a_changed_sigma_data(child_env, tmp_path):
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / 'edm')
+  edm_overrides = ['--config.diffusion.process=edm', '--config.diffusion.objective=edm',
+                   '--config.diffusion.mean_type=edm', '--config.diffusion.sigma_min=0.002',
+                   '--config.diffusion.sigma_max=80', '--config.training.sampler=heun',
+                   '--config.training.sample_steps=3', '--config.eval.sampler=heun',
+                   '--config.eval.sample_steps=3', '--config.training.ema_halflife_kimg=0.5',
+                   '--config.training.ema_rampup_ratio=0.05', '--config.training.ema_warmup=False']
+  run = lambda *args: subprocess.run(
+      [sys.executable, *args], env=child_env['env'], cwd=root, capture_output=True, text=True,
+      timeout=900)
+  train = [os.path.join(root, 'train.py'), f'--config={os.path.join(root, "configs", "tiny.py")}',
+           f'--workdir={workdir}', f'--config.data.data_dir={child_env["data_dir"]}']
+  result = run(*train, *edm_overrides)
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = run(os.path.join(root, 'sample.py'), f'--workdir={workdir}', '--num_samples=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'heun, 3 steps (karras), 7 model evaluations' in result.stdout, result.stdout
+  with np.load(os.path.join(workdir, 'samples_heun_3', 'samples.npz')) as f:
+    assert f['images'].shape == (4, 8, 8, 1)
+  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  result = run(*train, *edm_overrides, '--config.diffusion.sigma_data=0.7',
+               '--config.training.num_train_steps=6')
+  assert result.returncode != 0
+  assert 'diffusion.sigma_data' in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before

@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax.process import continuous
+from diffusion_jax.process import edm
 from diffusion_jax.process import gaussian_diffusion as gd
 from diffusion_jax.process import score_matching
 from diffusion_jax.training import timestep_sampler
@@ -48,6 +49,13 @@ class StepConfig:
   # losses at discrete timesteps, and `process` is None.
   objective: Objective = Objective.DDPM
   process: continuous.Process | None = None
+  # EDM (objective 'edm'): ln σ ~ N(p_mean, p_std²); σ_d is the process's.
+  p_mean: float = -1.2
+  p_std: float = 1.2
+  # EDM's EMA by half-life (None: ema_decay), with the global batch it counts images by.
+  ema_halflife_kimg: float | None = None
+  ema_rampup_ratio: float | None = None
+  batch_size: int = 1
 
   def __post_init__(self):
     object.__setattr__(self, 'loss_type', gd.LossType.parse(self.loss_type))
@@ -72,7 +80,9 @@ class StepConfig:
                grad_accum_steps=t.grad_accum_steps,
                label_dropout=t.label_dropout, num_classes=spec.num_classes,
                objective=d.objective,
-               process=d.make_process() if d.continuous_time else None)
+               process=d.make_process() if d.continuous_time else None,
+               p_mean=d.p_mean, p_std=d.p_std, ema_halflife_kimg=t.ema_halflife_kimg,
+               ema_rampup_ratio=t.ema_rampup_ratio, batch_size=t.batch_size)
 
 
 def ema_decay(cfg: StepConfig, step: jax.Array) -> jax.Array | float:
@@ -81,7 +91,16 @@ def ema_decay(cfg: StepConfig, step: jax.Array) -> jax.Array | float:
   With `ema_warmup`, TF's `ExponentialMovingAverage(num_updates=step)` rule (also diffusers'
   `EMAModel` default): min(decay, (1 + n) / (10 + n)), so the average forgets the
   initial parameters within the first few hundred steps instead of keeping decay^n of them.
+  With `ema_halflife_kimg`, EDM's half-life in images (training/training_loop.py of NVlabs/edm).
   """
+  if cfg.ema_halflife_kimg is not None:
+    # EDM's: 0.5^(batch / half-life in images), the half-life at most ramp-up × n·batch, the
+    # images seen before this update (so the first update copies the parameters).
+    halflife = jnp.asarray(cfg.ema_halflife_kimg * 1000.0, jnp.float32)
+    if cfg.ema_rampup_ratio is not None:
+      seen = step.astype(jnp.float32) * cfg.batch_size
+      halflife = jnp.minimum(halflife, seen * cfg.ema_rampup_ratio)
+    return jnp.power(0.5, cfg.batch_size / jnp.maximum(halflife, 1e-8))
   if not cfg.ema_warmup:
     return cfg.ema_decay
   n = step.astype(jnp.float32)
@@ -92,7 +111,10 @@ def _per_example_randomness(rng, state, global_index, shape, diffusion, cfg: Ste
   """t `[b]`, weights `[b]`, noise `[b, H, W, C]` and label-drop flags `[b]`, per example."""
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(global_index)  # [b] keys
   split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)            # [b, 3]
-  if cfg.process is not None:   # continuous time: t ~ U(t_min, t_max), float32
+  if cfg.objective is Objective.EDM:   # σ itself, ln σ ~ N(p_mean, p_std²), float32
+    t = jax.vmap(lambda k: edm.sample_sigma(k, (), cfg.p_mean, cfg.p_std))(split[:, 0])
+    weights = jnp.ones(t.shape, jnp.float32)
+  elif cfg.process is not None:   # continuous time: t ~ U(t_min, t_max), float32
     p = cfg.process
     t = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, p.t_min, p.t_max))(
         split[:, 0])
@@ -169,7 +191,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     def denoise(x_t, tt):
       return model.apply({'params': params}, x_t, tt, y=micro['label'], train=True,
                          rngs={'dropout': jax.random.fold_in(dropout_rng, micro['index'])})
-    if cfg.process is not None:
+    if cfg.objective is Objective.EDM:   # micro['t'] holds σ
+      per = edm.loss(denoise, micro['image'], micro['t'], micro['noise'],
+                     cfg.process.sigma_data)
+      terms = dict(loss=per, mse=per, vb=jnp.zeros_like(per))
+    elif cfg.process is not None:
       terms = score_matching_terms(
           cfg.process, denoise, cfg.parameterization.mean_type, micro['image'], micro['t'],
           micro['noise'], jax.random.fold_in(ssm_rng, micro['index']), cfg.objective)
