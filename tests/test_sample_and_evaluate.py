@@ -93,6 +93,22 @@ def test_sample_writes_npz_grid_progressive_and_interpolation(env):
 
 
 @pytest.mark.slow
+def test_progressive_and_interpolation_with_a_solver(env, tmp_path):
+  # Not only the ancestral chain: any fixed-step sampler records its levels, and a
+  # deterministic one encodes by running its solve upwards.
+  out = str(tmp_path / 'heun')
+  _ok(_sample(env, env['uncond'], f'--num_samples={N}', '--sampler=heun', '--steps=3',
+              '--progressive', '--interpolate', f'--output={out}'))
+  for name in ('grid.png', 'progressive.png', 'interpolation.png'):
+    with Image.open(os.path.join(out, name)) as im:
+      assert im.size[0] > 32 and im.size[1] > 8
+  _fails(_sample(env, env['uncond'], f'--num_samples={N}', '--sampler=pc', '--interpolate',
+                 f'--output={tmp_path}/pc'), '--interpolate', "'pc'")
+  _fails(_sample(env, env['uncond'], f'--num_samples={N}', '--sampler=ode', '--progressive',
+                 f'--output={tmp_path}/ode'), '--progressive', "'ode'")
+
+
+@pytest.mark.slow
 def test_ddim_eta0_is_deterministic_given_the_seed(env, tmp_path):
   def run(seed, name):
     out = str(tmp_path / name)
@@ -141,8 +157,11 @@ def test_sample_to_dir_checks_every_argument_before_restoring(env, tmp_path):
       ({}, dict(guidance_scale=2.0), ValueError, 'class-conditional'),
       (dict(workdir=cond, label=10), {}, ValueError, '--label must be in [0, 10)'),
       (dict(workdir=cond, label=-1), {}, ValueError, '--label must be in [0, 10)'),
-      (dict(progressive_chain=True), dict(kind='ddim'), ValueError, '--sampler ddpm'),
-      ({}, dict(eta=0.5), ValueError, 'ddim sampler only'),
+      (dict(progressive_chain=True), dict(kind='ode'), ValueError,
+       "--progressive shows the levels of a fixed-step sampler, not 'ode'"),
+      (dict(interpolation=True), dict(kind='sde'), ValueError,
+       "--interpolate encodes through a deterministic solve"),
+      ({}, dict(eta=0.5), ValueError, "eta applies to the ddim sampler only, not 'ddpm'"),
       (dict(num_samples=1, interpolation=True), {}, ValueError, '--num_samples >= 2'),
   ]
   for overrides, sampler, error, fragment in cases:
@@ -193,8 +212,10 @@ def test_sampler_flags_set_every_option_over_the_recommended_sampler(argv, want)
 def test_sampler_flags_reject_options_of_another_sampler_in_one_line():
   with pytest.raises(ValueError) as e:
     _flags_sampler(RECOMMENDED, '--churn=5')
-  oracles.assert_one_line_error(
-      e.value, "churn must be >= 0 and applies to heun only, got 5.0 for 'dpmpp_2m'")
+  oracles.assert_one_line_error(e.value, "churn applies to the heun sampler only, not 'dpmpp_2m'")
+  with pytest.raises(ValueError) as e:
+    _flags_sampler(RECOMMENDED, '--sampler=ddpm', '--eta=0.5')
+  oracles.assert_one_line_error(e.value, "eta applies to the ddim sampler only, not 'ddpm'")
 
 
 def test_config_sampler_fields_are_the_flags_and_the_recipe_recommends_dpmpp_2m():
@@ -388,7 +409,8 @@ def test_train_then_sample_prints_no_orbax_warnings(env, tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def test_a_ve_workdir_samples_with_ald_sde_pc_and_ode_and_has_an_ode_likelihood(env, tmp_path):
+def test_a_ve_workdir_samples_with_ald_sde_pc_ode_and_ddpm_and_has_an_ode_likelihood(env,
+                                                                                     tmp_path):
   config = tiny.get_config()
   config.data.data_dir = env['data_dir']
   d = config.diffusion
@@ -402,13 +424,18 @@ def test_a_ve_workdir_samples_with_ald_sde_pc_and_ode_and_has_an_ode_likelihood(
                        'sampler: ald, 2 steps, 2 per level, step 2e-05 (logsnr)'),
                       (['--sampler=sde', '--steps=3'], 'sampler: sde, 3 steps'),
                       ([], "sampler: pc, 3 steps, snr 0.16 (logsnr) (the workdir's recommended"),
-                      (['--sampler=ode', '--rtol=0.05'], 'sampler: ode (rtol 0.05)')):
+                      (['--sampler=ode', '--rtol=0.05'], 'sampler: ode (rtol 0.05)'),
+                      # ddpm on ve: score_sde's ancestral sampler, on logsnr levels (no T)
+                      (['--sampler=ddpm', '--steps=3'],
+                       'sampler: ddpm, 3 steps (from the flags)')):
     out = str(tmp_path / ('out_' + (flags[0][10:] if flags else 'default')))
     result = _ok(_sample(env, ve, f'--num_samples={N}', f'--output={out}', *flags))
     assert line in result.stdout, result.stdout
     with np.load(os.path.join(out, 'samples.npz')) as f:
       assert f['images'].shape == (N, 8, 8, 1) and f['images'].dtype == np.uint8
-  _fails(_sample(env, ve, f'--num_samples={N}', '--sampler=ddpm'), "'ddpm'", "'ve'")
+  # DDPM's integer timesteps: the 'vp' process only.
+  _fails(_sample(env, ve, f'--num_samples={N}', '--sampler=ddim', '--step_schedule=respaced'),
+         "'respaced'", "'ve'")
   _ok(_evaluate(env, ve, '--num_samples=0', '--bpd_examples=4', '--likelihood=ode'))
   with open(os.path.join(ve, 'eval.json')) as f:
     results = json.load(f)

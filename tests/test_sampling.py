@@ -34,11 +34,37 @@ class ExactGaussianModel(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, y=None, train=False):
+    if self.mean_type == 'xprev':
+      return _exact_xprev(self.process, x, jnp.asarray(t, jnp.float32))
     fn = oracles.gaussian_denoise_fn(
         oracles.process_alpha_sigma(self.process), MU, S, self.mean_type,
         extra_channels=x.shape[-1] if self.learned_variance else 0,
         extra_value=123.0)  # a learned variance's channels: must be ignored
     return fn(x, jnp.asarray(t, jnp.float32))
+
+
+def _exact_xprev(process, x, n):
+  """Ho's posterior mean μ̃ = c₀ x₀ + c_x x_t of the step from timestep n to n − 1, with the
+  exact x₀ of N(MU, S²) data: at an integer n, DDPM's float64 tables (`posterior_mean_coef1/2`,
+  ᾱ_{−1} = 1); at a fractional n (the continuous solvers' times), the same formula with ᾱ of
+  the interpolated process at n and n − 1."""
+  alpha_sigma = oracles.process_alpha_sigma(process)
+  x0 = oracles.gaussian_denoise_fn(alpha_sigma, MU, S, 'xstart')(x, n)
+  betas = schedules.get_beta_schedule('linear', T)
+  ab = np.cumprod(1.0 - betas)
+  ab_prev = np.append(1.0, ab[:-1])
+  coef1 = jnp.asarray(betas * np.sqrt(ab_prev) / (1.0 - ab), jnp.float32)
+  coef2 = jnp.asarray((1.0 - ab_prev) * np.sqrt(1.0 - betas) / (1.0 - ab), jnp.float32)
+  k = jnp.clip(jnp.round(n), 0, T - 1).astype(jnp.int32)
+  a_t = alpha_sigma(n)[0]
+  a_s = jnp.where(n < 0.5, 1.0, alpha_sigma(n - 1.0)[0])
+  ab_t, ab_s = a_t ** 2, a_s ** 2
+  c0 = (1.0 - ab_t / ab_s) * a_s / (1.0 - ab_t)
+  cx = (1.0 - ab_s) * (a_t / a_s) / (1.0 - ab_t)
+  integer = n == k
+  c0, cx = jnp.where(integer, coef1[k], c0), jnp.where(integer, coef2[k], cx)
+  shape = (-1,) + (1,) * (x.ndim - 1)
+  return jnp.reshape(c0, shape) * x0 + jnp.reshape(cx, shape) * x
 
 
 def _run(sampler, mean_type='eps', var_type='fixedlarge', n=2048, learned=False, seed=None):
@@ -96,14 +122,56 @@ def test_solvers_read_every_parameterisation_and_ignore_variance_channels(mean_t
   np.testing.assert_allclose(other, eps, atol=1e-4, err_msg=f'seed {seed}')
 
 
-def test_xprev_and_bad_options_are_one_line_errors():
-  with pytest.raises(ValueError, match="mean_type 'xprev' has no continuous-time"):
-    _run(sampler_config.SamplerConfig('heun', steps=5), 'xprev', 'fixedlarge', n=8)
+# An xprev model (Ho's posterior mean μ̃ of one step) on a VP process: every sampler reads it
+# (`make_denoiser` turns μ̃ into x̂₀) and, from the same noise, samples as the ε model does.
+# Before the registry the solvers refused xprev. x̂₀ = (μ̃ − c_x x)/c₀ is ill-conditioned where
+# c₀ is small (c₀ ≈ 1e-4 at n = 999), so a float32 x̂₀ is good to ~1e-4 there; the tolerances
+# are ~4× what a float32 conversion with 1 − ᾱ as −expm1(2 log α) reaches (heun 4.4e-4, ddim
+# 7.7e-5, ddpm 1.1e-5 over 512 samples).
+@pytest.mark.parametrize('config,atol', [
+    (dict(kind='heun', steps=5), 2e-3),   # fractional timesteps: the interpolated process's μ̃
+    (dict(kind='ddim', steps=50), 3e-4),  # DDPM's own timesteps: Ho's float64 tables
+    (dict(kind='ddpm', steps=50), 5e-5),
+])
+def test_xprev_models_sample_as_their_eps_twins(config, atol):
+  sampler = sampler_config.SamplerConfig(**config, clip_denoised=False)
+  seed = oracles.new_seed()
+  eps, nfe_eps = _run(sampler, 'eps', n=64, seed=seed)
+  xprev, nfe_xprev = _run(sampler, 'xprev', 'fixedlarge', n=64, seed=seed)
+  assert (nfe_xprev == nfe_eps).all()
+  np.testing.assert_allclose(xprev, eps, atol=atol, rtol=0, err_msg=f'seed {seed}')
+
+
+def test_ddim_on_any_step_schedule_is_euler_in_sigma():
+  # DDIM (η = 0) takes every step schedule now (it was respaced-only): over the same times it
+  # is Euler's step on x̃ = x/α in σ̃ = σ/α, so N + 1 levels of ddim equal N steps of euler.
+  seed = oracles.new_seed()
+  for schedule in ('karras', 'logsnr', 'time_uniform'):
+    ddim, nfe_ddim = _run(sampler_config.SamplerConfig(
+        'ddim', steps=11, step_schedule=schedule, clip_denoised=False), n=64, seed=seed)
+    euler, nfe_euler = _run(sampler_config.SamplerConfig(
+        'euler', steps=10, step_schedule=schedule, clip_denoised=False), n=64, seed=seed)
+    assert (nfe_ddim == 11).all() and (nfe_euler == 11).all()
+    np.testing.assert_allclose(ddim, euler, atol=1e-5, rtol=0,
+                               err_msg=f'{schedule}, seed {seed}')
+
+
+def test_xprev_off_vp_and_bad_options_are_one_line_errors():
+  d = gd.GaussianDiffusion.from_betas(schedules.get_beta_schedule('linear', T))
+  ve = continuous.make_process('ve', sigma_min=0.01, sigma_max=50.0)
+  fn = sampler_lib.sample_fn(ExactGaussianModel(continuous.VPProcess.from_diffusion(d)), d,
+                             parameterization=gd.Parameterization('xprev', 'fixedlarge'),
+                             sampler=sampler_config.SamplerConfig('heun', steps=5), process=ve)
+  with pytest.raises(ValueError) as e:
+    fn({}, jax.random.PRNGKey(0), None, (8, 2, 2, 1))
+  oracles.assert_one_line_error(e.value, "mean_type 'xprev'", "needs the 'vp' process, not 've'")
   bad = [(dict(kind='rk4'), "unknown sampler 'rk4'; allowed: ddpm, ddim, euler, heun"),
          (dict(kind='euler', step_schedule='cubic'), "'cubic'"),
-         (dict(kind='ddim', step_schedule='karras'), 'applies to the solvers'),
+         (dict(kind='ode', step_schedule='karras'),
+          "step_schedule applies to the fixed-step samplers, not 'ode'"),
          (dict(kind='ode', steps=10), 'chooses its own steps'),
-         (dict(kind='euler', churn=1.0), 'heun only'),
+         (dict(kind='euler', churn=1.0), "churn applies to the heun sampler only, not 'euler'"),
+         (dict(kind='ddpm', eta=0.5), "eta applies to the ddim sampler only, not 'ddpm'"),
          (dict(kind='heun', steps=0), 'positive integer')]
   for kwargs, fragment in bad:
     with pytest.raises(ValueError) as e:

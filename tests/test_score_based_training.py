@@ -13,6 +13,7 @@ from configs import digits, digits_ncsn, tiny
 from diffusion_jax.process import continuous as ct
 from diffusion_jax.sampling import config as sampler_config
 from diffusion_jax.sampling import sampler as sampler_lib
+from diffusion_jax.sampling import solvers
 from diffusion_jax import spec as spec_lib
 from diffusion_jax.training import step as step_lib
 from diffusion_jax.data import input_pipeline
@@ -224,19 +225,43 @@ def test_samplers_without_meaning_for_the_process_are_one_line_errors():
   with pytest.raises(ValueError) as e:
     spec_lib.ExperimentSpec.from_config(config, DIGITS)
   oracles.assert_one_line_error(e.value, "'ald'", "'vp'")
-  # ...and the discrete chains on a ve model.
+  # ...and on a sub-VP model: NCSN's sampler needs a process that does not scale x₀ (ve).
+  with pytest.raises(ValueError) as e:
+    _ncsn_spec(process='subvp').diffusion.check_sampler(
+        sampler_config.SamplerConfig('ald', steps=10))
+  oracles.assert_one_line_error(e.value, "'ald'", "defined for the ve", "only, not 'subvp'")
+  # The discrete chains run on a ve model (on log-SNR levels: it has no T)...
   config = digits_ncsn.get_config()
-  config.training.sampler = 'ddpm'
+  config.training.sampler, config.eval.sampler = 'ddpm', 'ddim'
+  spec = spec_lib.ExperimentSpec.from_config(config, DIGITS)
+  assert (spec.run.sampler.kind.value, spec.eval.sampler.kind.value) == ('ddpm', 'ddim')
+  process = spec.diffusion.make_process()
+  for kind in ('ddpm', 'ddim'):
+    sampler = sampler_config.SamplerConfig(kind, steps=10)
+    sampler_lib.sample_fn(spec.model.make(), spec.diffusion.make(),
+                          parameterization=spec.parameterization, sampler=sampler,
+                          process=process)
+    np.testing.assert_allclose(sampler_lib.schedule_of(sampler, process).t,
+                               solvers.step_schedule(process, 9, 'logsnr').t, rtol=1e-6)
+  # ...but not on DDPM's integer timesteps, which a ve model has not.
+  config.training.step_schedule = 'respaced'
   with pytest.raises(ValueError) as e:
     spec_lib.ExperimentSpec.from_config(config, DIGITS)
-  oracles.assert_one_line_error(e.value, "'ddpm'", "'ve'")
+  oracles.assert_one_line_error(e.value, "step_schedule 'respaced'", "'vp'", "not 've'")
+
+
+def test_sample_fn_refuses_respaced_steps_off_vp():
+  # Only the default of ddpm and ddim falls back to log-SNR levels off VP: a 'respaced' that
+  # the caller set is refused by sample_fn itself, as by the spec, not silently replaced.
   spec = _ncsn_spec()
-  with pytest.raises(ValueError) as e:
-    sampler_lib.sample_fn(spec.model.make(), spec.diffusion.make(),
-                       parameterization=spec.parameterization,
-                       sampler=sampler_config.SamplerConfig('ddim', steps=10),
-                       process=spec.diffusion.make_process())
-  oracles.assert_one_line_error(e.value, "'ddim'", "'ve'")
+  for kind in ('ddpm', 'ddim'):
+    with pytest.raises(ValueError) as e:
+      sampler_lib.sample_fn(spec.model.make(), spec.diffusion.make(),
+                            parameterization=spec.parameterization,
+                            sampler=sampler_config.SamplerConfig(kind, steps=10,
+                                                                 step_schedule='respaced'),
+                            process=spec.diffusion.make_process())
+    oracles.assert_one_line_error(e.value, "step_schedule 'respaced'", "'vp'", "not 've'")
   spec.diffusion.check_sampler(sampler_config.SamplerConfig('ald', steps=10, langevin_steps=5))
   for bad in (dict(langevin_steps=0), dict(langevin_step_size=-1.0)):
     with pytest.raises(ValueError) as e:

@@ -267,6 +267,14 @@ def test_step_schedules():
     karras = (s_max ** (1 / 7) + u * (s_min ** (1 / 7) - s_max ** (1 / 7))) ** 7
     np.testing.assert_allclose(np.exp(-np.asarray(sv.step_schedule(p, n, 'karras').lam)),
                                karras, rtol=1e-9)
+  # 'respaced': DDPM's own timesteps τ_k = round(k (T − 1)/N), largest first, at t = (τ + 1)/T;
+  # the model sees the integers τ themselves (float32, as the chains run).
+  p = helpers.linear_vp_process(T)
+  taus = np.round(np.arange(n + 1) * (T - 1) / n)[::-1]
+  sched = sv.step_schedule(p, n, 'respaced')
+  np.testing.assert_allclose(sched.t, (taus + 1) / T, rtol=1e-6)
+  np.testing.assert_array_equal(p.model_timestep(sched.t), taus)
+  np.testing.assert_array_equal(sv.level_schedule(p, n + 1).t, sched.t)
 
 
 def test_num_evaluations():
@@ -276,6 +284,8 @@ def test_num_evaluations():
   assert sv.num_evaluations('sde', 10) == 11
   assert sv.num_evaluations('pc', 10) == 21
   assert sv.num_evaluations('pc', 10, corrector_steps=2) == 31
+  assert sv.num_evaluations('ddpm', 10) == 11 and sv.num_evaluations('ddim', 10) == 11
+  assert sv.num_evaluations('ald', 10, steps_per_level=3) == 34
 
 
 def test_bad_inputs_raise_one_line_errors():
@@ -284,9 +294,22 @@ def test_bad_inputs_raise_one_line_errors():
   x = jnp.zeros((2, 3))
   cases = [
       (lambda: sv.solve('dpm', den, x, sv.step_schedule(p, 3)),
-       r"unknown solver 'dpm'; allowed: 'euler', 'heun', 'dpmpp_2m', 'dpmpp_3m', 'sde', 'pc', 'ode'"),
+       r"unknown sampler 'dpm'; allowed: 'ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m', "
+       r"'dpmpp_3m', 'sde', 'pc', 'ode', 'ald'$"),
       (lambda: sv.step_schedule(p, 3, 'cosine'),
-       r"unknown step_schedule 'cosine'; allowed: 'time_uniform', 'logsnr', 'karras'"),
+       r"unknown step_schedule 'cosine'; allowed: 'time_uniform', 'logsnr', 'karras', "
+       r"'respaced'$"),
+      (lambda: sv.step_schedule(ct.make_process('ve', sigma_min=0.01, sigma_max=50.0), 3,
+                                'respaced'),
+       r"step_schedule 'respaced' .* needs the 'vp' process, not 've'"),
+      (lambda: sv.step_schedule(p, T, 'respaced'), r'steps must be an integer in \[1, 999\]'),
+      (lambda: sv.level_schedule(p, T + 1), r'steps must be an integer in \[1, 1000\]'),
+      (lambda: sv.solve('ddpm', den, x, sv.level_schedule(p, 3)), r"'ddpm' draws noise"),
+      (lambda: sv.solve('ddim', den, x, sv.level_schedule(p, 3), eta=-1.0), 'eta must be >= 0'),
+      (lambda: jax.jit(lambda t: sv.solve('ddim', den, x, sv.schedule_from_times(p, t)).x0)(
+          sv.level_schedule(p, 3).t), 'on the host'),
+      (lambda: sv.solve('ald', den, x, sv.step_schedule(p, 3), jax.random.PRNGKey(0)),
+       r"'ald' .* defined for the 've'.* only, not 'vp'"),
       (lambda: sv.step_schedule(p, 0), r'steps must be an integer in \[1, 1000\], got 0'),
       (lambda: sv.step_schedule(p, T + 1), r'steps must be an integer in \[1, 1000\], got 1001'),
       (lambda: sv.step_schedule(p, 2.5), r'got 2.5'),

@@ -508,10 +508,10 @@ def _x0_from_xprev(process: VPProcess, x: Array, mean: Array, t: Array) -> Array
   la_t = process.log_alpha_t(t)
   first = t < process.t_nodes[0] + 0.5 / process.num_timesteps
   la_s = jnp.where(first, 0.0, process.log_alpha_t(t - 1.0 / process.num_timesteps))
-  ab_t, ab_s = jnp.exp(2.0 * la_t), jnp.exp(2.0 * la_s)
+  one_minus_ab_t, one_minus_ab_s = -jnp.expm1(2.0 * la_t), -jnp.expm1(2.0 * la_s)  # no cancellation
   beta = -jnp.expm1(2.0 * (la_t - la_s))
-  c0 = beta * jnp.sqrt(ab_s) / (1.0 - ab_t)
-  cx = (1.0 - ab_s) * jnp.exp(la_t - la_s) / (1.0 - ab_t)
+  c0 = beta * jnp.exp(la_s) / one_minus_ab_t
+  cx = one_minus_ab_s * jnp.exp(la_t - la_s) / one_minus_ab_t
   return (mean - _bcast(cx, x) * x) / _bcast(c0, x)
 
 

@@ -110,8 +110,11 @@ class SamplerConfig:
 
   def schedule_for(self, process) -> 'solvers.ScheduleKind':
     """The step schedule on `process`: the one set, else the sampler's default ('respaced',
-    the default of ddpm and ddim, needs a VP process of T steps: elsewhere 'logsnr')."""
-    kind = self.step_schedule or self.info.schedule
+    the default of ddpm and ddim, needs a VP process of T steps: elsewhere 'logsnr'; a
+    'respaced' set explicitly stays, and `solvers.step_schedule` refuses it off VP)."""
+    if self.step_schedule is not None:
+      return self.step_schedule
+    kind = self.info.schedule
     if kind is solvers.ScheduleKind.RESPACED and process.num_timesteps is None:
       return solvers.ScheduleKind.LOGSNR
     return kind
