@@ -183,6 +183,42 @@ def test_heun_converges_at_order_two_in_sigma(seed):
   assert all(1.7 < o < 2.5 for o in orders), (errors, orders)
 
 
+def _edm_sampler_float64(denoise, latents, num_steps=18, sigma_min=0.002, sigma_max=80.0,
+                         rho=7.0):
+  """Karras et al.'s deterministic sampler (Algorithm 1 with their code's t_N = 0), re-derived
+  in float64 NumPy: Heun between the ρ-spaced levels, Euler for the last step to σ = 0."""
+  i = np.arange(num_steps)
+  t = (sigma_max ** (1 / rho) + i / (num_steps - 1)
+       * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+  t = np.append(t, 0.0)
+  x = latents * t[0]
+  for k in range(num_steps):
+    d = (x - denoise(x, t[k])) / t[k]
+    x_next = x + (t[k + 1] - t[k]) * d
+    if k < num_steps - 1:
+      d2 = (x_next - denoise(x_next, t[k + 1])) / t[k + 1]
+      x_next = x + (t[k + 1] - t[k]) * (0.5 * d + 0.5 * d2)
+    x = x_next
+  return x
+
+
+def test_heun_on_karras_levels_is_edms_sampler_with_35_evaluations(seed):
+  """The digits_edm / cifar10_edm sampler (heun, 17 steps, the final x̂₀) equals EDM's 18
+  levels with the Euler step to σ = 0, evaluation for evaluation (35)."""
+  mu, s = 0.2, 0.7
+  process = continuous.EDMProcess(sigma_min=0.002, sigma_max=80.0, sigma_data=SIGMA_DATA)
+  denoiser = continuous.make_denoiser(process, _ideal_net(mu, s), 'edm')
+  z = np.random.default_rng(seed).standard_normal((256, 1, 1, 1))
+  ideal = lambda x, sigma: mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu)
+  want = _edm_sampler_float64(ideal, z)
+  out = jax.jit(lambda x: solvers.solve('heun', denoiser, x,
+                                        solvers.step_schedule(process, 17, 'karras')))(
+                                            jnp.asarray(80.0 * z, jnp.float32))
+  assert int(out.nfe) == 35
+  print("max diff", np.abs(np.asarray(out.x0) - want).max())
+  np.testing.assert_allclose(np.asarray(out.x0), want, atol=2e-5, rtol=0, err_msg=f'seed {seed}')
+
+
 def test_bad_edm_settings_are_one_line_errors():
   for kwargs, fragment in [(dict(sigma_data=0.0), 'sigma_data must be'),
                            (dict(sigma_min=80.0, sigma_max=0.002), 'sigma_min must be')]:
@@ -293,3 +329,36 @@ def test_an_edm_run_trains_samples_and_refuses_a_changed_sigma_data(child_env, t
   assert result.returncode != 0
   assert 'diffusion.sigma_data' in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+
+
+@pytest.mark.slow
+def test_the_cifar10_edm_recipe_builds_the_papers_settings_on_our_unet_and_trains_a_step():
+  """configs/cifar10_edm.py: the 35,746,307-parameter U-Net (35.7M; EDM's DDPM++ has 56M),
+  EDM's Table 7 settings, and one step of its train_step (2 images, not the recipe's 512, on
+  this CPU) with a finite loss and EDM's EMA."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from configs import cifar10_edm  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training.state import TrainState  # pylint: disable=g-import-not-at-top
+  info = input_pipeline.ImageDatasetInfo('cifar10', (32, 32, 3), 10, {'train': 50000})
+  spec = spec_lib.ExperimentSpec.from_config(cifar10_edm.get_config(), info)
+  d, t, o = spec.diffusion, spec.training, spec.optimizer
+  assert (d.sigma_data, d.p_mean, d.p_std, d.sigma_min, d.sigma_max) == (0.5, -1.2, 1.2, 0.002, 80.0)
+  assert (t.batch_size, t.ema_halflife_kimg, t.ema_rampup_ratio) == (512, 500.0, 0.05)
+  assert (o.learning_rate, o.warmup_steps, spec.model.dropout) == (1e-3, 19_531, 0.13)
+  assert spec.run.num_train_steps * t.batch_size == 200_000_000
+  assert spec.eval.sampler.kind.value == 'heun' and spec.eval.sampler.num_evaluations(1000) == 35
+  params = spec.init_params(jax.random.PRNGKey(0))
+  assert sum(x.size for x in jax.tree.leaves(params)) == 35_746_307
+  tx = o.make()
+  cfg = step_lib.StepConfig.from_spec(spec)
+  step_fn = functools.partial(step_lib.train_step, model=spec.model.make(),
+                              diffusion=spec.diffusion.make(), tx=tx,
+                              learning_rate_fn=o.learning_rate_schedule(), cfg=cfg)
+  update = step_lib.data_parallel_step(step_fn, helpers.mesh(1))
+  state = TrainState.create(params, tx, jax.random.PRNGKey(1))
+  x = jax.random.uniform(jax.random.PRNGKey(2), (2, 32, 32, 3), minval=-1.0, maxval=1.0)
+  state, metrics = update(state, dict(image=x, label=jnp.zeros((2,), jnp.int32)))
+  assert np.isfinite(float(metrics['loss'])) and int(state.step) == 1
