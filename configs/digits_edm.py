@@ -35,4 +35,8 @@ def get_config():
   config.training.sample_steps = 17
   config.eval.sampler = 'heun'
   config.eval.sample_steps = 17
+  # ...with Karras' churn, the sampler sample.py and evaluate use: at 35 evaluations on 1,797
+  # samples (docs/edm.md) churn 10 (γ at its cap √2 − 1) gave FD 0.62, precision 0.80, against
+  # 0.85 / 0.79 without churn and 0.76 / 0.80 with churn 3.
+  config.eval.churn = 10.0
   return config

@@ -7,6 +7,7 @@ at the ideal is λ(σ)·v, and a network output off by δ adds exactly λ c_out�
 s = σ_d and μ = 0, D* = c_skip x: the ideal network output is 0.
 """
 
+import json
 import math
 
 import jax
@@ -323,6 +324,13 @@ def test_an_edm_run_trains_samples_and_refuses_a_changed_sigma_data(child_env, t
   assert 'heun, 3 steps (karras), 7 model evaluations' in result.stdout, result.stdout
   with np.load(os.path.join(workdir, 'samples_heun_3', 'samples.npz')) as f:
     assert f['images'].shape == (4, 8, 8, 1)
+  # The PF-ODE likelihood runs on the EDM process as on any other (no discrete bound: no T).
+  result = run(os.path.join(root, 'evaluate.py'), f'--workdir={workdir}', '--num_samples=0',
+               '--bpd_examples=4', '--likelihood=ode')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    results = json.load(f)
+  assert results['bpd_ode_num_examples'] == 4 and 0 < results['bpd_ode'] < 20, results
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   result = run(*train, *edm_overrides, '--config.diffusion.sigma_data=0.7',
                '--config.training.num_train_steps=6')
