@@ -47,7 +47,7 @@ def main(argv):
   try:
     spec = trained_model.read_workdir(FLAGS.workdir).spec
     sampler, source = sampler_flags.from_flags(spec.eval.sampler)
-    spec.diffusion.check_sampler(sampler)   # e.g. ald on a vp model: one line, before loading
+    spec.check_sampler(sampler)   # e.g. ald on a vp model: one line, before loading
     print(f'sampler: {sampler.describe()} ({source})', flush=True)
     result = trained_model.sample_to_dir(
         FLAGS.workdir, num_samples=FLAGS.num_samples, sampler=sampler,

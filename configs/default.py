@@ -105,4 +105,21 @@ def get_config() -> ml_collections.ConfigDict:
   # FID network weights for datasets other than digits (digits use their own classifier);
   # None: no sample metrics there. See diffusion_jax/models/inception.py.
   evaluation.inception_weights = ml_collections.config_dict.placeholder(str)
+
+  # Distillation (docs/distillation.md): with a teacher workdir set, train.py trains a student
+  # of that teacher (its network and process; it starts from the teacher's EMA weights).
+  config.distill = distill = ml_collections.ConfigDict()
+  distill.teacher = ml_collections.config_dict.placeholder(str)   # None: an ordinary run
+  distill.method = 'cd'           # 'cd' (consistency) or 'pd' (progressive)
+  # cd: N Karras levels, one teacher Heun step between neighbours; the target network's EMA
+  # decay μ; the distance ('l2' or 'pseudo_huber', whose c None means 0.00054·√d); σ_d.
+  distill.num_levels = 18
+  distill.target_decay = 0.95
+  distill.distance = 'l2'
+  distill.huber_c = ml_collections.config_dict.placeholder(float)
+  distill.sigma_data = 0.5
+  # pd: the student's steps in round 1, the last round's, and the training steps per round.
+  distill.start_steps = 8
+  distill.final_steps = 1
+  distill.steps_per_round = 1000
   return config

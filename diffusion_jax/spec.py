@@ -235,6 +235,120 @@ class DiffusionSpec:
                        f"it needs the 'vp' process, not {self.process.value!r}")
 
 
+class DistillMethod(Option):
+  CD = 'cd'   # consistency distillation (Song et al. 2023)
+  PD = 'pd'   # progressive distillation (Salimans & Ho 2022)
+
+  @classmethod
+  def _what(cls):
+    return 'distill.method'
+
+
+class Distance(Option):
+  """cd's distance between the student's and the target's x̂₀ (LPIPS means nothing at 8×8)."""
+  L2 = 'l2'                      # mean over pixels of the squared difference
+  PSEUDO_HUBER = 'pseudo_huber'  # √(‖a − b‖² + c²) − c (Song & Dhariwal 2023)
+
+  @classmethod
+  def _what(cls):
+    return 'distill.distance'
+
+
+# The parts of a teacher's spec that a student must share: its network and process are the
+# teacher's (it starts from the teacher's weights and samples the teacher's process).
+TEACHER_SHARED = ('model.', 'diffusion.', 'data.image_shape', 'data.num_classes')
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+  """A student distilled from a trained workdir (docs/distillation.md).
+
+  The student's network, process and output type are the teacher's (`TEACHER_SHARED`); it
+  starts from the teacher's EMA weights at checkpoint `teacher_step`. `teacher_spec` is the
+  teacher's whole spec.json, so the student's workdir samples without the teacher.
+
+  cd: `num_levels` Karras levels (ρ = 7) of σ̃, one teacher Heun step between adjacent ones, a
+    target network θ⁻ ← μθ⁻ + (1 − μ)θ with μ = `target_decay`, the distance `distance`
+    (pseudo_huber's c: `huber_c`, None: 0.00054√d), and the boundary-preserving f with σ_d =
+    `sigma_data`.
+  pd: a student of `start_steps` DDIM steps on the 'trailing' levels learns two teacher steps
+    in one; every `steps_per_round` training steps it becomes the teacher and its step count
+    halves, down to `final_steps`.
+  """
+  method: DistillMethod
+  teacher: str                    # the teacher's workdir, as given
+  teacher_step: int               # the teacher checkpoint whose EMA weights were taken
+  teacher_spec: Mapping[str, Any]  # the teacher's spec.json
+  num_levels: int = 18
+  distance: Distance = Distance.L2
+  huber_c: float | None = None
+  target_decay: float = 0.95
+  sigma_data: float = 0.5
+  start_steps: int = 8
+  final_steps: int = 1
+  steps_per_round: int = 1000
+
+  def __post_init__(self):
+    object.__setattr__(self, 'method', DistillMethod.parse(self.method))
+    object.__setattr__(self, 'distance', Distance.parse(self.distance))
+    if not isinstance(self.teacher, str) or not self.teacher:
+      raise ValueError(f'distill.teacher must be a workdir path, got {self.teacher!r}')
+    if isinstance(self.num_levels, bool) or not isinstance(self.num_levels, int) or (
+        self.num_levels < 2):
+      raise ValueError(f'distill.num_levels must be an integer >= 2, got {self.num_levels!r}')
+    if not (isinstance(self.target_decay, (int, float)) and 0 <= self.target_decay < 1):
+      raise ValueError(f'distill.target_decay must be in [0, 1), got {self.target_decay!r}')
+    if not (isinstance(self.sigma_data, (int, float)) and math.isfinite(self.sigma_data)
+            and self.sigma_data > 0):
+      raise ValueError(f'distill.sigma_data must be a finite number > 0, got '
+                       f'{self.sigma_data!r}')
+    if self.huber_c is not None and not (isinstance(self.huber_c, (int, float))
+                                         and math.isfinite(self.huber_c) and self.huber_c > 0):
+      raise ValueError(f'distill.huber_c must be a finite number > 0 (or None), got '
+                       f'{self.huber_c!r}')
+    for name in ('start_steps', 'final_steps', 'steps_per_round'):
+      _positive_int(getattr(self, name), f'distill.{name}')
+    ratio = self.start_steps // self.final_steps
+    if self.start_steps % self.final_steps or ratio & (ratio - 1):
+      raise ValueError(f'distill.start_steps ({self.start_steps}) must be distill.final_steps '
+                       f'({self.final_steps}) times a power of 2: each round halves the steps')
+
+  @property
+  def num_rounds(self) -> int:
+    """pd's rounds: start_steps, start_steps/2, …, final_steps."""
+    return int(math.log2(self.start_steps // self.final_steps)) + 1
+
+  def parsed_teacher_spec(self) -> 'ExperimentSpec':
+    return ExperimentSpec.from_json(self.teacher_spec)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _distill_of(c: ml_collections.ConfigDict, teacher: tuple['ExperimentSpec', int] | None
+                ) -> DistillSpec | None:
+  """The config's `distill` group as a DistillSpec (None: no teacher named)."""
+  d = c.get('distill')
+  if d is None or d.get('teacher') is None:
+    if teacher is not None:
+      raise ValueError('a teacher spec was given but the config names no distill.teacher')
+    return None
+  if teacher is None:
+    raise ValueError(f'distill.teacher={d.teacher!r}: the teacher\'s spec is needed (the '
+                     'trainer reads it from the workdir)')
+  teacher_spec, teacher_step = teacher
+  if teacher_spec.distill is not None and teacher_spec.distill.method is DistillMethod.CD:
+    raise ValueError(f'distill.teacher {d.teacher!r} is a consistency model (distilled with '
+                     "'cd'): distil from a diffusion model")
+  return DistillSpec(
+      method=d.get('method', 'cd'), teacher=str(d.teacher), teacher_step=int(teacher_step),
+      teacher_spec=teacher_spec.to_json(), num_levels=d.get('num_levels', 18),
+      distance=d.get('distance', 'l2'), huber_c=d.get('huber_c', None),
+      target_decay=d.get('target_decay', 0.95), sigma_data=d.get('sigma_data', 0.5),
+      start_steps=d.get('start_steps', 8), final_steps=d.get('final_steps', 1),
+      steps_per_round=d.get('steps_per_round', 1000))
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """Adam with linear warm-up and global-norm clipping (the DDPM recipe)."""
@@ -374,10 +488,46 @@ class ExperimentSpec:
   training: TrainingSpec
   run: RunSpec
   eval: EvalSpec
+  distill: DistillSpec | None = None   # a student distilled from a teacher workdir
 
   def __post_init__(self):
     _multiple_of_steps_per_call(self.eval.every_steps, 'eval.every_steps',
                                 self.run.steps_per_call)
+    if self.distill is not None:
+      self._check_distill()
+
+  def _check_distill(self) -> None:
+    """One-line errors where the student cannot be the teacher's, or the method has no
+    meaning for its process."""
+    d = self.distill
+    teacher = d.parsed_teacher_spec()
+    fixed, resumable = differences(teacher, self)
+    shared = [row for row in fixed + resumable if row[0].startswith(TEACHER_SHARED)]
+    if shared:
+      raise ValueError(f'distill.teacher {d.teacher!r} differs from the student in '
+                       f'{describe_differences(shared[:4])}: a student has its teacher\'s '
+                       'network, process and data shape')
+    if d.method is DistillMethod.PD:
+      if self.diffusion.process is not continuous.ProcessKind.VP:
+        raise ValueError(f"distill.method 'pd' steps DDIM on t in (0, 1] down to the data: "
+                         f"it needs the 'vp' process, not {self.diffusion.process.value!r}")
+      if 2 * d.start_steps > self.diffusion.num_timesteps:
+        raise ValueError(f'distill.start_steps={d.start_steps}: the teacher takes twice as many '
+                         f'steps, at most the process\'s T={self.diffusion.num_timesteps}')
+
+  @property
+  def consistency_sigma_data(self) -> float | None:
+    """σ_d of a consistency model (the cd student), None for any other model."""
+    if self.distill is not None and self.distill.method is DistillMethod.CD:
+      return self.distill.sigma_data
+    return None
+
+  def check_sampler(self, sampler: 'sampler_config.SamplerConfig') -> None:
+    """The diffusion's checks, and the consistency sampler for consistency models only."""
+    self.diffusion.check_sampler(sampler)
+    if sampler.info.consistency_model and self.consistency_sigma_data is None:
+      raise ValueError(f'sampler {sampler.kind.value!r} samples consistency models (a workdir '
+                       "distilled with distill.method 'cd'); this model is not one")
 
   @property
   def num_classes(self) -> int | None:
@@ -393,9 +543,11 @@ class ExperimentSpec:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
-                  info: input_pipeline.ImageDatasetInfo) -> 'ExperimentSpec':
+                  info: input_pipeline.ImageDatasetInfo,
+                  teacher: tuple['ExperimentSpec', int] | None = None) -> 'ExperimentSpec':
     """Parses and checks every field of `config` (one-line ValueErrors); `info` gives the
-    dataset facts (from `input_pipeline.dataset_info`)."""
+    dataset facts (from `input_pipeline.dataset_info`). `teacher`: (spec, checkpoint step) of
+    the workdir that `config.distill.teacher` names, read by the caller."""
     c = config
     param = gd.Parameterization(c.diffusion.mean_type, c.diffusion.var_type)
     dtype = c.training.compute_dtype
@@ -457,11 +609,12 @@ class ExperimentSpec:
                     data_dir=None if c.data.data_dir is None else str(c.data.data_dir),
                     random_flip=bool(c.data.random_flip),
                     pipeline=c.data.get('pipeline', 'grain'))
-    for s in (run.sampler, evaluation.sampler):
-      diffusion.check_sampler(s)
-    return cls(seed=int(c.seed), data=data, model=model, diffusion=diffusion,
+    spec = cls(seed=int(c.seed), data=data, model=model, diffusion=diffusion,
                optimizer=OptimizerConfig(**c.optimizer.to_dict()), training=training, run=run,
-               eval=evaluation)
+               eval=evaluation, distill=_distill_of(c, teacher))
+    for s in (run.sampler, evaluation.sampler):
+      spec.check_sampler(s)
+    return spec
 
   # ---- Building the objects it describes. -----------------------------------------------
 
@@ -487,11 +640,13 @@ class ExperimentSpec:
       run, ev = dict(d['run']), dict(d['eval'])
       run['sampler'] = sampler_config.SamplerConfig.from_dict(run['sampler'])
       ev['sampler'] = sampler_config.SamplerConfig.from_dict(ev['sampler'])
+      distill = d.get('distill')
       return cls(seed=int(d['seed']), data=DataSpec(**d['data']),
                  model=UNetConfig.from_dict(d['model']), diffusion=DiffusionSpec(**diff),
                  optimizer=OptimizerConfig(**d['optimizer']),
                  training=TrainingSpec(**d['training']), run=RunSpec(**run),
-                 eval=EvalSpec(**ev))
+                 eval=EvalSpec(**ev),
+                 distill=None if distill is None else DistillSpec(**distill))
     except (KeyError, TypeError) as e:
       raise ValueError(f'not an experiment spec of this version ({type(e).__name__}: {e})'
                        ) from None
@@ -549,6 +704,7 @@ def _normalised(spec: ExperimentSpec | Mapping[str, Any]) -> Mapping[str, Any]:
   """The JSON of a spec, with `_DIFFUSION_DEFAULTS` filled in where a stored one lacks them."""
   if isinstance(spec, ExperimentSpec):
     return spec.to_json()
+  spec = {'distill': None, **spec}   # specs written before distillation: none
   if not isinstance(spec.get('diffusion'), Mapping):
     return spec
   defaults = {f.name: _to_json(f.default) for f in dataclasses.fields(DiffusionSpec)

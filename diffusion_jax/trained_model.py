@@ -160,7 +160,8 @@ def make_sampler(trained: TrainedModel, sampler: sampler_config.SamplerConfig):
   fn = sampler_lib.sample_fn(trained.model, trained.diffusion,
                           parameterization=trained.parameterization, sampler=sampler,
                           num_classes=trained.num_classes,
-                          process=trained.spec.diffusion.make_process())
+                          process=trained.spec.diffusion.make_process(),
+                          consistency_sigma_data=trained.spec.consistency_sigma_data)
   return sampler_lib.data_parallel_sampler(fn, trained.mesh, trained.image_shape)
 
 
@@ -234,7 +235,8 @@ def progressive(trained: TrainedModel, sampler: sampler_config.SamplerConfig, rn
   def run(params, rng, labels):
     return sampler_lib.sample(_denoise_fn(trained, params, labels, sampler), process, shape,
                               rng, sampler=sampler, parameterization=trained.parameterization,
-                              record=record)
+                              record=record,
+                              consistency_sigma_data=trained.spec.consistency_sigma_data)
 
   jax.block_until_ready(run(jax.device_get(trained.ema_params), rng, labels))
   jax.effects_barrier()
@@ -289,7 +291,8 @@ def interpolate(trained: TrainedModel, sampler: sampler_config.SamplerConfig, x_
     dec_labels = jnp.full((num,), label, jnp.int32)
     images, _ = sampler_lib.sample(_denoise_fn(trained, params, dec_labels, sampler), process,
                                    zs.shape, jax.random.PRNGKey(0), sampler=sampler,
-                                   parameterization=param, x_init=zs)
+                                   parameterization=param, x_init=zs,
+                                   consistency_sigma_data=trained.spec.consistency_sigma_data)
     return images
 
   return images_lib.to_uint8(run(jax.device_get(trained.ema_params), x))

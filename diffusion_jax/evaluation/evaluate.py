@@ -300,7 +300,7 @@ def evaluate(workdir, *, num_samples: int = 1000, bpd_examples: int | None = Non
     raise ValueError(f'unknown likelihood {likelihood!r}; allowed: {", ".join(LIKELIHOODS)}')
   wd = trained_model.read_workdir(workdir)
   sampler = wd.spec.eval.sampler if sampler is None else sampler
-  wd.spec.diffusion.check_sampler(sampler)
+  wd.spec.check_sampler(sampler)
   if likelihood == 'vlb' and wd.spec.diffusion.process is not continuous.ProcessKind.VP:
     process = wd.spec.diffusion.process.value
     if bpd_examples:

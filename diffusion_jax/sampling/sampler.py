@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffusion_jax.process import consistency as consistency_lib
 from diffusion_jax.process import continuous
 from diffusion_jax.process import gaussian_diffusion as gd
 from diffusion_jax.runtime import parallel
@@ -69,15 +70,30 @@ def _recording(denoiser: continuous.Denoiser, record) -> continuous.Denoiser:
   return recorded
 
 
+def check_consistency(sampler: SamplerConfig, consistency_sigma_data: float | None) -> None:
+  """A one-line ValueError for a consistency-model sampler on any other model."""
+  if sampler.info.consistency_model and consistency_sigma_data is None:
+    raise ValueError(f'sampler {sampler.kind.value!r} samples consistency models (a workdir '
+                     "distilled with distill.method 'cd'); this model is not one: use another "
+                     '--sampler')
+
+
 def model_denoiser(denoise_fn: gd.DenoiseFn, process: continuous.Process, *,
                    sampler: SamplerConfig, parameterization: gd.Parameterization,
-                   record=None) -> continuous.Denoiser:
+                   record=None, consistency_sigma_data: float | None = None
+                   ) -> continuous.Denoiser:
   """A model's `denoise_fn(x_t, timesteps) -> output` as the solvers' denoiser: its output
   converted to (x̂₀, ε̂) (`continuous.make_denoiser`), x̂₀ clipped when `sampler` says so,
-  with the variance output for a ddpm chain of a learned-variance model."""
+  with the variance output for a ddpm chain of a learned-variance model.
+
+  `consistency_sigma_data`: a consistency model's σ_d (its denoiser is then the
+  boundary-preserving f of `process.consistency`); None for any other model."""
+  check_consistency(sampler, consistency_sigma_data)
   with_variance = sampler.info.uses_variance and parameterization.var_type.is_learned
   denoiser = continuous.make_denoiser(process, denoise_fn, parameterization.mean_type,
                                       with_variance=with_variance)
+  if consistency_sigma_data is not None:
+    denoiser = consistency_lib.consistency_denoiser(denoiser, process, consistency_sigma_data)
   if sampler.clip_denoised:
     denoiser = continuous.clip_x0(process, denoiser)
   return denoiser if record is None else _recording(denoiser, record)
@@ -86,7 +102,8 @@ def model_denoiser(denoise_fn: gd.DenoiseFn, process: continuous.Process, *,
 def sample(denoise_fn: gd.DenoiseFn, process: continuous.Process, shape, rng: jax.Array, *,
            sampler: SamplerConfig, parameterization: gd.Parameterization,
            x_init: jax.Array | None = None, record=None,
-           schedule: solvers.StepSchedule | None = None) -> tuple[jax.Array, jax.Array]:
+           schedule: solvers.StepSchedule | None = None,
+           consistency_sigma_data: float | None = None) -> tuple[jax.Array, jax.Array]:
   """Samples `[*shape]` from a model's `denoise_fn(x_t, timesteps)` with any registered
   sampler: (x₀ in [-1, 1] when clipping, model evaluations per sample int32 []).
 
@@ -94,10 +111,11 @@ def sample(denoise_fn: gd.DenoiseFn, process: continuous.Process, shape, rng: ja
   the start is `x_init` or a prior draw from the first half of `split(rng)`, and the solver
   draws from the second. `record(t, x, x0_hat)`: see `_recording`. `schedule`: the levels,
   when already computed (`schedule_of`). jit-safe with `process`, `sampler` and
-  `parameterization` fixed (closed over).
+  `parameterization` fixed (closed over). `consistency_sigma_data`: see `model_denoiser`.
   """
   denoiser = model_denoiser(denoise_fn, process, sampler=sampler,
-                            parameterization=parameterization, record=record)
+                            parameterization=parameterization, record=record,
+                            consistency_sigma_data=consistency_sigma_data)
   options = sampler.solver_options()
   if sampler.info.uses_variance:
     options['variance'] = parameterization.var_type
@@ -137,14 +155,17 @@ def encode(denoise_fn: gd.DenoiseFn, process: continuous.Process, x0: jax.Array,
 
 def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *,
               parameterization: gd.Parameterization, sampler: SamplerConfig,
-              num_classes: int | None = None, process: continuous.Process | None = None):
+              num_classes: int | None = None, process: continuous.Process | None = None,
+              consistency_sigma_data: float | None = None):
   """`fn(params, rng, labels, x_shape, x_init=None) -> (images [B, H, W, C] in [-1, 1], nfe)`
   on one device; nfe (int32 []) counts the model evaluations per sample.
 
   `process`: the model's process (`DiffusionSpec.make_process`); None reads `diffusion` as a
   VP process of its T steps. What the sampler cannot do on it (ald on vp, a parameterisation
-  without a denoiser) is a one-line ValueError here, on the host.
+  without a denoiser, the consistency sampler on another model) is a one-line ValueError
+  here, on the host. `consistency_sigma_data`: see `model_denoiser`.
   """
+  check_consistency(sampler, consistency_sigma_data)
   if process is None:
     process = continuous.VPProcess.from_diffusion(diffusion)
   if process.kind not in sampler.info.processes:
@@ -160,7 +181,8 @@ def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *,
     denoise = make_denoise_fn(model, params, labels if num_classes else None,
                               guidance_scale=sampler.guidance_scale, num_classes=num_classes)
     return sample(denoise, process, x_shape, rng, sampler=sampler,
-                  parameterization=parameterization, x_init=x_init, schedule=schedule)
+                  parameterization=parameterization, x_init=x_init, schedule=schedule,
+                  consistency_sigma_data=consistency_sigma_data)
   return fn
 
 

@@ -56,6 +56,7 @@ class ScheduleKind(Option):
   LOGSNR = 'logsnr'              # uniform in λ (half the log-SNR)
   KARRAS = 'karras'              # Karras et al. 2022, ρ = 7, in σ̃ = e^{−λ}
   RESPACED = 'respaced'          # DDPM's own levels, `space_timesteps(T, N + 1)` (VP of T steps)
+  TRAILING = 'trailing'          # K levels t_j = 1 − j/K (diffusers' 'trailing'; PD's grid)
 
   @classmethod
   def _what(cls):
@@ -97,6 +98,8 @@ def step_schedule(process: Process, num_steps: int, kind: str | ScheduleKind = '
     raise ValueError(f'steps must be an integer in {bound}, got {num_steps!r}')
   if kind is ScheduleKind.RESPACED:
     return _respaced(process, num_steps + 1)
+  if kind is ScheduleKind.TRAILING:
+    return _trailing(process, num_steps + 1)
   u = jnp.linspace(0.0, 1.0, num_steps + 1)  # [N + 1]
   t_max, t_min = jnp.asarray(process.t_max), jnp.asarray(process.t_min)
   if kind is ScheduleKind.TIME_UNIFORM:
@@ -124,6 +127,22 @@ def _respaced(process: Process, num_levels: int) -> StepSchedule:
   return StepSchedule(process=process, t=jnp.asarray(t))
 
 
+def _trailing(process: Process, num_levels: int) -> StepSchedule:
+  """K = `num_levels` levels t_j = 1 − j/K, j = 0 … K−1: the top K of a uniform grid that ends
+  at t = 0 (diffusers' 'trailing' spacing; progressive distillation's student grid, nested as K
+  doubles). For a VP process of T steps with K | T they are DDPM's nodes T−1, T−1−T/K, …."""
+  if process.t_max != 1.0:
+    raise ValueError(f"step_schedule 'trailing' needs a process on t in (0, 1], not "
+                     f'{process.kind.value!r}')
+  t = 1.0 - np.arange(num_levels, dtype=np.float64) / num_levels
+  if t[-1] < process.t_min - 1e-12:
+    raise ValueError(f"step_schedule 'trailing' with {num_levels} levels goes below the "
+                     f'process\'s lowest time {process.t_min:g}: use at most '
+                     f'{int(round(1.0 / process.t_min))} levels')
+  with jax.ensure_compile_time_eval():
+    return StepSchedule(process=process, t=jnp.asarray(t, jnp.float32))
+
+
 def level_schedule(process: Process, num_levels: int, kind: str | ScheduleKind = 'respaced'
                    ) -> StepSchedule:
   """`num_levels` decreasing levels from t = 1 (N = num_levels − 1 steps): the schedule of the
@@ -138,6 +157,8 @@ def level_schedule(process: Process, num_levels: int, kind: str | ScheduleKind =
       raise ValueError(f'steps must be an integer in [1, {process.num_timesteps}], got '
                        f'{num_levels!r}')
     return _respaced(process, num_levels)
+  if kind is ScheduleKind.TRAILING:
+    return _trailing(process, num_levels)
   if num_levels == 1:
     return StepSchedule(process=process, t=jnp.asarray([process.t_max], jnp.float32))
   return step_schedule(process, num_levels - 1, kind)
@@ -605,6 +626,38 @@ def ddim(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
 
 
 # ------------------------------------------------------------------------------------------
+# Consistency models (Song et al. 2023, Algorithm 1): denoise, re-noise to the next level.
+# ------------------------------------------------------------------------------------------
+
+
+def consistency(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None) -> Array:
+  """The multistep consistency sampler: N evaluations for a schedule of N steps.
+
+  At each of t_0 … t_{N−1} the model's x̂₀ = f(x, t_i) is taken, and (but after the last) put
+  back at the next level as x̃ = x̂₀ + √(σ̃_{i+1}² − σ̃_N²)·z, x = α_{i+1} x̃, where σ̃_N = σ̃(t_N)
+  is the schedule's lowest level, the consistency function's σ_min. Its default levels are the
+  'karras' ones, t_N = t_min: one step is f(x_T, 1), two steps re-noise once to σ̃_1 of a
+  two-step Karras schedule (ρ = 7). Returns the last x̂₀, the sample itself
+  (`SolverInfo.final_denoise` False: no extra evaluation at t_N).
+  """
+  n = sched.num_steps
+  if n > 1:
+    _need_rng(rng, 'consistency (more than one step)')
+  la = _log_alphas(sched)
+  st = jnp.exp(-sched.lam)   # σ̃ at the N + 1 times
+
+  def step(x, i):
+    x0, _ = denoiser(x, _bt(sched.t[i], x))
+    scale = jnp.sqrt(jnp.maximum(st[i + 1] ** 2 - st[n] ** 2, 0.0))
+    z = (jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype) if n > 1
+         else jnp.zeros_like(x))
+    return jnp.exp(la[i + 1]) * (x0 + scale * z), x0
+
+  _, x0s = jax.lax.scan(step, x, jnp.arange(n))
+  return x0s[-1]
+
+
+# ------------------------------------------------------------------------------------------
 # The one dispatch point.
 # ------------------------------------------------------------------------------------------
 
@@ -629,6 +682,10 @@ class SolverInfo:
   uses_variance: bool = False                # takes the model's variance (ddpm)
   default_steps: int = 100                   # steps on a process without T
   adaptive: bool = False                     # chooses its own steps ('ode')
+  # False: the solver returns the sample itself and `solve` adds no denoising at t_N.
+  final_denoise: bool = True
+  # Defined for consistency models only (`process.consistency`); sample_fn checks it.
+  consistency_model: bool = False
 
 
 SOLVERS: dict[str, SolverInfo] = {
@@ -653,6 +710,10 @@ SOLVERS: dict[str, SolverInfo] = {
                                'langevin_step_size': 'step_size'},
                       evaluations_per_step=None, processes=(ProcessKind.VE, ProcessKind.EDM),
                       default_steps=10),
+    'consistency': SolverInfo(consistency, 'consistency models: 1 evaluation per step '
+                              '(Song et al. 2023); distilled workdirs only',
+                              schedule=ScheduleKind.KARRAS, final_denoise=False,
+                              consistency_model=True, default_steps=1),
 }
 
 
@@ -675,14 +736,14 @@ def num_evaluations(kind: str | SolverKind, num_steps: int, *, corrector_steps: 
                     steps_per_level: int = 100) -> int:
   """Model evaluations of a fixed-step solve with N steps, the final denoising included:
   ddpm, ddim, euler, dpmpp_2m/3m, sde: N + 1; heun: 2N + 1; pc: N(1 + corrector_steps) + 1;
-  ald: (N + 1)·steps_per_level + 1."""
+  ald: (N + 1)·steps_per_level + 1; consistency: N (no final denoising)."""
   kind = SolverKind.parse(kind)
   if kind is SolverKind.ODE:
     raise ValueError("solver 'ode' is adaptive: its evaluations are in Solution.nfe")
   if kind is SolverKind.ALD:
     return (num_steps + 1) * steps_per_level + 1
   per_step = 1 + corrector_steps if kind is SolverKind.PC else info(kind).evaluations_per_step
-  return per_step * num_steps + 1
+  return per_step * num_steps + int(info(kind).final_denoise)
 
 
 def solve(kind: str | SolverKind, denoiser: Denoiser, x_T: Array, sched: StepSchedule,
@@ -700,5 +761,7 @@ def solve(kind: str | SolverKind, denoiser: Denoiser, x_T: Array, sched: StepSch
                                       corrector_steps=options.get('corrector_steps', 1),
                                       steps_per_level=options.get('steps_per_level', 100)) - 1,
                       jnp.int32)
+  if not info(kind).final_denoise:   # x_end is the sample (its evaluations all counted)
+    return Solution(x0=x_end, x_end=x_end, nfe=nfe + 1)
   x0 = denoiser(x_end, _bt(sched.t[-1], x_end))[0]
   return Solution(x0=x0, x_end=x_end, nfe=nfe + 1)

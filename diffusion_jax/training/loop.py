@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -43,7 +44,8 @@ from diffusion_jax.data import datasets
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.data.prefetch import DevicePrefetcher, Stacked
 from diffusion_jax.storage.images import save_png
-from diffusion_jax.spec import ExperimentSpec
+from diffusion_jax import trained_model
+from diffusion_jax.spec import DistillMethod, ExperimentSpec
 from diffusion_jax.training.state import TrainState
 
 AXIS = parallel.AXIS
@@ -60,12 +62,56 @@ def init_state_fn(spec: ExperimentSpec, tx, init_rng, state_rng):
 
   `jax.eval_shape(init_state)` is the shape of every checkpoint of this spec.
   """
+  importance = step_lib.StepConfig.from_spec(spec).importance_sampling  # on the host
+
   def init_state():
     params = spec.init_params(init_rng)
     history = (timestep_sampler.LossHistory.create(spec.diffusion.num_timesteps)
-               if step_lib.StepConfig.from_spec(spec).importance_sampling else None)
-    return TrainState.create(params, tx, state_rng, history)
+               if importance else None)
+    state = TrainState.create(params, tx, state_rng, history)
+    if spec.distill is not None:   # the shapes; `_from_teacher` fills in the weights
+      copy = lambda: jax.tree.map(jnp.copy, params)
+      state = state.replace(teacher_params=copy(), target_params=(
+          copy() if spec.distill.method is DistillMethod.CD else None))
+    return state
   return init_state
+
+
+def _from_teacher(spec: ExperimentSpec, state: TrainState, mesh: Mesh, tx) -> TrainState:
+  """A fresh distillation's state: params, EMA, teacher (and cd's target) all the teacher's
+  EMA weights at `distill.teacher_step`, with the optimizer state of those params."""
+  d = spec.distill
+  teacher = trained_model.load_ema_params(d.teacher, step=d.teacher_step, mesh=mesh)
+  logging.info('Distilling (%s) from %s, checkpoint %d', d.method.value, d.teacher,
+               teacher.step)
+  replicated = NamedSharding(mesh, P())
+  copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=replicated)
+  params = teacher.ema_params
+  return state.replace(
+      params=copy(params), ema_params=copy(params), teacher_params=copy(params),
+      target_params=copy(params) if state.target_params is not None else None,
+      opt_state=jax.jit(tx.init, out_shardings=replicated)(params))
+
+
+def read_teacher(config: ml_collections.ConfigDict, workdir: epath.Path
+                 ) -> tuple[ExperimentSpec, int] | None:
+  """(spec, checkpoint step) of the teacher that `config.distill.teacher` names, None for
+  no teacher. A resume of the same teacher reads both from the student's own spec.json (the
+  teacher need not be there any more); a first start reads the teacher's workdir (one-line
+  FileNotFoundError when it is not a trained workdir)."""
+  d = config.get('distill')
+  if d is None or d.get('teacher') is None:
+    return None
+  if (workdir / workdir_lib.SPEC).exists():
+    stored = workdir_lib.read_spec(workdir)
+    if stored.distill is not None and stored.distill.teacher == str(d.teacher):
+      return stored.distill.parsed_teacher_spec(), stored.distill.teacher_step
+  try:
+    wd = trained_model.read_workdir(d.teacher)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'distill.teacher {str(d.teacher)!r} is not a trained workdir: '
+                            f'{e}') from None
+  return wd.spec, wd.step
 
 
 def check_devices(spec: ExperimentSpec) -> None:
@@ -256,6 +302,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
   init_state = init_state_fn(spec, tx, init_rng, state_rng)
   manager, state = _restore_or_init(spec, workdir, mesh, init_state, train_iter, is_chief,
                                     timeline)
+  if spec.distill is not None and manager.latest_step() is None:
+    state = _from_teacher(spec, state, mesh, tx)
   step = _resumable_step(spec, state)
   if is_chief:
     _record_start(spec, config, workdir, changes, state, step)
@@ -281,7 +329,7 @@ def _load_spec(config: ml_collections.ConfigDict, workdir: epath.Path
   and the workdir's stored spec; returns it and the settings changed since the last start."""
   workdir_lib.check_dataset(workdir, config.data.dataset)
   info = prepare_dataset(config)
-  spec = ExperimentSpec.from_config(config, info)
+  spec = ExperimentSpec.from_config(config, info, teacher=read_teacher(config, workdir))
   check_devices(spec)
   changes = workdir_lib.check_resume(workdir, spec)  # every process; nothing written yet
   return spec, changes
@@ -369,7 +417,8 @@ def _make_sampler(spec: ExperimentSpec, mesh: Mesh, model, diffusion,
   sample_run = sampler_lib.data_parallel_sampler(
       sampler_lib.sample_fn(model, diffusion, parameterization=spec.parameterization,
                             sampler=run.sampler, num_classes=spec.num_classes,
-                            process=spec.diffusion.make_process()),
+                            process=spec.diffusion.make_process(),
+                            consistency_sigma_data=spec.consistency_sigma_data),
       mesh, spec.data.image_shape)
   sample_labels = np.arange(n) % max(spec.data.num_classes, 1)
 

@@ -20,6 +20,9 @@ class TrainState:
 
   `rng` is the run's base key (raw uint32 data); step keys are `fold_in(rng, step)`.
   `loss_history` holds the L_vlb history of the importance timestep sampler (or None).
+  A distillation (spec.distill) also holds its teacher's parameters (`teacher_params`: the
+  teacher's EMA for cd, the current round's teacher for pd) and cd's target network
+  (`target_params`); both are None otherwise, and checkpointed with the rest.
   """
   step: jax.Array                 # int32 []
   params: Any
@@ -27,6 +30,8 @@ class TrainState:
   ema_params: Any
   rng: jax.Array                  # uint32 [2]
   loss_history: timestep_sampler.LossHistory | None = None
+  teacher_params: Any = None
+  target_params: Any = None
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, rng: jax.Array,

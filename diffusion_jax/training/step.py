@@ -22,13 +22,16 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffusion_jax.process import consistency
 from diffusion_jax.process import continuous
 from diffusion_jax.process import edm
 from diffusion_jax.process import gaussian_diffusion as gd
 from diffusion_jax.process import score_matching
+from diffusion_jax.training import distill as distill_lib
 from diffusion_jax.training import timestep_sampler
 from diffusion_jax.runtime.parallel import AXIS
-from diffusion_jax.spec import ExperimentSpec, Objective, TimestepSampling
+from diffusion_jax.spec import DistillMethod, DistillSpec, ExperimentSpec, Objective
+from diffusion_jax.spec import TimestepSampling
 from diffusion_jax.training.state import TrainState, ema_update
 
 
@@ -56,6 +59,9 @@ class StepConfig:
   ema_halflife_kimg: float | None = None
   ema_rampup_ratio: float | None = None
   batch_size: int = 1
+  # Distillation (spec.distill; None: none) and the teacher's process it runs on.
+  distill: DistillSpec | None = None
+  distill_process: continuous.Process | None = None
 
   def __post_init__(self):
     object.__setattr__(self, 'loss_type', gd.LossType.parse(self.loss_type))
@@ -82,7 +88,9 @@ class StepConfig:
                objective=d.objective,
                process=d.make_process() if d.continuous_time else None,
                p_mean=d.p_mean, p_std=d.p_std, ema_halflife_kimg=t.ema_halflife_kimg,
-               ema_rampup_ratio=t.ema_rampup_ratio, batch_size=t.batch_size)
+               ema_rampup_ratio=t.ema_rampup_ratio, batch_size=t.batch_size,
+               distill=spec.distill,
+               distill_process=None if spec.distill is None else d.make_process())
 
 
 def ema_decay(cfg: StepConfig, step: jax.Array) -> jax.Array | float:
@@ -111,7 +119,14 @@ def _per_example_randomness(rng, state, global_index, shape, diffusion, cfg: Ste
   """t `[b]`, weights `[b]`, noise `[b, H, W, C]` and label-drop flags `[b]`, per example."""
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(global_index)  # [b] keys
   split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)            # [b, 3]
-  if cfg.objective is Objective.EDM:   # σ itself, ln σ ~ N(p_mean, p_std²), float32
+  if cfg.distill is not None:   # cd: the level n (int32); pd: the student's level t
+    if cfg.distill.method is DistillMethod.CD:
+      t = jax.vmap(lambda k: distill_lib.cd_level(k, cfg.distill.num_levels))(split[:, 0])
+    else:
+      k_steps = student_steps(cfg, state.step)
+      t = jax.vmap(lambda k: distill_lib.pd_time(k, k_steps))(split[:, 0])
+    weights = jnp.ones(t.shape, jnp.float32)
+  elif cfg.objective is Objective.EDM:   # σ itself, ln σ ~ N(p_mean, p_std²), float32
     t = jax.vmap(lambda k: edm.sample_sigma(k, (), cfg.p_mean, cfg.p_std))(split[:, 0])
     weights = jnp.ones(t.shape, jnp.float32)
   elif cfg.process is not None:   # continuous time: t ~ U(t_min, t_max), float32
@@ -128,9 +143,53 @@ def _per_example_randomness(rng, state, global_index, shape, diffusion, cfg: Ste
     weights = jnp.ones(t.shape, jnp.float32)
   noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(split[:, 1])
   drop = jax.vmap(lambda k: jax.random.bernoulli(k, cfg.label_dropout))(split[:, 2])
-  if cfg.process is None:
+  if cfg.process is None and cfg.distill is None:
     t = t.astype(jnp.int32)
   return t, weights, noise, drop
+
+
+def student_steps(cfg: StepConfig, step: jax.Array) -> jax.Array:
+  """pd: the student's step count K at training step `step` (int32 [])."""
+  d = cfg.distill
+  return distill_lib.pd_steps(step, d.start_steps, d.final_steps, d.steps_per_round)
+
+
+def distill_loss(cfg: StepConfig, state: TrainState, student_fn, frozen_fn, micro
+                 ) -> jax.Array:
+  """The distillation loss per example `[b]`: `student_fn(x, t)` is the network with the
+  trained params, `frozen_fn(params, x, t)` a network with other (teacher, target) params."""
+  d, process = cfg.distill, cfg.distill_process
+  mean_type = cfg.parameterization.mean_type
+  as_denoiser = lambda fn: continuous.make_denoiser(process, fn, mean_type)
+  teacher = as_denoiser(lambda x, t: frozen_fn(state.teacher_params, x, t))
+  student = as_denoiser(student_fn)
+  if d.method is DistillMethod.PD:
+    k = student_steps(cfg, state.step)
+    return distill_lib.pd_loss(student, teacher, process, micro['image'], micro['t'], k,
+                               micro['noise'])
+  wrap = lambda den: consistency.consistency_denoiser(den, process, d.sigma_data)
+  target = wrap(as_denoiser(lambda x, t: frozen_fn(state.target_params, x, t)))
+  times = distill_lib.cd_times(process, d.num_levels)            # [N], concrete
+  n = micro['t']
+  return distill_lib.cd_loss(wrap(student), target, teacher, process, micro['image'],
+                             times[n], times[n + 1], micro['noise'], dist=d.distance,
+                             huber_c=d.huber_c)
+
+
+def _distill_after_update(cfg: StepConfig, state: TrainState, new_state: TrainState,
+                          tx: optax.GradientTransformation) -> TrainState:
+  """cd: the target network's EMA. pd: at the end of a round, the student (its EMA) becomes
+  the teacher and the next round's starting point, with a fresh optimizer state."""
+  d = cfg.distill
+  if d.method is DistillMethod.CD:
+    return new_state.replace(target_params=ema_update(state.target_params, new_state.params,
+                                                      d.target_decay))
+  ends_round = student_steps(cfg, new_state.step) < student_steps(cfg, state.step)
+
+  def next_round(s):
+    ema = s.ema_params
+    return s.replace(params=ema, teacher_params=ema, opt_state=tx.init(ema))
+  return jax.lax.cond(ends_round, next_round, lambda s: s, new_state)
 
 
 def score_matching_terms(process: continuous.Process, denoise, mean_type, x0, t, noise, rng,
@@ -191,7 +250,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     def denoise(x_t, tt):
       return model.apply({'params': params}, x_t, tt, y=micro['label'], train=True,
                          rngs={'dropout': jax.random.fold_in(dropout_rng, micro['index'])})
-    if cfg.objective is Objective.EDM:   # micro['t'] holds σ
+    if cfg.distill is not None:
+      def frozen(params, x_t, tt):
+        return model.apply({'params': params}, x_t, tt, y=micro['label'], train=False)
+      per = distill_loss(cfg, state, denoise, frozen, micro)
+      terms = dict(loss=per, mse=per, vb=jnp.zeros_like(per))
+    elif cfg.objective is Objective.EDM:   # micro['t'] holds σ
       per = edm.loss(denoise, micro['image'], micro['t'], micro['noise'],
                      cfg.process.sigma_data)
       terms = dict(loss=per, mse=per, vb=jnp.zeros_like(per))
@@ -245,6 +309,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
       step=state.step + 1, params=params, opt_state=opt_state,
       ema_params=ema_update(state.ema_params, params, ema_decay(cfg, state.step)),
       loss_history=loss_history)
+  if cfg.distill is not None:
+    new_state = _distill_after_update(cfg, state, new_state, tx)
   metrics = dict(loss=jnp.mean(terms['loss'] * weights), mse=jnp.mean(terms['mse']),
                  vb=jnp.mean(terms['vb']))
   metrics = jax.lax.pmean(metrics, AXIS)
