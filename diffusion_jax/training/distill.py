@@ -44,7 +44,9 @@ def distance(a: Array, b: Array, kind: Distance, huber_c: float | None = None) -
   if kind is Distance.L2:
     return jnp.mean(jnp.square(a - b), axis=axes)
   c = default_huber_c(int(np.prod(a.shape[1:]))) if huber_c is None else huber_c
-  return jnp.sqrt(jnp.sum(jnp.square(a - b), axis=axes) + c ** 2) - c
+  sq = jnp.sum(jnp.square(a - b), axis=axes)
+  # √(q + c²) − c written as q/(√(q + c²) + c): no cancellation when q ≪ c².
+  return sq / (jnp.sqrt(sq + c ** 2) + c)
 
 
 # ------------------------------------------------------------------------------------------
@@ -73,11 +75,13 @@ def teacher_heun_step(teacher: Denoiser, process: Process, x: Array, t_from: Arr
 
 def cd_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, process: Process,
             x0: Array, t_hi: Array, t_lo: Array, noise: Array, *,
-            dist: Distance = Distance.L2, huber_c: float | None = None) -> Array:
+            dist: Distance = Distance.L2, huber_c: float | None = None,
+            teacher_step=teacher_heun_step) -> Array:
   """The consistency-distillation loss per example `[B]`: x0, noise `[B, ...]`; t_hi > t_lo
-  `[B]` adjacent levels of `cd_times`."""
+  `[B]` adjacent levels of `cd_times`. `teacher_step(teacher, process, x, t_from, t_to)`:
+  the ODE step (Heun; the tests put the exact map there)."""
   x_hi = process.q_sample(x0, t_hi, noise)
-  x_lo = jax.lax.stop_gradient(teacher_heun_step(teacher, process, x_hi, t_hi, t_lo))
+  x_lo = jax.lax.stop_gradient(teacher_step(teacher, process, x_hi, t_hi, t_lo))
   online = student(x_hi, t_hi)[0]
   aim = jax.lax.stop_gradient(target(x_lo, t_lo)[0])
   return distance(online, aim, dist, huber_c)
