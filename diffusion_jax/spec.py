@@ -255,16 +255,20 @@ class Distance(Option):
 
 
 # The parts of a teacher's spec that a student must share: its network and process are the
-# teacher's (it starts from the teacher's weights and samples the teacher's process).
+# teacher's (it starts from the teacher's weights and samples the teacher's process). The
+# network's output type is the student's own (`STUDENT_OWN`): a student of one to four steps
+# needs a well-conditioned one (v or EDM's F), which an ε teacher is not at high noise.
 TEACHER_SHARED = ('model.', 'diffusion.', 'data.image_shape', 'data.num_classes')
+STUDENT_OWN = ('diffusion.parameterization.mean_type',)
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillSpec:
   """A student distilled from a trained workdir (docs/distillation.md).
 
-  The student's network, process and output type are the teacher's (`TEACHER_SHARED`); it
-  starts from the teacher's EMA weights at checkpoint `teacher_step`. `teacher_spec` is the
+  The student's network and process are the teacher's (`TEACHER_SHARED`); it starts from the
+  teacher's EMA weights at checkpoint `teacher_step`, read as the student's own output type
+  (diffusion.mean_type: v for the digits recipes; the teacher's is in its spec). `teacher_spec` is the
   teacher's whole spec.json, so the student's workdir samples without the teacher.
 
   cd: `num_levels` Karras levels (ρ = 7) of σ̃, one teacher Heun step between adjacent ones, a
@@ -320,6 +324,11 @@ class DistillSpec:
 
   def parsed_teacher_spec(self) -> 'ExperimentSpec':
     return ExperimentSpec.from_json(self.teacher_spec)
+
+  @property
+  def teacher_mean_type(self) -> gd.MeanType:
+    """The teacher network's output type."""
+    return gd.MeanType.parse(self.teacher_spec['diffusion']['parameterization']['mean_type'])
 
   def to_dict(self) -> dict[str, Any]:
     return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -502,11 +511,16 @@ class ExperimentSpec:
     d = self.distill
     teacher = d.parsed_teacher_spec()
     fixed, resumable = differences(teacher, self)
-    shared = [row for row in fixed + resumable if row[0].startswith(TEACHER_SHARED)]
+    shared = [row for row in fixed + resumable
+              if row[0].startswith(TEACHER_SHARED) and row[0] not in STUDENT_OWN]
     if shared:
       raise ValueError(f'distill.teacher {d.teacher!r} differs from the student in '
                        f'{describe_differences(shared[:4])}: a student has its teacher\'s '
                        'network, process and data shape')
+    mt = self.parameterization.mean_type
+    if mt not in continuous.CONTINUOUS_MEAN_TYPES + (gd.MeanType.EDM,):
+      raise ValueError(f'diffusion.mean_type {mt.value!r} has no denoiser to distil; a '
+                       "student's output is 'eps', 'xstart', 'v', 'score' or 'edm'")
     if d.method is DistillMethod.PD:
       if self.diffusion.process is not continuous.ProcessKind.VP:
         raise ValueError(f"distill.method 'pd' steps DDIM on t in (0, 1] down to the data: "

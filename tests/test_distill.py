@@ -180,7 +180,8 @@ def test_the_default_pseudo_huber_c_is_ict_s():
 
 
 def _cd_step_config(process, num_levels=18):
-  d = spec_lib.DistillSpec(method='cd', teacher='/teacher', teacher_step=0, teacher_spec={},
+  d = spec_lib.DistillSpec(method='cd', teacher='/teacher', teacher_step=0,
+                           teacher_spec={'diffusion': {'parameterization': {'mean_type': 'eps'}}},
                            num_levels=num_levels, sigma_data=SIGMA_DATA)
   return step_lib.StepConfig(parameterization=gd.Parameterization('eps', 'fixedlarge'),
                              distill=d, distill_process=process)
@@ -450,6 +451,7 @@ def _teacher_and_config(method='cd'):
   config = digits.get_config()
   config.distill.teacher = '/tmp/teacher'
   config.distill.method = method
+  config.diffusion.mean_type = 'v'
   if method == 'cd':
     config.eval.sampler, config.eval.sample_steps = 'consistency', 2
   return teacher, config
@@ -462,6 +464,9 @@ def test_a_student_spec_records_its_teacher_and_round_trips():
   assert student.distill.parsed_teacher_spec() == teacher
   assert student.consistency_sigma_data == 0.5 and teacher.consistency_sigma_data is None
   assert spec_lib.ExperimentSpec.from_json(student.to_json()) == student
+  # The student's output type is its own (v here), the teacher's is in its spec (eps).
+  assert student.parameterization.mean_type.value == 'v'
+  assert student.distill.teacher_mean_type.value == 'eps'
   # A spec written before distillation compares equal to one without it.
   old = teacher.to_json()
   old.pop('distill')
@@ -474,7 +479,9 @@ def test_a_student_spec_records_its_teacher_and_round_trips():
 
 @pytest.mark.parametrize('change,fragment', [
     (lambda c: setattr(c.model, 'ch', 64), 'model.ch 32 -> 64'),
-    (lambda c: setattr(c.diffusion, 'mean_type', 'v'), 'diffusion.parameterization.mean_type'),
+    (lambda c: setattr(c.diffusion, 'num_timesteps', 500), 'diffusion.num_timesteps'),
+    (lambda c: setattr(c.diffusion, 'var_type', 'learned_range'), 'out_ch'),
+    (lambda c: setattr(c.diffusion, 'mean_type', 'xprev'), "'xprev' has no denoiser to distil"),
     (lambda c: setattr(c.distill, 'start_steps', 6), 'power of 2'),
     (lambda c: setattr(c.distill, 'method', 'xx'), "unknown distill.method 'xx'"),
     (lambda c: setattr(c.distill, 'target_decay', 1.0), 'distill.target_decay'),

@@ -161,7 +161,15 @@ def distill_loss(cfg: StepConfig, state: TrainState, student_fn, frozen_fn, micr
   d, process = cfg.distill, cfg.distill_process
   mean_type = cfg.parameterization.mean_type
   as_denoiser = lambda fn: continuous.make_denoiser(process, fn, mean_type)
-  teacher = as_denoiser(lambda x, t: frozen_fn(state.teacher_params, x, t))
+  # The teacher network is read as its own output type (in its spec); pd's later teachers are
+  # students, read as the student's.
+  teacher_fn = lambda x, t: frozen_fn(state.teacher_params, x, t)
+  teacher = continuous.make_denoiser(process, teacher_fn, d.teacher_mean_type)
+  if d.method is DistillMethod.PD and d.teacher_mean_type is not mean_type:
+    first_round = state.step < d.steps_per_round
+    as_student = as_denoiser(teacher_fn)
+    as_teacher = teacher
+    teacher = lambda x, t: jax.lax.cond(first_round, as_teacher, as_student, x, t)
   student = as_denoiser(student_fn)
   if d.method is DistillMethod.PD:
     k = student_steps(cfg, state.step)
