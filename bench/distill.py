@@ -64,6 +64,12 @@ def main(argv=None):
   parser.add_argument('--batch_size', type=int, default=512)
   parser.add_argument('--students', default='cd,pd')
   parser.add_argument('--skip_training', action='store_true')
+  parser.add_argument('--cd_checkpoints', default='',
+                      help='also score these cd checkpoints (comma-separated steps); with a '
+                           'constant learning rate a checkpoint of step S is what a run of S '
+                           'steps ends with, and its wall time is read from the workdir')
+  parser.add_argument('--only_cd_checkpoints', action='store_true',
+                      help='score only --cd_checkpoints, merging the rows into --out')
   parser.add_argument('--out', default='docs/distillation.json')
   args = parser.parse_args(argv)
   os.makedirs(args.root, exist_ok=True)
@@ -121,15 +127,27 @@ def main(argv=None):
                      seconds=seconds, load=os.getloadavg()[0], **q))
     print(json.dumps(rows[-1]), flush=True)
 
-  for k, candidates in TEACHER.items():
+  if args.only_cd_checkpoints:
+    with open(args.out) as f:
+      previous = json.load(f)
+    rows.extend(previous['rows'])
+    times.update(previous['training'])
+  cd_dir = os.path.join(args.root, 'cd')
+  for step in [int(s) for s in args.cd_checkpoints.split(',') if s]:
+    name = f'cd@{step}'
+    times[name] = dict(seconds=checkpoint_seconds(cd_dir, os.path.join(args.root, 'cd.log'),
+                                                  step), load=None)
+    for k in (1, 2, 4):
+      score(name, cd_dir, step, sampler_config.SamplerConfig('consistency', steps=k), k)
+  for k, candidates in ([] if args.only_cd_checkpoints else TEACHER.items()):
     for kind, steps, options in candidates:
       score('teacher', teacher, None, sampler_config.SamplerConfig(kind, steps=steps, **options),
             k)
-  if 'cd' in students:
+  if 'cd' in students and not args.only_cd_checkpoints:
     for k in (1, 2, 4):
       score('cd', os.path.join(args.root, 'cd'), None,
             sampler_config.SamplerConfig('consistency', steps=k), k)
-  if 'pd' in students:
+  if 'pd' in students and not args.only_cd_checkpoints:
     from configs import digits_pd  # pylint: disable=g-import-not-at-top
     d = digits_pd.get_config().distill
     for r in range(d.start_steps.bit_length()):
@@ -142,6 +160,21 @@ def main(argv=None):
   with open(args.out, 'w') as f:
     json.dump(dict(training=times, rows=rows), f, indent=1)
   print('\n'.join(table(dict(training=times, rows=rows))))
+
+
+def checkpoint_seconds(workdir: str, log: str, step: int) -> float:
+  """Seconds from train.py's start to checkpoint `step` (its folder's time; the start is the
+  log's first line less the imports the startup line reports)."""
+  import datetime  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  with open(log) as f:
+    text = f.read()
+  first = re.search(r'^I\d{4} (\d\d:\d\d:\d\d\.\d+)', text, re.M).group(1)
+  imports = float(re.search(r'startup: imports ([\d.]+) s', text).group(1))
+  folder = os.path.join(workdir, 'checkpoints', str(step))
+  day = datetime.datetime.fromtimestamp(os.path.getmtime(folder))
+  start = datetime.datetime.combine(day.date(), datetime.time.fromisoformat(first))
+  return (day - start).total_seconds() + imports
 
 
 def best(rows, run, k):
@@ -164,7 +197,7 @@ def table(result) -> list[str]:
     return lines
   lines.append('')
   lines.append(f"Targets (teacher at 20 evaluations: FD {ref['fid']:.2f}):")
-  for run in ('cd', 'pd'):
+  for run in ['cd', 'pd'] + sorted({r['run'] for r in rows if r['run'].startswith('cd@')}):
     for k, bound in ((2, 1.5), (1, 2.5)):
       r = best(rows, run, k)
       if r:

@@ -258,8 +258,14 @@ def test_step_schedules():
     for kind in sv.ScheduleKind:
       sched = sv.step_schedule(p, n, kind.value)
       t = np.asarray(sched.t)
-      assert t.shape == (n + 1,) and t[0] == 1.0 and t[-1] == pytest.approx(1 / T, abs=1e-15)
+      # 'trailing' stops at 1/(N + 1): the top N + 1 of a grid that ends at t = 0.
+      trailing = kind is sv.ScheduleKind.TRAILING   # float32 levels
+      bottom = 1 / (n + 1) if trailing else 1 / T
+      assert t.shape == (n + 1,) and t[0] == 1.0 and t[-1] == pytest.approx(
+          bottom, abs=1e-7 if trailing else 1e-15)
       assert np.all(np.diff(t) < 0), kind
+    np.testing.assert_allclose(sv.step_schedule(p, n, 'trailing').t, 1 - np.arange(n + 1) / (n + 1),
+                               rtol=1e-7)
     np.testing.assert_allclose(sv.step_schedule(p, n, 'time_uniform').t, 1 + u * (1 / T - 1))
     np.testing.assert_allclose(sv.step_schedule(p, n, 'logsnr').lam,
                                lam_lo + u * (lam_hi - lam_lo), rtol=1e-9, atol=1e-9)
@@ -295,10 +301,10 @@ def test_bad_inputs_raise_one_line_errors():
   cases = [
       (lambda: sv.solve('dpm', den, x, sv.step_schedule(p, 3)),
        r"unknown sampler 'dpm'; allowed: 'ddpm', 'ddim', 'euler', 'heun', 'dpmpp_2m', "
-       r"'dpmpp_3m', 'sde', 'pc', 'ode', 'ald'$"),
+       r"'dpmpp_3m', 'sde', 'pc', 'ode', 'ald', 'consistency'$"),
       (lambda: sv.step_schedule(p, 3, 'cosine'),
        r"unknown step_schedule 'cosine'; allowed: 'time_uniform', 'logsnr', 'karras', "
-       r"'respaced'$"),
+       r"'respaced', 'trailing'$"),
       (lambda: sv.step_schedule(ct.make_process('ve', sigma_min=0.01, sigma_max=50.0), 3,
                                 'respaced'),
        r"step_schedule 'respaced' .* needs the 'vp' process, not 've'"),
