@@ -330,9 +330,6 @@ class DistillSpec:
     """The teacher network's output type."""
     return gd.MeanType.parse(self.teacher_spec['diffusion']['parameterization']['mean_type'])
 
-  def to_dict(self) -> dict[str, Any]:
-    return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
 
 def _distill_of(c: ml_collections.ConfigDict, teacher: tuple['ExperimentSpec', int] | None
                 ) -> DistillSpec | None:
