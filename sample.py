@@ -5,6 +5,11 @@ r"""Samples from a trained DDPM: a thin entry point around
   python sample.py --workdir /tmp/digits --num_samples 64 --sampler ddim --steps 50 --seed 1
   python sample.py --workdir /tmp/digits --num_samples 1797 --sampler dpmpp_2m --steps 20
   python sample.py --workdir DIR --num_samples 100 --label 3 --guidance_scale 2
+  python sample.py --workdir /tmp/digits --classifier /tmp/digits_classifier --label 3 \
+      --classifier_scale 2 --num_samples 64          # classifier guidance
+  python sample.py --workdir /tmp/digits --sampler ddpm --steps 250 --inpaint \
+      --images digits.npz --mask bottom --jump_length 10 --jump_n_sample 10   # RePaint
+  python sample.py --workdir /tmp/digits --init digits.npz --strength 0.5   # SDEdit
 
 Loads the EMA parameters of the latest checkpoint in DIR/checkpoints, samples data-parallel
 over every device, and writes OUT/samples.npz (uint8 `images` [N, H, W, C], and `labels`
@@ -37,6 +42,22 @@ flags.DEFINE_bool('progressive', False, 'Also write progressive.png (x_t and x̂
 flags.DEFINE_bool('interpolate', False, 'Also write interpolation.png (samples 0 → 1 through '
                   'their latents; ddpm, ddim or a deterministic solver).')
 flags.DEFINE_bool('overwrite', False, 'Replace the files of an earlier run in OUT.')
+# Controllable generation (docs/controllable.md).
+flags.DEFINE_string('classifier', None, 'A noise-conditional classifier workdir (trained with '
+                    "diffusion.objective 'classifier', e.g. configs/digits_classifier.py): "
+                    'classifier guidance toward --label (default: every class in turn).')
+flags.DEFINE_float('classifier_scale', None, 'The guidance scale s of --classifier (default 1).')
+flags.DEFINE_bool('inpaint', False, 'Inpaint --images under --mask instead of sampling.')
+flags.DEFINE_string('images', None, '--inpaint: the known images, an .npz (uint8 `images` '
+                    '[N, H, W, C]) or a PNG grid as sample.py writes.')
+flags.DEFINE_string('mask', None, '--inpaint: the unknown region (top, bottom, left, right, '
+                    'center) or a mask file (.npz `mask`, or a PNG: white known, black unknown).')
+flags.DEFINE_integer('jump_length', None, '--inpaint: RePaint\'s jump length (default 1).')
+flags.DEFINE_integer('jump_n_sample', None, '--inpaint: RePaint\'s resamplings (default 1: '
+                     'plain replacement).')
+flags.DEFINE_string('init', None, 'Image-to-image (SDEdit): the input images (.npz or PNG grid).')
+flags.DEFINE_float('strength', None, 'Image-to-image: in (0, 1], the share of the sampler\'s '
+                   'steps run from the noised input (1: from pure noise).')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
@@ -53,7 +74,10 @@ def main(argv):
         FLAGS.workdir, num_samples=FLAGS.num_samples, sampler=sampler,
         batch_size=FLAGS.batch_size, seed=FLAGS.seed, output=FLAGS.output, label=FLAGS.label,
         progressive_chain=FLAGS.progressive, interpolation=FLAGS.interpolate,
-        overwrite=FLAGS.overwrite)
+        overwrite=FLAGS.overwrite, classifier=FLAGS.classifier,
+        classifier_scale=FLAGS.classifier_scale, inpaint=FLAGS.inpaint, images=FLAGS.images,
+        mask=FLAGS.mask, init=FLAGS.init, strength=FLAGS.strength,
+        jump_length=FLAGS.jump_length, jump_n_sample=FLAGS.jump_n_sample)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     cli.exit_with_error(e)
   print(f'checkpoint {result["step"]}: {result["num_samples"]} samples, {result["sampler"]}, '

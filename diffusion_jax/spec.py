@@ -39,7 +39,7 @@ from diffusion_jax.options import Option
 
 # U-Net fields that come from the data, the variance type and the compute dtype, not from
 # `config.model`.
-DERIVED_MODEL_FIELDS = ('out_ch', 'num_classes', 'dtype', 'param_dtype', 'time_scale')
+DERIVED_MODEL_FIELDS = ('out_ch', 'num_classes', 'dtype', 'param_dtype', 'time_scale', 'head')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
@@ -96,6 +96,9 @@ class Objective(Option):
   DSM = 'dsm'    # denoising score matching over continuous t, weighting λ = σ² (Song & Ermon)
   SSM = 'ssm'    # sliced score matching of the perturbed marginals (Song et al. 2019)
   EDM = 'edm'    # Karras et al. 2022: log-normal σ, λ(σ), the preconditioned D ('edm' process)
+  # A noise-conditional classifier p(y | x_t) of the process (for classifier guidance, sampling
+  # with --classifier): cross-entropy of the data's labels at t ~ U(t_min, t_max).
+  CLASSIFIER = 'classifier'
 
   @classmethod
   def _what(cls):
@@ -501,12 +504,33 @@ class ExperimentSpec:
                                 self.run.steps_per_call)
     if self.distill is not None:
       self._check_distill()
+    if self.is_classifier:
+      self._check_classifier()
+
+  @property
+  def is_classifier(self) -> bool:
+    """A noise-conditional classifier (objective 'classifier'), not a diffusion model."""
+    return self.diffusion.objective is Objective.CLASSIFIER
+
+  def _check_classifier(self) -> None:
+    """One-line errors for what a classifier run cannot do."""
+    if self.run.sample_every_steps or self.eval.every_steps:
+      raise ValueError("diffusion.objective 'classifier' trains a classifier, which draws no "
+                       'samples: set training.sample_every_steps=0 and eval.every_steps=0')
+    if self.distill is not None:
+      raise ValueError("diffusion.objective 'classifier' has nothing to distil: drop distill")
+    if self.model.head != 'classifier' or self.model.out_ch != self.data.num_classes:
+      raise ValueError(f"diffusion.objective 'classifier' needs a classifier head of "
+                       f'{self.data.num_classes} logits, got head {self.model.head!r} with '
+                       f'{self.model.out_ch}')
 
   def _check_distill(self) -> None:
     """One-line errors where the student cannot be the teacher's, or the method has no
     meaning for its process."""
     d = self.distill
     teacher = d.parsed_teacher_spec()
+    if teacher.is_classifier:
+      raise ValueError(f'distill.teacher {d.teacher!r} is a classifier, not a diffusion model')
     fixed, resumable = differences(teacher, self)
     shared = [row for row in fixed + resumable
               if row[0].startswith(TEACHER_SHARED) and row[0] not in STUDENT_OWN]
@@ -535,6 +559,10 @@ class ExperimentSpec:
 
   def check_sampler(self, sampler: 'sampler_config.SamplerConfig') -> None:
     """The diffusion's checks, and the consistency sampler for consistency models only."""
+    if self.is_classifier:
+      raise ValueError("this workdir is a noise-conditional classifier (diffusion.objective "
+                       "'classifier'): it draws no samples; guide a diffusion model with "
+                       '--classifier WORKDIR')
     self.diffusion.check_sampler(sampler)
     if sampler.info.consistency_model and self.consistency_sigma_data is None:
       raise ValueError(f'sampler {sampler.kind.value!r} samples consistency models (a workdir '
@@ -583,9 +611,15 @@ class ExperimentSpec:
     # vp, log σ for ve, 999·t for sub-VP; time_scale brings it to the embedding's range.
     time_scale = (float(d.num_timesteps) if process is continuous.ProcessKind.VP
                   else float(continuous.make_process(process).time_scale))
-    model = UNetConfig.from_dict({**fields, 'out_ch': param.out_channels(info.image_shape[-1]),
-                                  'num_classes': num_classes, 'dtype': dtype,
-                                  'time_scale': time_scale})
+    classifier = d.get('objective', 'ddpm') == Objective.CLASSIFIER.value
+    if classifier and (not info.num_classes or num_classes):
+      raise ValueError(f"diffusion.objective 'classifier' predicts the labels of dataset "
+                       f'{info.name!r}: it needs a labelled dataset and '
+                       'model.class_conditional=False')
+    out_ch = info.num_classes if classifier else param.out_channels(info.image_shape[-1])
+    model = UNetConfig.from_dict({**fields, 'out_ch': out_ch, 'num_classes': num_classes,
+                                  'dtype': dtype, 'time_scale': time_scale,
+                                  'head': 'classifier' if classifier else 'denoiser'})
     diffusion = DiffusionSpec(
         schedule=d.schedule, num_timesteps=_positive_int(d.num_timesteps,
                                                          'diffusion.num_timesteps'),
@@ -623,7 +657,7 @@ class ExperimentSpec:
     spec = cls(seed=int(c.seed), data=data, model=model, diffusion=diffusion,
                optimizer=OptimizerConfig(**c.optimizer.to_dict()), training=training, run=run,
                eval=evaluation, distill=_distill_of(c, teacher))
-    for s in (run.sampler, evaluation.sampler):
+    for s in () if spec.is_classifier else (run.sampler, evaluation.sampler):
       spec.check_sampler(s)
     return spec
 

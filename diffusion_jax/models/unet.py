@@ -54,6 +54,7 @@ Dtype = Any
 
 ATTN_IMPLEMENTATIONS = (None, "xla", "cudnn")
 TIME_EMBEDDINGS = ("sinusoidal", "fourier")
+HEADS = ("denoiser", "classifier")
 
 
 def _is_int(v: Any) -> bool:
@@ -111,6 +112,8 @@ def _check_fields(m: Any) -> None:
     if not floating:
       raise ValueError(
         f"{name} must be a floating dtype such as float32 or bfloat16; got {name}={value!r}")
+  if m.head not in HEADS:
+    raise ValueError(f"head must be one of {HEADS}; got head={m.head!r}")
   if m.time_embedding not in TIME_EMBEDDINGS:
     raise ValueError(
       f"time_embedding must be one of {TIME_EMBEDDINGS}; got time_embedding={m.time_embedding!r}")
@@ -153,6 +156,10 @@ class UNetConfig:
       ``w ~ N(0, fourier_scale²)`` (``ch // 2`` of them; a parameter that gets no gradient).
     fourier_scale: the standard deviation of the Fourier frequencies (score_sde's 16).
     time_scale: the number of timesteps of the diffusion, so that ``s`` lies in [0, 1).
+    head: "denoiser" (the U-Net, ``[B, H, W, out_ch]``) or "classifier": the downsampling
+      path and the middle only, then GroupNorm, swish, a spatial mean and a dense layer to
+      ``out_ch`` logits, ``[B, out_ch]`` (a noise-conditional classifier, as ADM's encoder
+      half of the U-Net; here with a mean instead of attention pooling).
   """
   ch: int = 128
   out_ch: int = 3
@@ -172,6 +179,7 @@ class UNetConfig:
   time_embedding: str = "sinusoidal"
   fourier_scale: float = 16.0
   time_scale: float = 1000.0
+  head: str = "denoiser"
 
   def __post_init__(self):
     _check_fields(self)
@@ -335,6 +343,10 @@ class UNet(nn.Module):
     h = res(c, "mid_block_1")(h, temb, train)
     h = attn(c, "mid_attn_1")(h)
     h = res(c, "mid_block_2")(h, temb, train)
+    if self.config.head == "classifier":
+      h = nn.swish(group_norm("norm_out", dt, pdt)(h))
+      h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))  # [B, ch * ch_mult[-1]]
+      return dense(self.config.out_ch, "logits", dt, pdt)(h).astype(jnp.float32)  # [B, out_ch]
 
     # Upsampling: each block takes one skip, so each level uses num_res_blocks + 1 of them.
     for i in reversed(range(levels)):

@@ -13,6 +13,7 @@ from diffusion_jax.process import consistency as consistency_lib
 from diffusion_jax.process import continuous
 from diffusion_jax.process import gaussian_diffusion as gd
 from diffusion_jax.runtime import parallel
+from diffusion_jax.sampling import controllable
 from diffusion_jax.sampling import solvers
 from diffusion_jax.sampling.config import SamplerConfig, SamplerKind
 
@@ -80,20 +81,24 @@ def check_consistency(sampler: SamplerConfig, consistency_sigma_data: float | No
 
 def model_denoiser(denoise_fn: gd.DenoiseFn, process: continuous.Process, *,
                    sampler: SamplerConfig, parameterization: gd.Parameterization,
-                   record=None, consistency_sigma_data: float | None = None
-                   ) -> continuous.Denoiser:
+                   record=None, consistency_sigma_data: float | None = None,
+                   guide=None) -> continuous.Denoiser:
   """A model's `denoise_fn(x_t, timesteps) -> output` as the solvers' denoiser: its output
   converted to (x̂₀, ε̂) (`continuous.make_denoiser`), x̂₀ clipped when `sampler` says so,
   with the variance output for a ddpm chain of a learned-variance model.
 
   `consistency_sigma_data`: a consistency model's σ_d (its denoiser is then the
-  boundary-preserving f of `process.consistency`); None for any other model."""
+  boundary-preserving f of `process.consistency`); None for any other model. `guide`: a
+  denoiser adapter applied before the clipping (classifier guidance,
+  `controllable.classifier_guided`)."""
   check_consistency(sampler, consistency_sigma_data)
   with_variance = sampler.info.uses_variance and parameterization.var_type.is_learned
   denoiser = continuous.make_denoiser(process, denoise_fn, parameterization.mean_type,
                                       with_variance=with_variance)
   if consistency_sigma_data is not None:
     denoiser = consistency_lib.consistency_denoiser(denoiser, process, consistency_sigma_data)
+  if guide is not None:
+    denoiser = guide(denoiser)
   if sampler.clip_denoised:
     denoiser = continuous.clip_x0(process, denoiser)
   return denoiser if record is None else _recording(denoiser, record)
@@ -103,7 +108,8 @@ def sample(denoise_fn: gd.DenoiseFn, process: continuous.Process, shape, rng: ja
            sampler: SamplerConfig, parameterization: gd.Parameterization,
            x_init: jax.Array | None = None, record=None,
            schedule: solvers.StepSchedule | None = None,
-           consistency_sigma_data: float | None = None) -> tuple[jax.Array, jax.Array]:
+           consistency_sigma_data: float | None = None, guide=None
+           ) -> tuple[jax.Array, jax.Array]:
   """Samples `[*shape]` from a model's `denoise_fn(x_t, timesteps)` with any registered
   sampler: (x₀ in [-1, 1] when clipping, model evaluations per sample int32 []).
 
@@ -111,20 +117,27 @@ def sample(denoise_fn: gd.DenoiseFn, process: continuous.Process, shape, rng: ja
   the start is `x_init` or a prior draw from the first half of `split(rng)`, and the solver
   draws from the second. `record(t, x, x0_hat)`: see `_recording`. `schedule`: the levels,
   when already computed (`schedule_of`). jit-safe with `process`, `sampler` and
-  `parameterization` fixed (closed over). `consistency_sigma_data`: see `model_denoiser`.
+  `parameterization` fixed (closed over). `consistency_sigma_data`, `guide`: see
+  `model_denoiser`.
   """
   denoiser = model_denoiser(denoise_fn, process, sampler=sampler,
                             parameterization=parameterization, record=record,
-                            consistency_sigma_data=consistency_sigma_data)
-  options = sampler.solver_options()
-  if sampler.info.uses_variance:
-    options['variance'] = parameterization.var_type
+                            consistency_sigma_data=consistency_sigma_data, guide=guide)
+  options = _options(sampler, parameterization)
   init_rng, loop_rng = jax.random.split(rng)
   x_T = process.prior_sample(init_rng, tuple(shape), jnp.float32) if x_init is None else x_init
   schedule = schedule_of(sampler, process) if schedule is None else schedule
   solution = solvers.solve(sampler.kind, denoiser, x_T, schedule, loop_rng, **options)
   x0 = jnp.clip(solution.x0, -1.0, 1.0) if sampler.clip_denoised else solution.x0
   return x0, solution.nfe
+
+
+def _options(sampler: SamplerConfig, parameterization: gd.Parameterization) -> dict:
+  """The solver's keyword options: the sampler's, and the model's variance for ddpm."""
+  options = sampler.solver_options()
+  if sampler.info.uses_variance:
+    options['variance'] = parameterization.var_type
+  return options
 
 
 def encode(denoise_fn: gd.DenoiseFn, process: continuous.Process, x0: jax.Array, *,
@@ -156,9 +169,18 @@ def encode(denoise_fn: gd.DenoiseFn, process: continuous.Process, x0: jax.Array,
 def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *,
               parameterization: gd.Parameterization, sampler: SamplerConfig,
               num_classes: int | None = None, process: continuous.Process | None = None,
-              consistency_sigma_data: float | None = None):
-  """`fn(params, rng, labels, x_shape, x_init=None) -> (images [B, H, W, C] in [-1, 1], nfe)`
-  on one device; nfe (int32 []) counts the model evaluations per sample.
+              consistency_sigma_data: float | None = None,
+              classifier: nn.Module | None = None, classifier_scale: float = 0.0,
+              control: controllable.Control | None = None):
+  """`fn(params, rng, labels, x_shape, x_init=None, images=None, masks=None) ->
+  (images [B, H, W, C] in [-1, 1], nfe)` on one device; nfe (int32 []) counts the model
+  evaluations per sample.
+
+  `classifier`: a noise-conditional classifier of `process` (objective 'classifier'), whose
+  s·∇ log p(labels | x_t) guides every step (s = `classifier_scale`); `params` is then the
+  pair (model params, classifier params). `control`: inpainting (`images` the known images,
+  `masks` 1 on their known pixels) or image-to-image (`images` the inputs) instead of
+  sampling from the prior; see `controllable`.
 
   `process`: the model's process (`DiffusionSpec.make_process`); None reads `diffusion` as a
   VP process of its T steps. What the sampler cannot do on it (ald on vp, a parameterisation
@@ -176,14 +198,59 @@ def sample_fn(model: nn.Module, diffusion: gd.GaussianDiffusion, *,
     sampler.check_steps(process.num_timesteps)
   continuous.parse_continuous_mean_type(parameterization.mean_type)
   schedule = schedule_of(sampler, process)  # once, on the host: a bad one is refused here
+  if control is not None:
+    control.check(sampler)
 
-  def fn(params, rng, labels, x_shape, x_init=None):
+  def fn(params, rng, labels, x_shape, x_init=None, images=None, masks=None):
+    guide = None
+    if classifier is not None:
+      params, classifier_params = params
+      log_prob = controllable.classifier_log_prob(
+          lambda x, n: classifier.apply({'params': classifier_params}, x, n, train=False),
+          process, labels)
+      guide = lambda den: controllable.classifier_guided(den, process, log_prob,
+                                                         classifier_scale)
     denoise = make_denoise_fn(model, params, labels if num_classes else None,
                               guidance_scale=sampler.guidance_scale, num_classes=num_classes)
-    return sample(denoise, process, x_shape, rng, sampler=sampler,
-                  parameterization=parameterization, x_init=x_init, schedule=schedule,
-                  consistency_sigma_data=consistency_sigma_data)
+    if control is None:
+      return sample(denoise, process, x_shape, rng, sampler=sampler,
+                    parameterization=parameterization, x_init=x_init, schedule=schedule,
+                    consistency_sigma_data=consistency_sigma_data, guide=guide)
+    denoiser = model_denoiser(denoise, process, sampler=sampler,
+                              parameterization=parameterization,
+                              consistency_sigma_data=consistency_sigma_data, guide=guide)
+    solution = control.run(denoiser, schedule, images, masks, rng, kind=sampler.kind,
+                           **_options(sampler, parameterization))
+    x0 = jnp.clip(solution.x0, -1.0, 1.0) if sampler.clip_denoised else solution.x0
+    if control.inpainting:   # the known pixels exactly, clipped or not
+      x0 = masks * images + (1.0 - masks) * x0
+    return x0, solution.nfe
   return fn
+
+
+def data_parallel_control(fn, mesh: Mesh):
+  """Jits a `sample_fn` with a `control` under `shard_map`: `run(params, rng, labels [N],
+  images [N, H, W, C], masks [N, H, W, C]) -> (images [N, H, W, C], nfe [devices])`, split
+  over the devices as `data_parallel_sampler` does (masks: ones for image-to-image)."""
+  def per_device(params, rng, labels, images, masks):
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
+    out, nfe = fn(params, rng, labels, images.shape, images=images, masks=masks)
+    return out, jnp.reshape(nfe, (1,))
+
+  sharded = jax.shard_map(per_device, mesh=mesh,
+                          in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS)),
+                          out_specs=(P(AXIS), P(AXIS)), check_vma=False)
+  jitted = jax.jit(sharded)
+
+  def run(params, rng, labels, images, masks):
+    n = mesh.devices.size
+    if labels.shape[0] % n:
+      raise ValueError(f'number of images per call {labels.shape[0]} must be a multiple of '
+                       f'the device count {n}')
+    put = lambda a, dtype: jax.device_put(np.asarray(a, dtype), NamedSharding(mesh, P(AXIS)))
+    return jitted(params, rng, put(labels, np.int32), put(images, np.float32),
+                  put(masks, np.float32))
+  return run
 
 
 def data_parallel_sampler(fn, mesh: Mesh, image_shape: tuple[int, int, int]):

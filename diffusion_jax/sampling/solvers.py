@@ -193,24 +193,49 @@ def _need_rng(rng, name):
     raise ValueError(f'solver {name!r} draws noise and needs an rng key, got None')
 
 
+# A one-step solver as a function of the step: `step(x, i, key) -> x` at t_{i+1} from x at t_i,
+# drawing its noise (if any) from `key`. `SolverInfo.stepper` builds it from (denoiser, sched,
+# **options); the solver is `_run_steps` of it, and `sampling.controllable` runs it over its own
+# sequence of levels (inpainting's replacement after every step, RePaint's jumps back).
+Step = Callable[[Array, Array, Any], Array]
+
+
+def fold_key(rng: Array, sched: 'StepSchedule', i: Array) -> Array:
+  """Step i's key: `fold_in(rng, i)` (every solver but the discrete chains)."""
+  del sched
+  return jax.random.fold_in(rng, i)
+
+
+def _run_steps(step: Step, x: Array, sched: 'StepSchedule', rng, key_of=fold_key) -> Array:
+  """The N steps of `step` in one `lax.scan`; step i's key is `key_of(rng, sched, i)`."""
+  def body(x, i):
+    return step(x, i, None if rng is None else key_of(rng, sched, i)), None
+
+  x, _ = jax.lax.scan(body, x, jnp.arange(sched.num_steps))
+  return x
+
+
 # ------------------------------------------------------------------------------------------
 # Karras et al. 2022, Alg. 1 and 2: the PF-ODE dx̃/dσ̃ = ε̂ on x̃ = x/α, σ̃ = e^{−λ}.
 # ------------------------------------------------------------------------------------------
 
 
-def euler(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None) -> Array:
-  """Euler steps in σ̃ (N evaluations); returns x at t_N."""
-  del rng
+def euler_step(denoiser: Denoiser, sched: StepSchedule) -> Step:
+  """`euler`'s step i (1 evaluation)."""
   la = _log_alphas(sched)
   st = jnp.exp(-sched.lam)  # σ̃ [N + 1]
 
-  def step(x, i):
+  def step(x, i, key):
+    del key
     _, eps = denoiser(x, _bt(sched.t[i], x))
     y = x * jnp.exp(-la[i]) + (st[i + 1] - st[i]) * eps
-    return y * jnp.exp(la[i + 1]), None
+    return y * jnp.exp(la[i + 1])
+  return step
 
-  x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
-  return x
+
+def euler(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None) -> Array:
+  """Euler steps in σ̃ (N evaluations); returns x at t_N."""
+  return _run_steps(euler_step(denoiser, sched), x, sched, None)
 
 
 def heun(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
@@ -221,9 +246,17 @@ def heun(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
   Churn raises σ̃_i to σ̂ = σ̃_i(1 + γ), γ = min(S_churn/N, √2 − 1) for σ̃_i in
   [S_tmin, S_tmax], by adding noise of variance σ̂² − σ̃_i² to x̃ (σ̂ is capped at σ̃(t=1)).
   """
-  churn = s_churn > 0
-  if churn:
+  if s_churn > 0:
     _need_rng(rng, 'heun (with churn)')
+  step = heun_step(denoiser, sched, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                   s_noise=s_noise)
+  return _run_steps(step, x, sched, rng if s_churn > 0 else None)
+
+
+def heun_step(denoiser: Denoiser, sched: StepSchedule, *, s_churn: float = 0.0,
+              s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> Step:
+  """`heun`'s step i (2 evaluations; churn draws from the step's key)."""
+  churn = s_churn > 0
   n = sched.num_steps
   process = sched.process
   lam = sched.lam
@@ -231,13 +264,13 @@ def heun(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
   st = jnp.exp(-lam)
   gamma_max = min(s_churn / n, math.sqrt(2.0) - 1.0)
 
-  def step(x, i):
+  def step(x, i, key):
     y = x * jnp.exp(-la[i])
     st_hat, t_hat = st[i], sched.t[i]
     if churn:
       in_range = (st[i] >= s_tmin) & (st[i] <= s_tmax)
       st_hat = jnp.minimum(st[i] * (1.0 + jnp.where(in_range, gamma_max, 0.0)), st[0])
-      noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+      noise = jax.random.normal(key, x.shape, x.dtype)
       y = y + jnp.sqrt(jnp.maximum(st_hat ** 2 - st[i] ** 2, 0.0)) * s_noise * noise
       t_hat = jnp.where(st_hat > st[i], process.t_of_lambda(-jnp.log(st_hat)), sched.t[i])
     a_hat = jnp.exp(process.log_alpha_of_lambda(-jnp.log(st_hat)))
@@ -246,10 +279,8 @@ def heun(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
     a_next = jnp.exp(la[i + 1])
     _, d_next = denoiser(a_next * y_pred, _bt(sched.t[i + 1], x))
     y_next = y + (st[i + 1] - st_hat) * 0.5 * (d + d_next)
-    return a_next * y_next, None
-
-  x, _ = jax.lax.scan(step, x, jnp.arange(n))
-  return x
+    return a_next * y_next
+  return step
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,18 +376,21 @@ def euler_maruyama(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None) 
   f and g² are the step's averages (`_step_f_g2`).
   """
   _need_rng(rng, 'sde')
+  return _run_steps(euler_maruyama_step(denoiser, sched), x, sched, rng)
+
+
+def euler_maruyama_step(denoiser: Denoiser, sched: StepSchedule) -> Step:
+  """`euler_maruyama`'s step i (1 evaluation)."""
   la = _log_alphas(sched)
   sig = jnp.exp(sched.process.log_sigma_of_lambda(sched.lam))
 
-  def step(x, i):
+  def step(x, i, key):
     dt, f, g2 = _step_f_g2(sched, la, sig, i)
     _, eps = denoiser(x, _bt(sched.t[i], x))
     score = -eps / sig[i]
-    z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
-    return _em_step(x, score, z, dt, f, g2), None
-
-  x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
-  return x
+    z = jax.random.normal(key, x.shape, x.dtype)
+    return _em_step(x, score, z, dt, f, g2)
+  return step
 
 
 def _per_example_norm(v: Array) -> Array:
@@ -377,6 +411,13 @@ def predictor_corrector(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=N
   step size serves the batch (per-example ratios are erratic for small inputs).
   """
   _need_rng(rng, 'pc')
+  step = predictor_corrector_step(denoiser, sched, snr=snr, corrector_steps=corrector_steps)
+  return _run_steps(step, x, sched, rng)
+
+
+def predictor_corrector_step(denoiser: Denoiser, sched: StepSchedule, *, snr: float = 0.16,
+                             corrector_steps: int = 1) -> Step:
+  """`predictor_corrector`'s step i (1 + `corrector_steps` evaluations)."""
   la = _log_alphas(sched)
   sig = jnp.exp(sched.process.log_sigma_of_lambda(sched.lam))
   ancestral = sched.process.kind is ProcessKind.VP
@@ -385,8 +426,7 @@ def predictor_corrector(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=N
     _, eps = denoiser(x, _bt(sched.t[i], x))
     return -eps / sig[i]
 
-  def step(x, i):
-    key = jax.random.fold_in(rng, i)
+  def step(x, i, key):
     beta = -jnp.expm1(2.0 * (la[i] - la[i + 1]))
     for k in range(corrector_steps):
       s = score(x, i)
@@ -400,10 +440,8 @@ def predictor_corrector(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=N
       x = (x + beta * s) * jnp.exp(la[i + 1] - la[i]) + jnp.sqrt(beta) * z
     else:
       x = _em_step(x, s, z, *_step_f_g2(sched, la, sig, i))
-    return x, None
-
-  x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
-  return x
+    return x
+  return step
 
 
 # ------------------------------------------------------------------------------------------
@@ -552,7 +590,7 @@ def _f32(a: np.ndarray) -> Array:
   return jnp.asarray(a, jnp.float32)
 
 
-def _chain_key(rng: Array, sched: StepSchedule, i: Array) -> Array:
+def chain_key(rng: Array, sched: StepSchedule, i: Array) -> Array:
   """Step i's key: Ho's chain numbers its steps by the level they leave, N − i (so the same
   seed gives the same samples as the chains over a respaced process always did)."""
   return jax.random.fold_in(rng, sched.num_steps - i)
@@ -568,14 +606,20 @@ def ddpm(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
   need a denoiser that returns the variance output third (`make_denoiser(with_variance=True)`).
   """
   _need_rng(rng, 'ddpm')
-  var = VarType.parse(variance)
   if sched.num_steps == 0:   # one level: the sample is `solve`'s x̂₀ of x
     return x
+  return _run_steps(ddpm_step(denoiser, sched, variance=variance), x, sched, rng, chain_key)
+
+
+def ddpm_step(denoiser: Denoiser, sched: StepSchedule, *,
+              variance: str | VarType = 'fixedsmall') -> Step:
+  """`ddpm`'s step i (1 evaluation): a draw from the posterior between levels i and i + 1."""
+  var = VarType.parse(variance)
   c = pair_coefficients(sched)
   c_x, c_x0 = _f32(c.x), _f32(c.x0)
   log_small, log_large = _f32(np.log(c.small)), _f32(np.log(c.large))
 
-  def step(x, i):
+  def step(x, i, key):
     out = denoiser(x, _bt(sched.t[i], x))
     mean = c_x0[i] * out[0] + c_x[i] * x
     if var is VarType.FIXED_SMALL:
@@ -587,11 +631,9 @@ def ddpm(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
     else:
       frac = (out[2] + 1.0) / 2.0
       log_var = frac * log_large[i] + (1.0 - frac) * log_small[i]
-    z = jax.random.normal(_chain_key(rng, sched, i), x.shape, x.dtype)
-    return mean + jnp.exp(0.5 * log_var) * z, None
-
-  x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
-  return x
+    z = jax.random.normal(key, x.shape, x.dtype)
+    return mean + jnp.exp(0.5 * log_var) * z
+  return step
 
 
 def ddim(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
@@ -608,21 +650,27 @@ def ddim(denoiser: Denoiser, x: Array, sched: StepSchedule, rng=None, *,
     _need_rng(rng, 'ddim (eta > 0)')
   if sched.num_steps == 0:   # one level: the sample is `solve`'s x̂₀ of x
     return x
+  return _run_steps(ddim_step(denoiser, sched, eta=eta), x, sched, rng if eta else None,
+                    chain_key)
+
+
+def ddim_step(denoiser: Denoiser, sched: StepSchedule, *, eta: float = 0.0) -> Step:
+  """`ddim`'s step i (1 evaluation; η > 0 draws from the step's key)."""
+  if eta < 0:
+    raise ValueError(f'ddim eta must be >= 0, got {eta!r}')
   c = pair_coefficients(sched)
   var = eta ** 2 * c.small if eta else np.zeros_like(c.small)
   c_x0 = _f32(c.alpha_s)
   c_eps = _f32(np.sqrt(np.maximum(np.square(c.sigma_s) - var, 0.0)))
   c_z = _f32(np.sqrt(var))
 
-  def step(x, i):
+  def step(x, i, key):
     x0, eps = denoiser(x, _bt(sched.t[i], x))[:2]
     x_next = c_x0[i] * x0 + c_eps[i] * eps
     if eta:
-      x_next = x_next + c_z[i] * jax.random.normal(_chain_key(rng, sched, i), x.shape, x.dtype)
-    return x_next, None
-
-  x, _ = jax.lax.scan(step, x, jnp.arange(sched.num_steps))
-  return x
+      x_next = x_next + c_z[i] * jax.random.normal(key, x.shape, x.dtype)
+    return x_next
+  return step
 
 
 # ------------------------------------------------------------------------------------------
@@ -686,23 +734,32 @@ class SolverInfo:
   final_denoise: bool = True
   # Defined for consistency models only (`process.consistency`); sample_fn checks it.
   consistency_model: bool = False
+  # A one-step solver's `stepper(denoiser, sched, **options) -> Step`, and how step i's key
+  # derives from the solve's key; None for the multistep and adaptive ones (their state is
+  # more than x: inpainting and RePaint refuse them).
+  stepper: Callable | None = None
+  step_key: Callable = fold_key
 
 
 SOLVERS: dict[str, SolverInfo] = {
     'ddpm': SolverInfo(ddpm, 'ancestral sampling (Ho et al.), respaced when steps < T',
-                       levels=True, schedule=ScheduleKind.RESPACED, uses_variance=True),
+                       levels=True, schedule=ScheduleKind.RESPACED, uses_variance=True,
+                       stepper=ddpm_step, step_key=chain_key),
     'ddim': SolverInfo(ddim, 'DDIM (Song et al.); eta > 0 adds noise', options={'eta': 'eta'},
-                       levels=True, schedule=ScheduleKind.RESPACED),
+                       levels=True, schedule=ScheduleKind.RESPACED, stepper=ddim_step,
+                       step_key=chain_key),
     'euler': SolverInfo(euler, 'PF-ODE, Euler in sigma (Karras et al.)',
-                        schedule=ScheduleKind.KARRAS),
+                        schedule=ScheduleKind.KARRAS, stepper=euler_step),
     'heun': SolverInfo(heun, 'PF-ODE, Heun, optional churn (Karras et al.)',
                        options={'churn': 's_churn'}, evaluations_per_step=2,
-                       schedule=ScheduleKind.KARRAS),
+                       schedule=ScheduleKind.KARRAS, stepper=heun_step),
     'dpmpp_2m': SolverInfo(dpmpp_2m, 'PF-ODE, DPM-Solver++ 2M (Lu et al.)'),
     'dpmpp_3m': SolverInfo(dpmpp_3m, 'PF-ODE, DPM-Solver++ 3M'),
-    'sde': SolverInfo(euler_maruyama, 'reverse SDE, Euler-Maruyama'),
+    'sde': SolverInfo(euler_maruyama, 'reverse SDE, Euler-Maruyama',
+                      stepper=euler_maruyama_step),
     'pc': SolverInfo(predictor_corrector, 'predictor-corrector (Song et al.)',
-                     options={'snr': 'snr'}, evaluations_per_step=2),
+                     options={'snr': 'snr'}, evaluations_per_step=2,
+                     stepper=predictor_corrector_step),
     'ode': SolverInfo(ode_adaptive, 'adaptive PF-ODE (diffrax); set rtol, not steps',
                       options={'rtol': 'rtol'}, evaluations_per_step=None, adaptive=True),
     'ald': SolverInfo(annealed_langevin, 'annealed Langevin dynamics (ve, edm models)',

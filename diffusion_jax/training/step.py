@@ -226,6 +226,21 @@ def score_matching_terms(process: continuous.Process, denoise, mean_type, x0, t,
   return dict(loss=per, mse=per, vb=jnp.zeros_like(per))
 
 
+def classifier_terms(process: continuous.Process, logits_fn, x0, t, noise, labels
+                     ) -> dict[str, jax.Array]:
+  """A noise-conditional classifier's per-example cross-entropy `[b]` at x_t = α x₀ + σ z:
+  `logits_fn(c_in·x_t, model_timestep(t)) -> [b, classes]`, fed as the denoising network is
+  (`continuous.make_denoiser`), so that guidance reads it at the sampler's times. mse and vb
+  are 0; accuracy is the top-1 hit."""
+  x_t = process.q_sample(x0, t, noise)
+  scale = process.input_scale(t).reshape((-1,) + (1,) * (x0.ndim - 1))
+  logits = logits_fn(x_t * scale, process.model_timestep(t))             # [b, classes]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  zeros = jnp.zeros_like(ce)
+  return dict(loss=ce, mse=zeros, vb=zeros,
+              accuracy=(jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, diffusion: gd.GaussianDiffusion,
                tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
@@ -251,6 +266,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   labels = None
   if cfg.num_classes:
     labels = jnp.where(drop, cfg.num_classes, batch['label']).astype(jnp.int32)
+  classifier = cfg.objective is Objective.CLASSIFIER
+  if classifier:   # the targets; the network takes no label
+    labels = batch['label'].astype(jnp.int32)
   dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), device)
   ssm_rng = jax.random.fold_in(jax.random.fold_in(rng, 0x55A), device)  # ssm's projections
 
@@ -258,7 +276,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     def denoise(x_t, tt):
       return model.apply({'params': params}, x_t, tt, y=micro['label'], train=True,
                          rngs={'dropout': jax.random.fold_in(dropout_rng, micro['index'])})
-    if cfg.distill is not None:
+    if classifier:
+      terms = classifier_terms(cfg.process, lambda x, tt: model.apply(
+          {'params': params}, x, tt, train=True,
+          rngs={'dropout': jax.random.fold_in(dropout_rng, micro['index'])}),
+          micro['image'], micro['t'], micro['noise'], micro['label'])
+    elif cfg.distill is not None:
       def frozen(params, x_t, tt):
         return model.apply({'params': params}, x_t, tt, y=micro['label'], train=False)
       per = distill_loss(cfg, state, denoise, frozen, micro)
@@ -321,6 +344,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     new_state = _distill_after_update(cfg, state, new_state, tx)
   metrics = dict(loss=jnp.mean(terms['loss'] * weights), mse=jnp.mean(terms['mse']),
                  vb=jnp.mean(terms['vb']))
+  if classifier:
+    metrics['accuracy'] = jnp.mean(terms['accuracy'])
   metrics = jax.lax.pmean(metrics, AXIS)
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['learning_rate'] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
