@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 
 from diffusion_jax.runtime import cli
+from diffusion_jax.sampling import config as sampler_config
 from diffusion_jax.sampling import flags as sampler_flags
 
 flags.DEFINE_string('workdir', None, 'A training workdir (config.json and checkpoints/).')
@@ -68,6 +69,10 @@ def main(argv):
   try:
     spec = trained_model.read_workdir(FLAGS.workdir).spec
     sampler, source = sampler_flags.from_flags(spec.eval.sampler)
+    if FLAGS.inpaint and source != 'from the flags' and not sampler.info.stepper:
+      # The recommended sampler is multistep (dpmpp_2m): inpaint with Ho's chain instead.
+      sampler = sampler_config.SamplerConfig('ddpm', steps=min(100, spec.diffusion.num_timesteps))
+      source = f'for --inpaint; the recommended {spec.eval.sampler.describe()} cannot inpaint'
     spec.check_sampler(sampler)   # e.g. ald on a vp model: one line, before loading
     print(f'sampler: {sampler.describe()} ({source})', flush=True)
     result = trained_model.sample_to_dir(

@@ -166,8 +166,10 @@ def read_classifier(workdir, model: ExperimentSpec) -> WorkdirInfo:
 
 def load_classifier(workdir, model: ExperimentSpec, *,
                     mesh: jax.sharding.Mesh | None = None) -> TrainedModel:
-  """The EMA parameters of the classifier in `workdir` (checked by `read_classifier`)."""
-  return load_ema_params(read_classifier(workdir, model), mesh=mesh)
+  """The EMA parameters of the classifier in `workdir` (a path, or `read_classifier`'s
+  answer; checked by `read_classifier`)."""
+  info = workdir if isinstance(workdir, WorkdirInfo) else read_classifier(workdir, model)
+  return load_ema_params(info, mesh=mesh)
 
 
 # ------------------------------------------------------------------------------------------

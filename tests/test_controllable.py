@@ -271,3 +271,200 @@ def test_classifier_guidance_at_scale_one_samples_the_class_gaussian(label):
   stronger = draw(4.0)
   assert np.sign(want) * (stronger.mean() - want) > 0.05
   assert np.all(np.sign(want) * stronger.mean(axis=(1, 2, 3)) > 0)
+
+
+# ------------------------------------------------------------------------------------------
+# The noise-conditional classifier: spec, network, loss.
+# ------------------------------------------------------------------------------------------
+
+from diffusion_jax import spec as spec_lib   # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from diffusion_jax.data import input_pipeline   # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from diffusion_jax.training import step as step_lib   # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+DIGITS = input_pipeline.ImageDatasetInfo('digits', (8, 8, 1), 10, {'train': 1500, 'test': 297})
+
+
+def _classifier_config():
+  from configs import digits_classifier  # pylint: disable=g-import-not-at-top
+  return digits_classifier.get_config()
+
+
+def test_the_classifier_recipe_is_a_classifier_of_the_defaults_process():
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  spec = spec_lib.ExperimentSpec.from_config(_classifier_config(), DIGITS)
+  model = spec_lib.ExperimentSpec.from_config(digits.get_config(), DIGITS)
+  assert spec.is_classifier and not model.is_classifier
+  assert (spec.model.head, spec.model.out_ch, spec.model.num_classes) == ('classifier', 10, None)
+  for f in ('process', 'schedule', 'num_timesteps', 'beta_start', 'beta_end'):
+    assert getattr(spec.diffusion, f) == getattr(model.diffusion, f)
+  params = jax.eval_shape(spec.init_params, jax.random.key(0))
+  assert 'logits' in params and not any(k.startswith('up_') for k in params)
+  logits = jax.eval_shape(lambda p: spec.model.make().apply(
+      {'params': p}, jnp.zeros((3, 8, 8, 1)), jnp.zeros((3,))), params)
+  assert logits.shape == (3, 10)
+  assert spec_lib.ExperimentSpec.from_json(spec.to_json()) == spec
+  with pytest.raises(ValueError) as e:
+    spec.check_sampler(spec.eval.sampler)
+  oracles.assert_one_line_error(e.value, 'classifier', '--classifier')
+
+
+@pytest.mark.parametrize('change,fragment', [
+    (('training', 'sample_every_steps', 100), 'sample_every_steps=0'),
+    (('model', 'class_conditional', True), 'class_conditional=False'),
+])
+def test_a_classifier_that_cannot_be_one_is_one_line(change, fragment):
+  config = _classifier_config()
+  group, name, value = change
+  config[group][name] = value
+  with pytest.raises(ValueError) as e:
+    spec_lib.ExperimentSpec.from_config(config, DIGITS)
+  oracles.assert_one_line_error(e.value, fragment)
+  unlabelled = input_pipeline.ImageDatasetInfo('faces', (8, 8, 1), 0, {'train': 10})
+  with pytest.raises(ValueError) as e:
+    spec_lib.ExperimentSpec.from_config(_classifier_config(), unlabelled)
+  oracles.assert_one_line_error(e.value, 'labelled dataset')
+
+
+def test_the_classifier_loss_is_the_cross_entropy_of_the_noised_image_at_its_time():
+  """An exact classifier of two Gaussian classes, fed as the network is (c_in·x and the
+  model timestep), gets −log p(y | x_t) of float64 NumPy at the drawn t and noise."""
+  rng, _ = oracles.new_rng()
+  n = 64
+  labels = rng.integers(0, 2, n)
+  x0 = (CLASS_MEANS[labels][:, None, None, None] + CLASS_S * rng.standard_normal((n, 1, 1, 2)))
+  t = rng.uniform(PROCESS.t_min, 1.0, n)
+  z = rng.standard_normal((n, 1, 1, 2))
+
+  def exact_logits(x_scaled, timestep):   # what the network gets
+    tt = helpers.model_time(PROCESS, timestep)
+    return _mixture(x_scaled / jnp.reshape(PROCESS.input_scale(tt), (-1, 1, 1, 1)), tt)[0]
+
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  terms = step_lib.classifier_terms(PROCESS, exact_logits, f32(x0), f32(t), f32(z),
+                                    jnp.asarray(labels))
+  a = np.asarray(PROCESS.alpha(f32(t)), np.float64)[:, None, None, None]
+  sig = np.asarray(PROCESS.sigma(f32(t)), np.float64)[:, None, None, None]
+  x_t = a * x0 + sig * z
+  v = (a * CLASS_S) ** 2 + sig ** 2
+  logits = np.stack([-np.sum((x_t - a * m) ** 2, axis=(1, 2, 3)) / (2 * v[:, 0, 0, 0])
+                     for m in CLASS_MEANS], -1)
+  want = np.log(np.sum(np.exp(logits - logits.max(1, keepdims=True)), 1)) + logits.max(1) \
+      - logits[np.arange(n), labels]
+  np.testing.assert_allclose(np.asarray(terms['loss']), want, rtol=2e-4, atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(terms['accuracy']),
+                                (np.argmax(logits, 1) == labels).astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------
+# sample.py.
+# ------------------------------------------------------------------------------------------
+
+
+def test_read_images_and_masks_from_files(tmp_path, rng):
+  from diffusion_jax import trained_model as tm  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.storage import images as images_lib  # pylint: disable=g-import-not-at-top
+  images = rng.integers(0, 255, (5, 8, 8, 1)).astype(np.uint8)
+  np.savez(tmp_path / 'x.npz', images=images)
+  np.testing.assert_array_equal(tm.read_images(tmp_path / 'x.npz', (8, 8, 1)), images)
+  for scale in (1, 4):
+    images_lib.save_png(tmp_path / f'g{scale}.png', images_lib.make_grid(images), scale)
+    np.testing.assert_array_equal(tm.read_images(tmp_path / f'g{scale}.png', (8, 8, 1)), images)
+  np.savez(tmp_path / 'f.npz', images=images.astype(np.float32))
+  np.savez(tmp_path / 's.npz', images=images[:, :4])
+  for name, fragment in (('f.npz', 'float32'), ('s.npz', 'shape (5, 4, 8, 1)'),
+                         ('none.npz', 'not found')):
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+      tm.read_images(tmp_path / name, (8, 8, 1))
+    oracles.assert_one_line_error(e.value, fragment)
+  assert tm.read_mask('top', (8, 8, 1))[:4].max() == 0
+  images_lib.save_png(tmp_path / 'm.png', np.repeat((np.arange(8) < 5)[:, None], 8, 1)[..., None]
+                      .astype(np.uint8) * 255)
+  np.testing.assert_array_equal(tm.read_mask(str(tmp_path / 'm.png'), (8, 8, 1))[:, 0, 0],
+                                (np.arange(8) < 5).astype(np.float32))
+  with pytest.raises(ValueError) as e:
+    tm.read_mask('upper', (8, 8, 1))
+  oracles.assert_one_line_error(e.value, "'upper'", 'top, bottom')
+
+
+@pytest.mark.slow
+def test_sample_py_inpaints_edits_and_guides_and_refuses_bad_inputs(child_env, trained_master,
+                                                                  tmp_path):
+  """The trained tiny workdir: --inpaint returns the known pixels exactly (replacement and
+  RePaint), --init/--strength edits, a tiny classifier trained by train.py guides; each bad
+  input is one line with nothing written."""
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  import workdirs  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda *args: subprocess.run([sys.executable, os.path.join(root, 'sample.py'),
+                                      f'--workdir={trained_master}', *args],
+                                     env=child_env['env'], cwd=root, capture_output=True,
+                                     text=True, timeout=900)
+  x, _ = helpers.digits('test')
+  np.savez(tmp_path / 'digits.npz', images=x[:8])
+  images = f'--images={tmp_path / "digits.npz"}'
+  out = tmp_path / 'inpainted'
+  helpers.assert_ok(run('--inpaint', images, '--mask=bottom', '--sampler=ddpm', '--steps=10',
+                        '--jump_length=3', '--jump_n_sample=2', f'--output={out}'))
+  with np.load(out / 'samples.npz') as z:
+    np.testing.assert_array_equal(z['images'][:, :4], x[:8, :4])
+    np.testing.assert_array_equal(z['inputs'], x[:8])
+    assert z['masks'][:, 4:].max() == 0 and z['masks'][:, :4].min() == 1
+  assert (out / 'grid.png').exists()
+  edited = tmp_path / 'edited'
+  result = helpers.assert_ok(run(f'--init={tmp_path / "digits.npz"}', '--strength=0.5',
+                                 '--sampler=ddim', '--steps=10', f'--output={edited}'))
+  assert '5 model evaluations each' in result.stdout, result.stdout
+  # A classifier of the tiny process, trained by train.py.
+  classifier = str(tmp_path / 'classifier')
+  helpers.assert_ok(subprocess.run(
+      workdirs.train_cmd(child_env['data_dir'], classifier,
+                         '--config.diffusion.objective=classifier',
+                         '--config.training.num_train_steps=2'),
+      env=child_env['env'], cwd=root, capture_output=True, text=True, timeout=900))
+  guided = tmp_path / 'guided'
+  helpers.assert_ok(run(f'--classifier={classifier}', '--classifier_scale=2', '--label=3',
+                        '--num_samples=8', '--sampler=ddim', '--steps=5', f'--output={guided}'))
+  with np.load(guided / 'samples.npz') as z:
+    assert z['images'].shape == (8, 8, 8, 1) and set(z['labels']) == {3}
+  # Bad inputs: one line each, nothing written.
+  np.savez(tmp_path / 'wide.npz', images=np.zeros((2, 8, 6, 1), np.uint8))
+  bad = tmp_path / 'bad'
+  cases = [
+      (('--inpaint', f'--images={tmp_path / "wide.npz"}', '--mask=top'), 'shape (2, 8, 6, 1)'),
+      (('--inpaint', images, '--mask=sideways'), "'sideways'"),
+      (('--inpaint', images, '--mask=bottom', '--sampler=dpmpp_2m'), "'dpmpp_2m'"),
+      ((f'--init={tmp_path / "digits.npz"}', '--strength=1.5'), '(0, 1]'),
+      ((f'--init={tmp_path / "digits.npz"}', '--strength=0'), '(0, 1]'),
+      ((f'--classifier={trained_master}',), 'is not a classifier'),
+      (('--classifier_scale=2',), '--classifier WORKDIR'),
+  ]
+  for args, fragment in cases:
+    helpers.assert_one_error_line(run(*args, f'--output={bad}'), fragment)
+  np.save(tmp_path / 'allknown.npy', np.ones((8, 8)))
+  np.savez(tmp_path / 'allknown.npz', mask=np.ones((8, 8)))
+  helpers.assert_one_error_line(run('--inpaint', images, f'--mask={tmp_path / "allknown.npz"}',
+                                    f'--output={bad}'), 'no unknown pixel')
+  assert not bad.exists()
+
+
+def test_a_classifier_of_another_shape_classes_or_process_is_refused(tmp_path):
+  import workdirs  # pylint: disable=g-import-not-at-top
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import trained_model as tm  # pylint: disable=g-import-not-at-top
+  classifier = workdirs.write_workdir(str(tmp_path / 'classifier'), _classifier_config(), DIGITS)
+  model = spec_lib.ExperimentSpec.from_config(digits.get_config(), DIGITS)
+  assert tm.read_classifier(classifier, model).spec.is_classifier
+  other_process = digits.get_config()
+  other_process.diffusion.num_timesteps = 100
+  five = input_pipeline.ImageDatasetInfo('digits', (8, 8, 1), 5, {'train': 1500})
+  wide = input_pipeline.ImageDatasetInfo('digits', (8, 16, 1), 10, {'train': 1500})
+  for config, info, fragment in ((other_process, DIGITS, 'diffusion.num_timesteps is 1000'),
+                                 (digits.get_config(), five, 'has 10 classes'),
+                                 (digits.get_config(), wide, 'shape (8, 8, 1)')):
+    with pytest.raises(ValueError) as e:
+      tm.read_classifier(classifier, spec_lib.ExperimentSpec.from_config(config, info))
+    oracles.assert_one_line_error(e.value, '--classifier', fragment)
+  with pytest.raises(ValueError) as e:
+    tm.read_classifier(workdirs.write_workdir(str(tmp_path / 'model'), digits.get_config(),
+                                              DIGITS), model)
+  oracles.assert_one_line_error(e.value, 'is not a classifier')
