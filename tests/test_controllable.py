@@ -110,7 +110,8 @@ def _conditional(mu, cov, known_values, k=(0, 1), u=(2, 3)):
 
 
 @pytest.mark.parametrize('kind,options', [('ddpm', {}), ('heun', {'s_churn': 5.0}),
-                                          ('pc', {}), ('ddim', {'eta': 0.5})])
+                                          ('pc', {}), ('ddim', {'eta': 0.5}), ('sde', {}),
+                                          ('euler', {})])
 def test_inpainting_keeps_the_known_pixels_and_with_none_known_is_the_sampler(kind, options):
   den, _, _ = _correlated()
   sched = (solvers.level_schedule(PROCESS, 12) if solvers.info(kind).levels
