@@ -600,7 +600,6 @@ def sample_to_dir(workdir, *, num_samples: int, sampler: sampler_config.SamplerC
     raise ValueError(f'--batch_size={batch_size} must be a positive multiple of the {n_dev} '
                      f'devices')
   wd = read_workdir(workdir)
-  wd.spec.check_sampler(cfg)
   cls_info = None
   if classifier is not None:
     cls_info = read_classifier(classifier, wd.spec)
@@ -611,6 +610,7 @@ def sample_to_dir(workdir, *, num_samples: int, sampler: sampler_config.SamplerC
   if cfg.steps is not None and not 1 <= cfg.steps <= wd.num_timesteps:
     raise ValueError(f'--steps must be in [1, {wd.num_timesteps}] (the model\'s T), '
                      f'got {cfg.steps}')
+  wd.spec.check_sampler(cfg)   # a classifier workdir, or a sampler of another process
   classes = wd.num_classes or (cls_info.spec.data.num_classes if cls_info else None)
   if label is not None:
     if not classes:
