@@ -49,9 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.snr_gamma = ml_collections.config_dict.placeholder(float)  # None: unweighted
   diffusion.timestep_sampler = 'uniform'  # or 'importance' (by the L_vlb history)
   # The score-based family (docs/score_based.md): the process ('vp', DDPM's; 've', NCSN's;
-  # 'subvp'; 'edm', Karras et al.'s) and the objective ('ddpm': the losses above at discrete
-  # timesteps, 'vp' only; 'dsm' or 'ssm': score matching at continuous t; 'edm' with the 'edm'
-  # process and mean_type). sigma_min/max: the 've' and 'edm' processes' range.
+  # 'subvp'; 'edm', Karras et al.'s; 'flow', the linear path) and the objective ('ddpm': the
+  # losses above at discrete timesteps, 'vp' only; 'dsm' or 'ssm': score matching at continuous
+  # t; 'edm' with the 'edm' process and mean_type; 'flow' with the 'flow' process and
+  # mean_type). sigma_min/max: the 've' and 'edm' processes' range.
   diffusion.process = 'vp'
   diffusion.objective = 'ddpm'
   diffusion.sigma_min = 0.01
@@ -60,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.sigma_data = 0.5
   diffusion.p_mean = -1.2
   diffusion.p_std = 1.2
+  # Flow matching (docs/flow.md; objective, process and mean_type 'flow'): the density of t
+  # ('uniform' or 'logit_normal', t = sigmoid(n), n ~ N(t_mean, t_std²)).
+  diffusion.t_density = 'uniform'
+  diffusion.t_mean = 0.0
+  diffusion.t_std = 1.0
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128             # global, over all devices and hosts
@@ -110,7 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
   # of that teacher (its network and process; it starts from the teacher's EMA weights).
   config.distill = distill = ml_collections.ConfigDict()
   distill.teacher = ml_collections.config_dict.placeholder(str)   # None: an ordinary run
-  distill.method = 'cd'           # 'cd' (consistency) or 'pd' (progressive)
+  distill.method = 'cd'           # 'cd' (consistency), 'pd' (progressive) or 'reflow'
   # cd: N Karras levels, one teacher Heun step between neighbours; the target network's EMA
   # decay μ; the distance ('l2' or 'pseudo_huber', whose c None means 0.00054·√d); σ_d.
   distill.num_levels = 18
@@ -122,4 +128,9 @@ def get_config() -> ml_collections.ConfigDict:
   distill.start_steps = 8
   distill.final_steps = 1
   distill.steps_per_round = 1000
+  # reflow (a flow teacher; objective 'flow'): pairs (ε, x₀ = the teacher's ODE from ε), made
+  # once into the workdir with this deterministic sampler and its steps.
+  distill.num_pairs = 5000
+  distill.pair_sampler = 'dpmpp_2m'
+  distill.pair_steps = 20
   return config

@@ -29,6 +29,7 @@ import optax
 import numpy as np
 
 from diffusion_jax.process import continuous
+from diffusion_jax.process import flow_matching
 from diffusion_jax.process import gaussian_diffusion as gd
 from diffusion_jax.sampling import config as sampler_config
 from diffusion_jax.sampling import solvers
@@ -99,6 +100,9 @@ class Objective(Option):
   # A noise-conditional classifier p(y | x_t) of the process (for classifier guidance, sampling
   # with --classifier): cross-entropy of the data's labels at t ~ U(t_min, t_max).
   CLASSIFIER = 'classifier'
+  # Flow matching (Lipman et al. 2023): the velocity ε − x₀ of the 'flow' process, t drawn from
+  # diffusion.t_density (docs/flow.md).
+  FLOW = 'flow'
 
   @classmethod
   def _what(cls):
@@ -144,6 +148,11 @@ class DiffusionSpec:
   sigma_data: float = 0.5
   p_mean: float = -1.2
   p_std: float = 1.2
+  # Flow matching (objective 'flow'; docs/flow.md): the density of t, and the logit-normal's
+  # mean and std. Specs written before these fields read as uniform.
+  t_density: flow_matching.TimeDensity = flow_matching.TimeDensity.UNIFORM
+  t_mean: float = 0.0
+  t_std: float = 1.0
 
   def __post_init__(self):
     object.__setattr__(self, 'loss_type', gd.LossType.parse(self.loss_type))
@@ -153,7 +162,8 @@ class DiffusionSpec:
     object.__setattr__(self, 'objective', Objective.parse(self.objective))
     object.__setattr__(self, 'sigma_min', float(self.sigma_min))
     object.__setattr__(self, 'sigma_max', float(self.sigma_max))
-    for name in ('sigma_data', 'p_mean', 'p_std'):
+    object.__setattr__(self, 't_density', flow_matching.TimeDensity.parse(self.t_density))
+    for name in ('sigma_data', 'p_mean', 'p_std', 't_mean', 't_std'):
       object.__setattr__(self, name, float(getattr(self, name)))
     self._check_score_based()
     if self.snr_gamma is not None:
@@ -199,16 +209,35 @@ class DiffusionSpec:
     if is_edm != (self.process is continuous.ProcessKind.EDM):
       raise ValueError("diffusion.objective 'edm' and diffusion.process 'edm' go together, not "
                        f'objective {obj!r} with process {kind!r}')
+    is_flow = self.objective is Objective.FLOW
+    if is_flow and self.process is not continuous.ProcessKind.FLOW:
+      raise ValueError("diffusion.objective 'flow' trains the velocity of the 'flow' process "
+                       f'(x_t = (1 − t) x₀ + t ε): set diffusion.process \'flow\', not {kind!r}')
+    if not is_flow and (self.t_density is not flow_matching.TimeDensity.UNIFORM
+                        or (self.t_mean, self.t_std) != (0.0, 1.0)):
+      raise ValueError(f'diffusion.t_density, t_mean and t_std are the flow objective\'s; '
+                       f"objective {obj!r} keeps t_density 'uniform', t_mean 0, t_std 1")
+    if not (math.isfinite(self.t_mean) and math.isfinite(self.t_std) and self.t_std > 0):
+      raise ValueError(f'diffusion.t_mean must be finite and diffusion.t_std > 0, got '
+                       f't_mean={self.t_mean!r}, t_std={self.t_std!r}')
+    mt = self.parameterization.mean_type
+    if mt is gd.MeanType.FLOW and self.process is not continuous.ProcessKind.FLOW:
+      raise ValueError("diffusion.mean_type 'flow' (the velocity ε − x₀) needs diffusion.process "
+                       f"'flow', not {kind!r}")
     if not self.continuous_time:
       return
-    mt = self.parameterization.mean_type
     if is_edm and mt is not gd.MeanType.EDM:
       raise ValueError(f"diffusion.objective 'edm' trains EDM's preconditioned F: set "
                        f"diffusion.mean_type 'edm', not {mt.value!r}")
-    if not is_edm and mt not in continuous.CONTINUOUS_MEAN_TYPES:
-      allowed = ', '.join(repr(m.value) for m in continuous.CONTINUOUS_MEAN_TYPES)
-      raise ValueError(f'diffusion.mean_type {mt.value!r} has no meaning for objective {obj!r}; '
-                       f'allowed: {allowed}')
+    if is_flow and mt is not gd.MeanType.FLOW:
+      raise ValueError(f"diffusion.objective 'flow' trains the velocity ε − x₀: set "
+                       f"diffusion.mean_type 'flow', not {mt.value!r}")
+    allowed = continuous.CONTINUOUS_MEAN_TYPES + (
+        (gd.MeanType.FLOW,) if self.process is continuous.ProcessKind.FLOW else ())
+    if not is_edm and mt not in allowed:
+      allowed = ', '.join(repr(m.value) for m in allowed)
+      raise ValueError(f'diffusion.mean_type {mt.value!r} has no meaning for objective {obj!r} '
+                       f'on process {kind!r}; allowed: {allowed}')
     if is_edm and not (math.isfinite(self.p_std) and self.p_std > 0
                        and math.isfinite(self.p_mean)):
       raise ValueError(f'diffusion.p_mean must be finite and diffusion.p_std > 0, got '
@@ -241,6 +270,7 @@ class DiffusionSpec:
 class DistillMethod(Option):
   CD = 'cd'   # consistency distillation (Song et al. 2023)
   PD = 'pd'   # progressive distillation (Salimans & Ho 2022)
+  REFLOW = 'reflow'   # rectified flow's reflow (Liu et al. 2023): a flow on the teacher's pairs
 
   @classmethod
   def _what(cls):
@@ -260,9 +290,11 @@ class Distance(Option):
 # The parts of a teacher's spec that a student must share: its network and process are the
 # teacher's (it starts from the teacher's weights and samples the teacher's process). The
 # network's output type is the student's own (`STUDENT_OWN`): a student of one to four steps
-# needs a well-conditioned one (v or EDM's F), which an ε teacher is not at high noise.
+# needs a well-conditioned one (v or EDM's F), which an ε teacher is not at high noise. So is
+# a flow's density of training times (reflow trains its own).
 TEACHER_SHARED = ('model.', 'diffusion.', 'data.image_shape', 'data.num_classes')
-STUDENT_OWN = ('diffusion.parameterization.mean_type',)
+STUDENT_OWN = ('diffusion.parameterization.mean_type', 'diffusion.t_density', 'diffusion.t_mean',
+               'diffusion.t_std')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +326,11 @@ class DistillSpec:
   start_steps: int = 8
   final_steps: int = 1
   steps_per_round: int = 1000
+  # reflow: `num_pairs` pairs (ε, x₀ = the teacher's PF-ODE from ε) made once by sampler
+  # `pair_sampler` with `pair_steps` (a deterministic solver), kept in the workdir.
+  num_pairs: int = 5000
+  pair_sampler: str = 'dpmpp_2m'
+  pair_steps: int = 20
 
   def __post_init__(self):
     object.__setattr__(self, 'method', DistillMethod.parse(self.method))
@@ -313,8 +350,11 @@ class DistillSpec:
                                          and math.isfinite(self.huber_c) and self.huber_c > 0):
       raise ValueError(f'distill.huber_c must be a finite number > 0 (or None), got '
                        f'{self.huber_c!r}')
-    for name in ('start_steps', 'final_steps', 'steps_per_round'):
+    for name in ('start_steps', 'final_steps', 'steps_per_round', 'num_pairs', 'pair_steps'):
       _positive_int(getattr(self, name), f'distill.{name}')
+    if self.pair_sampler not in PAIR_SAMPLERS:
+      raise ValueError(f'distill.pair_sampler {self.pair_sampler!r} must be a deterministic '
+                       f'PF-ODE solver: one of {", ".join(PAIR_SAMPLERS)}')
     ratio = self.start_steps // self.final_steps
     if self.start_steps % self.final_steps or ratio & (ratio - 1):
       raise ValueError(f'distill.start_steps ({self.start_steps}) must be distill.final_steps '
@@ -332,6 +372,14 @@ class DistillSpec:
   def teacher_mean_type(self) -> gd.MeanType:
     """The teacher network's output type."""
     return gd.MeanType.parse(self.teacher_spec['diffusion']['parameterization']['mean_type'])
+
+  def pair_sampler_config(self) -> sampler_config.SamplerConfig:
+    """reflow: the teacher's ODE solve that joins each ε to its x₀."""
+    return sampler_config.SamplerConfig.create(self.pair_sampler, steps=self.pair_steps)
+
+
+# reflow's pair samplers: deterministic PF-ODE solvers with a fixed number of steps.
+PAIR_SAMPLERS = ('ddim', 'euler', 'heun', 'dpmpp_2m', 'dpmpp_3m')
 
 
 def _distill_of(c: ml_collections.ConfigDict, teacher: tuple['ExperimentSpec', int] | None
@@ -355,7 +403,8 @@ def _distill_of(c: ml_collections.ConfigDict, teacher: tuple['ExperimentSpec', i
       distance=d.get('distance', 'l2'), huber_c=d.get('huber_c', None),
       target_decay=d.get('target_decay', 0.95), sigma_data=d.get('sigma_data', 0.5),
       start_steps=d.get('start_steps', 8), final_steps=d.get('final_steps', 1),
-      steps_per_round=d.get('steps_per_round', 1000))
+      steps_per_round=d.get('steps_per_round', 1000), num_pairs=d.get('num_pairs', 5000),
+      pair_sampler=d.get('pair_sampler', 'dpmpp_2m'), pair_steps=d.get('pair_steps', 20))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,9 +588,19 @@ class ExperimentSpec:
                        f'{describe_differences(shared[:4])}: a student has its teacher\'s '
                        'network, process and data shape')
     mt = self.parameterization.mean_type
-    if mt not in continuous.CONTINUOUS_MEAN_TYPES + (gd.MeanType.EDM,):
+    if mt not in continuous.CONTINUOUS_MEAN_TYPES + (gd.MeanType.EDM, gd.MeanType.FLOW):
       raise ValueError(f'diffusion.mean_type {mt.value!r} has no denoiser to distil; a '
-                       "student's output is 'eps', 'xstart', 'v', 'score' or 'edm'")
+                       "student's output is 'eps', 'xstart', 'v', 'score', 'edm' or 'flow'")
+    if (d.method is DistillMethod.REFLOW) != (self.diffusion.objective is Objective.FLOW):
+      raise ValueError(f"distill.method 'reflow' and diffusion.objective 'flow' go together "
+                       f"(a reflowed student is a flow trained on its teacher's pairs), not "
+                       f'method {d.method.value!r} with objective '
+                       f'{self.diffusion.objective.value!r}')
+    if d.method is DistillMethod.REFLOW and self.num_classes:
+      raise ValueError("distill.method 'reflow' of a class-conditional teacher is not "
+                       'supported: its pairs carry no labels')
+    if d.method is DistillMethod.REFLOW:
+      self.diffusion.check_sampler(d.pair_sampler_config())
     if d.method is DistillMethod.PD:
       if self.diffusion.process is not continuous.ProcessKind.VP:
         raise ValueError(f"distill.method 'pd' steps DDIM on t in (0, 1] down to the data: "
@@ -630,7 +689,9 @@ class ExperimentSpec:
         timestep_sampling=d.timestep_sampler, process=process,
         objective=d.get('objective', 'ddpm'), sigma_min=d.get('sigma_min', 0.01),
         sigma_max=d.get('sigma_max', 50.0), sigma_data=d.get('sigma_data', 0.5),
-        p_mean=d.get('p_mean', -1.2), p_std=d.get('p_std', 1.2))
+        p_mean=d.get('p_mean', -1.2), p_std=d.get('p_std', 1.2),
+        t_density=d.get('t_density', 'uniform'), t_mean=d.get('t_mean', 0.0),
+        t_std=d.get('t_std', 1.0))
     t = c.training
     training = TrainingSpec(
         batch_size=t.batch_size, ema_decay=float(t.ema_decay),

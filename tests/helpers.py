@@ -49,11 +49,14 @@ def linear_vp_process(num_timesteps: int = 1000) -> ct.VPProcess:
 
 def model_time(process, n):
   """The continuous time of the network's noise coordinate n: the inverse of
-  `process.model_timestep` (n = log σ for VE, 999·t for sub-VP, T·t − 1 for VP)."""
+  `process.model_timestep` (n = log σ for VE, 999·t for sub-VP, 1000·t for the flow, T·t − 1
+  for VP)."""
   if process.kind is ct.ProcessKind.VE:
     return process.t_of_lambda(-n)      # α = 1: λ = −log σ
   if process.kind is ct.ProcessKind.SUBVP:
     return n / 999.0
+  if process.kind is ct.ProcessKind.FLOW:
+    return n / 1000.0
   return (n + 1.0) / process.num_timesteps
 
 

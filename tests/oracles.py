@@ -61,11 +61,11 @@ def gaussian_denoise_fn(alpha_sigma: Callable, mu: float, s: float, mean_type: s
   """The exact model as `denoise_fn(x [B, ...], model_timestep [B])`.
 
   `alpha_sigma(n) -> (a [B], σ [B])` gives the process at model timestep n (see
-  `table_alpha_sigma`, `process_alpha_sigma`). The output is ε, x₀, v = aε − σx₀ or the score
-  −(x − aμ)/(a²s² + σ²) as `mean_type` says, with `extra_channels` channels of `extra_value`
+  `table_alpha_sigma`, `process_alpha_sigma`). The output is ε, x₀, v = aε − σx₀, the score
+  −(x − aμ)/(a²s² + σ²) or the flow's velocity ε − x₀ (x = (1 − t)x₀ + tε) as `mean_type` says, with `extra_channels` channels of `extra_value`
   appended (a learned variance output the sampler must ignore or use). With `input_scale(n) ->
   c [B]` the model is handed c·x (a VE process's c_in) and divides it out first."""
-  if mean_type not in ('eps', 'xstart', 'v', 'score'):
+  if mean_type not in ('eps', 'xstart', 'v', 'score', 'flow'):
     raise KeyError(mean_type)
 
   def denoise_fn(x, n):
@@ -78,7 +78,8 @@ def gaussian_denoise_fn(alpha_sigma: Callable, mu: float, s: float, mean_type: s
     if mean_type == 'score':
       out = -(x - a * mu) / (a * a * s * s + sigma * sigma)
     else:
-      out = {'eps': eps, 'xstart': x0, 'v': a * eps - sigma * x0}[mean_type]
+      out = {'eps': eps, 'xstart': x0, 'v': a * eps - sigma * x0,
+             'flow': eps - x0}[mean_type]
     if extra_channels:
       out = jnp.concatenate(
           [out, jnp.full(x.shape[:-1] + (extra_channels,), extra_value, x.dtype)], -1)

@@ -397,7 +397,16 @@ class InMemoryTrainIterator:
     return self
 
   def __next__(self) -> Batch:
-    n = len(self._images)
+    index, flip = self._take()
+    images = self._images[index]                                    # uint8 [B, H, W, C]
+    if flip.any():
+      images[flip] = images[flip, :, ::-1, :]
+    return {'image': images.astype(np.float32) / 127.5 - 1.0,   # [B, H, W, C] in [-1, 1]
+            'label': self._labels[index]}                         # int32 [B]
+
+  def _take(self) -> tuple[np.ndarray, np.ndarray]:
+    """(indices [B], flips [B]) of the next local batch; the stream moves on by one."""
+    n = len(self._labels)
     positions = self._next * self._global + self._offset + np.arange(self._local)  # [B]
     epochs, within = np.divmod(positions, n)
     index = np.empty(self._local, np.int64)
@@ -408,12 +417,8 @@ class InMemoryTrainIterator:
       index[sel] = perm[within[sel]]
       if flips is not None:
         flip[sel] = flips[within[sel]]
-    images = self._images[index]                                    # uint8 [B, H, W, C]
-    if flip.any():
-      images[flip] = images[flip, :, ::-1, :]
     self._next += 1
-    return {'image': images.astype(np.float32) / 127.5 - 1.0,   # [B, H, W, C] in [-1, 1]
-            'label': self._labels[index]}                         # int32 [B]
+    return index, flip
 
   def get_state(self) -> bytes:
     return json.dumps({'next_index': self._next}).encode()

@@ -64,6 +64,7 @@ class ProcessKind(Option):
   VE = 've'        # variance exploding: NCSN's
   SUBVP = 'subvp'  # sub-VP (Song et al. 2021)
   EDM = 'edm'      # Karras et al. 2022: σ-space (α = 1) with their preconditioning
+  FLOW = 'flow'    # the linear interpolant α = 1 − t, σ = t (flow matching, rectified flow)
 
   @classmethod
   def _what(cls):
@@ -411,12 +412,70 @@ def edm_skip_out(sigma: Array, sigma_data: float) -> tuple[Array, Array]:
   return d2 / (s2 + d2), sigma * sigma_data * jax.lax.rsqrt(s2 + d2)
 
 
-Process = VPProcess | VEProcess | SubVPProcess | EDMProcess
+@flax.struct.dataclass
+class FlowProcess(_Marginals):
+  """The linear interpolant x_t = (1 − t) x₀ + t ε on t ∈ [t_min, t_max] (flow matching with
+  the optimal-transport path, Lipman et al. 2023; rectified flow, Liu et al. 2023).
+
+  α = 1 − t, σ = t, so λ = log((1 − t)/t) and t = sigmoid(−λ); α(λ) = sigmoid(λ),
+  σ(λ) = sigmoid(−λ). The SDE: f = d log α/dt = −1/(1 − t), g² = dσ²/dt − 2fσ² = 2t/(1 − t).
+  Its velocity dx_t/dt = ε − x₀ is what mean_type 'flow' predicts (x̂₀ = x − σu, ε̂ = x + αu).
+  t_max stays below 1, where λ = −∞ (the log-SNR solvers need it finite); the prior N(0, I)
+  stands for the marginal N(α x₀, σ²) there, α = 1 − t_max. The network's coordinate is 1000·t
+  (Stable Diffusion 3's).
+  """
+  t_min: float = flax.struct.field(pytree_node=False, default=1e-3)
+  t_max: float = flax.struct.field(pytree_node=False, default=1.0 - 1e-3)
+
+  kind = ProcessKind.FLOW
+  num_timesteps = None
+  time_scale = 1000.0
+
+  def __post_init__(self):
+    if not (np.isfinite(self.t_min) and np.isfinite(self.t_max)
+            and 0 < self.t_min < self.t_max < 1):
+      raise ValueError(f'the flow process needs 0 < t_min < t_max < 1, got t_min={self.t_min!r}, '
+                       f't_max={self.t_max!r}')
+
+  def _clamp(self, t: Array) -> Array:
+    return jnp.clip(t, self.t_min, self.t_max)
+
+  def log_alpha_t(self, t: Array) -> Array:
+    return jnp.log1p(-self._clamp(t))
+
+  def log_sigma_t(self, t: Array) -> Array:
+    return jnp.log(self._clamp(t))
+
+  def t_of_lambda(self, lam: Array) -> Array:
+    return self._clamp(jax.nn.sigmoid(-lam))
+
+  def log_alpha_of_lambda(self, lam: Array) -> Array:
+    return -jax.nn.softplus(-lam)
+
+  def log_sigma_of_lambda(self, lam: Array) -> Array:
+    return -jax.nn.softplus(lam)
+
+  def dlog_sigma_dlambda(self, lam: Array) -> Array:
+    """−α = −sigmoid(λ)."""
+    return -jax.nn.sigmoid(lam)
+
+  def f(self, t: Array) -> Array:
+    return -1.0 / (1.0 - self._clamp(t))
+
+  def g2(self, t: Array) -> Array:
+    t = self._clamp(t)
+    return 2.0 * t / (1.0 - t)
+
+  def model_timestep(self, t: Array) -> Array:
+    return 1000.0 * self._clamp(t)
+
+
+Process = VPProcess | VEProcess | SubVPProcess | EDMProcess | FlowProcess
 
 
 def make_process(kind, **params) -> Process:
-  """A continuous-time process of kind 've', 'subvp' or 'edm' from its parameters (VP comes from a
-  discrete `GaussianDiffusion`: `VPProcess.from_diffusion`)."""
+  """A continuous-time process of kind 've', 'subvp', 'edm' or 'flow' from its parameters (VP
+  comes from a discrete `GaussianDiffusion`: `VPProcess.from_diffusion`)."""
   kind = ProcessKind.parse(kind)
   if kind is ProcessKind.VE:
     return VEProcess(**params)
@@ -424,12 +483,15 @@ def make_process(kind, **params) -> Process:
     return SubVPProcess(**params)
   if kind is ProcessKind.EDM:
     return EDMProcess(**params)
+  if kind is ProcessKind.FLOW:
+    return FlowProcess(**params)
   raise ValueError("the 'vp' process is built from its discrete diffusion: "
                    'VPProcess.from_diffusion(diffusion)')
 
 
 # ------------------------------------------------------------------------------------------
 # Parametrisations: x = α x₀ + σ ε, v = α ε − σ x₀, score = −ε/σ. α, σ broadcast against x.
+# x0_from_v and eps_from_v assume α² + σ² = 1 (VP); elsewhere both are divided by α² + σ².
 # ------------------------------------------------------------------------------------------
 
 
@@ -451,6 +513,16 @@ def eps_from_v(x, v, alpha, sigma):
 
 def v_from_x0_eps(x0, eps, alpha, sigma):
   return alpha * eps - sigma * x0
+
+
+def x0_from_flow(x, u, sigma):
+  """x̂₀ = x − σu for the flow process's velocity u = ε − x₀ (α + σ = 1)."""
+  return x - sigma * u
+
+
+def eps_from_flow(x, u, alpha):
+  """ε̂ = x + αu for the flow process's velocity u = ε − x₀."""
+  return x + alpha * u
 
 
 def score_from_eps(eps, sigma):
@@ -492,6 +564,18 @@ def pf_ode_drift(process: VPProcess, x: Array, t: Array, score: Array) -> Array:
 # ------------------------------------------------------------------------------------------
 
 
+def check_mean_type(kind: ProcessKind, mean_type: MeanType) -> None:
+  """A one-line ValueError where `mean_type` and the process do not go together: 'edm' (EDM's
+  preconditioned F) and the 'edm' process only with each other; 'flow' (the velocity ε − x₀)
+  on the 'flow' process only (which also takes eps, xstart, v and the score)."""
+  if (mean_type is MeanType.EDM) != (kind is ProcessKind.EDM):
+    raise ValueError("mean_type 'edm' (EDM's preconditioned F) and the 'edm' process go "
+                     f'together, not mean_type {mean_type.value!r} with process {kind.value!r}')
+  if mean_type is MeanType.FLOW and kind is not ProcessKind.FLOW:
+    raise ValueError("mean_type 'flow' (the velocity ε − x₀ of x_t = (1 − t) x₀ + t ε) needs "
+                     f"the 'flow' process, not {kind.value!r}")
+
+
 def parse_continuous_mean_type(mean_type) -> MeanType:
   """A `MeanType` for the solvers: every one has a denoiser (xprev on the VP process only, which
   `make_denoiser` checks against the process)."""
@@ -526,9 +610,7 @@ def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type, *,
   channels, `(x0_hat, eps_hat, variance_output)`, for the ancestral `ddpm` solver.
   """
   mt = parse_continuous_mean_type(mean_type)
-  if (mt is MeanType.EDM) != (process.kind is ProcessKind.EDM):
-    raise ValueError("mean_type 'edm' (EDM's preconditioned F) and the 'edm' process go "
-                     f'together, not mean_type {mt.value!r} with process {process.kind.value!r}')
+  check_mean_type(process.kind, mt)
 
   def denoiser(x: Array, t: Array):
     chex.assert_rank(t, 1)
@@ -558,7 +640,12 @@ def make_denoiser(process: VPProcess, denoise_fn: DenoiseFn, mean_type, *,
       c_skip, c_out = edm_skip_out(sigma, process.sigma_data)
       x0 = c_skip * x + c_out * out
       return (x0, eps_from_x0(x, x0, alpha, sigma)) + extra
-    return (x0_from_v(x, out, alpha, sigma), eps_from_v(x, out, alpha, sigma)) + extra
+    if mt is MeanType.FLOW:
+      return (x0_from_flow(x, out, sigma), eps_from_flow(x, out, alpha)) + extra
+    if process.kind is ProcessKind.VP:   # α² + σ² = 1
+      return (x0_from_v(x, out, alpha, sigma), eps_from_v(x, out, alpha, sigma)) + extra
+    r = jnp.square(alpha) + jnp.square(sigma)   # the 2×2 inverse of (x, v) in (x₀, ε)
+    return (x0_from_v(x, out, alpha, sigma) / r, eps_from_v(x, out, alpha, sigma) / r) + extra
 
   return denoiser
 

@@ -43,6 +43,7 @@ class MeanType(Option):
   XPREV = 'xprev'    # the posterior mean μ̃(x_t, x₀) itself
   SCORE = 'score'    # ∇ log p_t(x_t) = −ε/σ (score-based models; continuous-time only)
   EDM = 'edm'        # F of Karras et al. 2022: x̂₀ = c_skip x + c_out F (the 'edm' process)
+  FLOW = 'flow'      # the velocity u = ε − x₀ of x_t = (1 − t) x₀ + t ε (the 'flow' process)
 
   @classmethod
   def _what(cls):
@@ -290,7 +291,7 @@ def _model_variance(d: GaussianDiffusion, var_output, x_t: Array, t: Array, var_
 
 
 def _refuse_score(mean_type: MeanType) -> None:
-  if mean_type in (MeanType.SCORE, MeanType.EDM):
+  if mean_type in (MeanType.SCORE, MeanType.EDM, MeanType.FLOW):
     raise ValueError(f'mean_type {mean_type.value!r} is for the continuous-time solvers and '
                      'objectives, not the discrete DDPM chains or losses')
 

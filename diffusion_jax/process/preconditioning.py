@@ -34,7 +34,7 @@ Array = jnp.ndarray
 def coefficients(process: continuous.Process, mean_type, sigma_tilde: Array
                  ) -> tuple[Array, Array, Array, Array]:
   """(c_skip, c_out, c_in, c_noise) at σ̃ (any shape) for a model of `process` whose output
-  is of `mean_type` (eps, xstart, v, score or edm)."""
+  is of `mean_type` (eps, xstart, v, score, edm or flow)."""
   mt = MeanType.parse(mean_type)
   sigma_tilde = jnp.asarray(sigma_tilde, jnp.float32)
   t = process.t_of_lambda(-jnp.log(sigma_tilde))
@@ -51,9 +51,11 @@ def coefficients(process: continuous.Process, mean_type, sigma_tilde: Array
     c_skip, c_out = jnp.ones_like(sigma_tilde), sigma_tilde * sigma
   elif mt is MeanType.EDM:
     c_skip, c_out = continuous.edm_skip_out(sigma, process.sigma_data)
+  elif mt is MeanType.FLOW:   # x̂₀ = x − σu = α x̃ − σu
+    c_skip, c_out = alpha, -sigma
   else:
-    raise ValueError(f'mean_type {mt.value!r} has no place in Table 1: eps, xstart, v, score or '
-                     'edm')
+    raise ValueError(f'mean_type {mt.value!r} has no place in Table 1: eps, xstart, v, score, '
+                     'edm or flow')
   return c_skip, c_out, c_in, c_noise
 
 

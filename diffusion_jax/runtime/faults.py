@@ -6,7 +6,8 @@
 point and step, the process sends itself the action's signal there. Points:
   * `after_step`: step N, a log step, finished and its progress line was logged;
   * `save_started`: the asynchronous save of checkpoint N was started (the previous save is
-    committed, N is not yet).
+    committed, N is not yet);
+  * `pairs_written`: reflow's chunk N of teacher pairs was written to the workdir.
 Actions: `kill` (SIGKILL), `stop` (SIGSTOP: the test resumes it with SIGCONT), `term`
 (SIGTERM, as a preemption notice). The step is a non-negative decimal integer (ASCII digits).
 
@@ -34,6 +35,7 @@ ENV = 'DIFFUSION_JAX_FAULT'
 class Point(enum.Enum):
   AFTER_STEP = 'after_step'
   SAVE_STARTED = 'save_started'
+  PAIRS_WRITTEN = 'pairs_written'
 
 
 _ACTIONS = {'kill': signal.SIGKILL, 'stop': signal.SIGSTOP, 'term': signal.SIGTERM}

@@ -110,13 +110,16 @@ class SamplerConfig:
 
   def schedule_for(self, process) -> 'solvers.ScheduleKind':
     """The step schedule on `process`: the one set, else the sampler's default ('respaced',
-    the default of ddpm and ddim, needs a VP process of T steps: elsewhere 'logsnr'; a
+    the default of ddpm and ddim, needs a VP process of T steps: elsewhere 'logsnr', and
+    'trailing' on the flow, where ddim is then Euler in t down to t = 0; a
     'respaced' set explicitly stays, and `solvers.step_schedule` refuses it off VP)."""
     if self.step_schedule is not None:
       return self.step_schedule
     kind = self.info.schedule
     if kind is solvers.ScheduleKind.RESPACED and process.num_timesteps is None:
-      return solvers.ScheduleKind.LOGSNR
+      # On the flow, ddim over the trailing levels is Euler in t down to t = 0.
+      return (solvers.ScheduleKind.TRAILING if process.kind is solvers.ProcessKind.FLOW
+              else solvers.ScheduleKind.LOGSNR)
     return kind
 
   @property

@@ -128,17 +128,16 @@ def _respaced(process: Process, num_levels: int) -> StepSchedule:
 
 
 def _trailing(process: Process, num_levels: int) -> StepSchedule:
-  """K = `num_levels` levels t_j = 1 − j/K, j = 0 … K−1: the top K of a uniform grid that ends
-  at t = 0 (diffusers' 'trailing' spacing; progressive distillation's student grid, nested as K
-  doubles). For a VP process of T steps with K | T they are DDPM's nodes T−1, T−1−T/K, …."""
-  if process.t_max != 1.0:
-    raise ValueError(f"step_schedule 'trailing' needs a process on t in (0, 1], not "
-                     f'{process.kind.value!r}')
-  t = 1.0 - np.arange(num_levels, dtype=np.float64) / num_levels
+  """K = `num_levels` levels t_j = t_max (1 − j/K), j = 0 … K−1: the top K of a uniform grid
+  that ends at t = 0 (diffusers' 'trailing' spacing; progressive distillation's student grid,
+  nested as K doubles). For a VP process of T steps (t_max = 1) with K | T they are DDPM's
+  nodes T−1, T−1−T/K, …; on the 'flow' process ddim over them is Euler in t, the last step
+  (solve's x̂₀) landing on t = 0: rectified flow's K-step sampler."""
+  t = float(process.t_max) * (1.0 - np.arange(num_levels, dtype=np.float64) / num_levels)
   if t[-1] < process.t_min - 1e-12:
     raise ValueError(f"step_schedule 'trailing' with {num_levels} levels goes below the "
                      f'process\'s lowest time {process.t_min:g}: use at most '
-                     f'{int(round(1.0 / process.t_min))} levels')
+                     f'{int(round(process.t_max / process.t_min))} levels')
   with jax.ensure_compile_time_eval():
     return StepSchedule(process=process, t=jnp.asarray(t, jnp.float32))
 

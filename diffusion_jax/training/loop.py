@@ -36,6 +36,7 @@ from diffusion_jax.storage import paths
 from diffusion_jax.runtime import preemption
 from diffusion_jax.sampling import sampler as sampler_lib
 from diffusion_jax.storage import images as images_lib
+from diffusion_jax.training import reflow
 from diffusion_jax.training import timestep_sampler
 from diffusion_jax.training import step as step_lib
 from diffusion_jax.storage import workdir as workdir_lib
@@ -69,7 +70,8 @@ def init_state_fn(spec: ExperimentSpec, tx, init_rng, state_rng):
     history = (timestep_sampler.LossHistory.create(spec.diffusion.num_timesteps)
                if importance else None)
     state = TrainState.create(params, tx, state_rng, history)
-    if spec.distill is not None:   # the shapes; `_from_teacher` fills in the weights
+    if spec.distill is not None and spec.distill.method is not DistillMethod.REFLOW:
+      # The shapes; `_from_teacher` fills in the weights. (reflow's teacher made its pairs.)
       copy = lambda: jax.tree.map(jnp.copy, params)
       state = state.replace(teacher_params=copy(), target_params=(
           copy() if spec.distill.method is DistillMethod.CD else None))
@@ -88,7 +90,8 @@ def _from_teacher(spec: ExperimentSpec, state: TrainState, mesh: Mesh, tx) -> Tr
   copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=replicated)
   params = teacher.ema_params
   return state.replace(
-      params=copy(params), ema_params=copy(params), teacher_params=copy(params),
+      params=copy(params), ema_params=copy(params),
+      teacher_params=copy(params) if state.teacher_params is not None else None,
       target_params=copy(params) if state.target_params is not None else None,
       opt_state=jax.jit(tx.init, out_shardings=replicated)(params))
 
@@ -293,7 +296,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: epath.Path,
   the state (restored or fresh), the programs, then the step loop."""
   spec, changes = _load_spec(config, workdir)
   mesh = parallel.make_mesh()
-  train_iter = _make_train_iterator(spec)
+  train_iter = _make_train_iterator(spec, workdir, is_chief)
   timeline.mark('data')
 
   model, diffusion = spec.model.make(), spec.diffusion.make()
@@ -335,9 +338,14 @@ def _load_spec(config: ml_collections.ConfigDict, workdir: epath.Path
   return spec, changes
 
 
-def _make_train_iterator(spec: ExperimentSpec):
+def _make_train_iterator(spec: ExperimentSpec, workdir: epath.Path, is_chief: bool):
   """This process's iterator of training batches: held in memory or streamed, as the spec
-  says."""
+  says; reflow's are its teacher's pairs, made into the workdir first if need be."""
+  if spec.distill is not None and spec.distill.method is DistillMethod.REFLOW:
+    x0, noise = reflow.ensure_pairs(spec, workdir, is_chief)
+    return reflow.PairIterator(x0, noise, global_batch_size=spec.training.batch_size,
+                               seed=spec.seed, process_index=jax.process_index(),
+                               process_count=jax.process_count())
   make_iterator = (input_pipeline.create_memory_train_iterator
                    if spec.data.pipeline is input_pipeline.DataPipeline.MEMORY
                    else input_pipeline.create_train_iterator)

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from diffusion_jax.process import consistency
 from diffusion_jax.process import continuous
 from diffusion_jax.process import edm
+from diffusion_jax.process import flow_matching
 from diffusion_jax.process import gaussian_diffusion as gd
 from diffusion_jax.process import score_matching
 from diffusion_jax.training import distill as distill_lib
@@ -55,6 +56,10 @@ class StepConfig:
   # EDM (objective 'edm'): ln σ ~ N(p_mean, p_std²); σ_d is the process's.
   p_mean: float = -1.2
   p_std: float = 1.2
+  # Flow matching (objective 'flow'): the density of t and the logit-normal's mean and std.
+  t_density: flow_matching.TimeDensity = flow_matching.TimeDensity.UNIFORM
+  t_mean: float = 0.0
+  t_std: float = 1.0
   # EDM's EMA by half-life (None: ema_decay), with the global batch it counts images by.
   ema_halflife_kimg: float | None = None
   ema_rampup_ratio: float | None = None
@@ -87,7 +92,8 @@ class StepConfig:
                label_dropout=t.label_dropout, num_classes=spec.num_classes,
                objective=d.objective,
                process=d.make_process() if d.continuous_time else None,
-               p_mean=d.p_mean, p_std=d.p_std, ema_halflife_kimg=t.ema_halflife_kimg,
+               p_mean=d.p_mean, p_std=d.p_std, t_density=d.t_density, t_mean=d.t_mean,
+               t_std=d.t_std, ema_halflife_kimg=t.ema_halflife_kimg,
                ema_rampup_ratio=t.ema_rampup_ratio, batch_size=t.batch_size,
                distill=spec.distill,
                distill_process=None if spec.distill is None else d.make_process())
@@ -119,12 +125,17 @@ def _per_example_randomness(rng, state, global_index, shape, diffusion, cfg: Ste
   """t `[b]`, weights `[b]`, noise `[b, H, W, C]` and label-drop flags `[b]`, per example."""
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(global_index)  # [b] keys
   split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)            # [b, 3]
-  if cfg.distill is not None:   # cd: the level n (int32); pd: the student's level t
+  if _distills(cfg):   # cd: the level n (int32); pd: the student's level t
     if cfg.distill.method is DistillMethod.CD:
       t = jax.vmap(lambda k: distill_lib.cd_level(k, cfg.distill.num_levels))(split[:, 0])
     else:
       k_steps = student_steps(cfg, state.step)
       t = jax.vmap(lambda k: distill_lib.pd_time(k, k_steps))(split[:, 0])
+    weights = jnp.ones(t.shape, jnp.float32)
+  elif cfg.objective is Objective.FLOW:   # t from the flow's density (reflow's too)
+    p = cfg.process
+    t = jax.vmap(lambda k: flow_matching.sample_time(
+        k, (), cfg.t_density, p.t_min, p.t_max, cfg.t_mean, cfg.t_std))(split[:, 0])
     weights = jnp.ones(t.shape, jnp.float32)
   elif cfg.objective is Objective.EDM:   # σ itself, ln σ ~ N(p_mean, p_std²), float32
     t = jax.vmap(lambda k: edm.sample_sigma(k, (), cfg.p_mean, cfg.p_std))(split[:, 0])
@@ -146,6 +157,22 @@ def _per_example_randomness(rng, state, global_index, shape, diffusion, cfg: Ste
   if cfg.process is None and cfg.distill is None:
     t = t.astype(jnp.int32)
   return t, weights, noise, drop
+
+
+def _distills(cfg: StepConfig) -> bool:
+  """A cd or pd student, trained on its teacher's outputs (reflow trains a flow's own loss
+  on the teacher's pairs, which come in the batch)."""
+  return cfg.distill is not None and cfg.distill.method is not DistillMethod.REFLOW
+
+
+def flow_terms(process: continuous.Process, denoise, x0, t, noise) -> dict[str, jax.Array]:
+  """Flow matching's per-example loss `[b]`: the network `denoise(c_in·x_t,
+  model_timestep(t))` read as the velocity u_θ, against ε − x₀ (`flow_matching.loss`)."""
+  def velocity(x, tt):
+    scale = process.input_scale(tt).reshape((-1,) + (1,) * (x.ndim - 1))
+    return denoise(x * scale, process.model_timestep(tt))[..., :x.shape[-1]]
+  per = flow_matching.loss(velocity, x0, t, noise)
+  return dict(loss=per, mse=per, vb=jnp.zeros_like(per))
 
 
 def student_steps(cfg: StepConfig, step: jax.Array) -> jax.Array:
@@ -189,6 +216,8 @@ def _distill_after_update(cfg: StepConfig, state: TrainState, new_state: TrainSt
   """cd: the target network's EMA. pd: at the end of a round, the student (its EMA) becomes
   the teacher and the next round's starting point, with a fresh optimizer state."""
   d = cfg.distill
+  if d.method is DistillMethod.REFLOW:
+    return new_state
   if d.method is DistillMethod.CD:
     return new_state.replace(target_params=ema_update(state.target_params, new_state.params,
                                                       d.target_decay))
@@ -263,6 +292,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   global_index = device * b + jnp.arange(b)
   t, weights, noise, drop = _per_example_randomness(rng, state, global_index, images.shape,
                                                     diffusion, cfg)
+  if cfg.distill is not None and cfg.distill.method is DistillMethod.REFLOW:
+    noise = batch['noise']   # the ε that the teacher's ODE took to this x₀ (`reflow.Pairs`)
   labels = None
   if cfg.num_classes:
     labels = jnp.where(drop, cfg.num_classes, batch['label']).astype(jnp.int32)
@@ -281,6 +312,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
           {'params': params}, x, tt, train=True,
           rngs={'dropout': jax.random.fold_in(dropout_rng, micro['index'])}),
           micro['image'], micro['t'], micro['noise'], micro['label'])
+    elif cfg.objective is Objective.FLOW:
+      terms = flow_terms(cfg.process, denoise, micro['image'], micro['t'], micro['noise'])
     elif cfg.distill is not None:
       def frozen(params, x_t, tt):
         return model.apply({'params': params}, x_t, tt, y=micro['label'], train=False)
