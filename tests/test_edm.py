@@ -123,12 +123,14 @@ def _processes():
   return {'vp': helpers.linear_vp_process(1000),
           've': continuous.VEProcess(sigma_min=0.01, sigma_max=50.0),
           'subvp': continuous.SubVPProcess(),
-          'edm': continuous.EDMProcess()}
+          'edm': continuous.EDMProcess(),
+          'flow': continuous.FlowProcess()}
 
 
 @pytest.mark.parametrize('kind,mean_type', [
     ('vp', 'eps'), ('vp', 'xstart'), ('vp', 'v'), ('ve', 'eps'), ('ve', 'score'),
-    ('subvp', 'eps'), ('subvp', 'v'), ('edm', 'edm')])
+    ('subvp', 'eps'), ('subvp', 'v'), ('edm', 'edm'), ('flow', 'flow'), ('flow', 'v'),
+    ('flow', 'eps')])
 def test_table_one_reproduces_the_denoiser_of_each_code_path(seed, kind, mean_type):
   process = _processes()[kind]
   k1, k2 = jax.random.split(jax.random.key(seed))

@@ -238,7 +238,7 @@ def test_annealed_langevin_recovers_the_gaussian():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('mean_type', ['xstart', 'score'])
+@pytest.mark.parametrize('mean_type', ['xstart', 'score', 'v'])
 def test_parameterisations_give_the_same_samples_on_ve(mean_type):
   seed = oracles.new_seed()
   p = _ve()

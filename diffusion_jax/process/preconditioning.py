@@ -45,8 +45,9 @@ def coefficients(process: continuous.Process, mean_type, sigma_tilde: Array
     c_skip, c_out = jnp.ones_like(sigma_tilde), -sigma_tilde
   elif mt is MeanType.XSTART:
     c_skip, c_out = jnp.zeros_like(sigma_tilde), jnp.ones_like(sigma_tilde)
-  elif mt is MeanType.V:
-    c_skip, c_out = jnp.square(alpha), -sigma
+  elif mt is MeanType.V:   # x̂₀ = (αx − σv)/(α² + σ²), the denominator 1 on VP
+    r = 1.0 if process.kind is continuous.ProcessKind.VP else jnp.square(alpha) + jnp.square(sigma)
+    c_skip, c_out = jnp.square(alpha) / r, -sigma / r
   elif mt is MeanType.SCORE:
     c_skip, c_out = jnp.ones_like(sigma_tilde), sigma_tilde * sigma
   elif mt is MeanType.EDM:
