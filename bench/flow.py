@@ -4,12 +4,11 @@ its best solver there; 1,797 samples scored with the digits metrics; and bits/di
 the digits test split through the PF-ODE.
 
   PYTHONPATH=. .venv/bin/python bench/flow.py --root /tmp/flow_bench \
-      --default /tmp/digits --default_seconds 546.5           # ≈ 40 min on 2 cores
-  PYTHONPATH=. .venv/bin/python bench/flow.py --root /tmp/flow_bench --skip_training ...
+      --default /tmp/digits --default_seconds 546.5           # ≈ 60 min on 2 cores
 
-Trains (unless `--skip_training` or the workdir is there) the flow, then the reflow from it,
-with train.py, timing each whole process (`ROOT/<run>.time` holds the start and end when the
-runs were started by hand). Every sampler row goes through the library's own path
+Trains the flow, then the reflow from it, with train.py, timing each whole process, unless
+`ROOT/<run>.time` holds the start and end of a run already made. Scored rows are kept in
+`ROOT/rows.jsonl`, and a rerun scores only the missing ones. Every sampler row goes through the library's own path
 (`trained_model.generate`, as sample.py does): the same seed for every row, one batch first
 to compile (not timed). Scores: digits FD, precision and recall (k = 3) against the training
 split. Writes `--out` (JSON) and prints the markdown tables and the issue's target. Run it
@@ -74,8 +73,8 @@ def run_seconds(root: str, name: str, config: str, workdir: str, *overrides: str
 
 
 def bits_per_dim(workdir: str, examples: int) -> dict:
-  """evaluate's PF-ODE bits/dim on the test split (`eval.json`)."""
-  subprocess.run([sys.executable, '-m', 'diffusion_jax.evaluate', f'--workdir={workdir}',
+  """evaluate.py's PF-ODE bits/dim on the test split (`eval.json`)."""
+  subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), f'--workdir={workdir}',
                   '--num_samples=0', f'--bpd_examples={examples}', '--likelihood=ode'],
                  cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
   with open(os.path.join(workdir, 'eval.json')) as f:
@@ -91,19 +90,41 @@ def main(argv=None):
   parser.add_argument('--num_samples', type=int, default=1797)
   parser.add_argument('--batch_size', type=int, default=600)
   parser.add_argument('--bpd_examples', type=int, default=297)
-  parser.add_argument('--runs', default='default,flow,reflow')
+  parser.add_argument('--runs', default='default,flow,reflow',
+                      help='of default, flow, reflow and flow_uniform')
   parser.add_argument('--out', default='docs/flow.json')
   args = parser.parse_args(argv)
   os.makedirs(args.root, exist_ok=True)
   flow_dir, reflow_dir = (os.path.join(args.root, n) for n in ('flow', 'reflow'))
-  times = dict(default=args.default_seconds,
-               flow=run_seconds(args.root, 'flow', 'configs/digits_flow.py', flow_dir),
-               reflow=run_seconds(args.root, 'reflow', 'configs/digits_reflow.py', reflow_dir,
-                                  f'--config.distill.teacher={flow_dir}'))
-  workdirs = dict(default=args.default, flow=flow_dir, reflow=reflow_dir)
+  runs = args.runs.split(',')
+  times = dict(default=args.default_seconds)
+  if 'flow' in runs or 'reflow' in runs:
+    times['flow'] = run_seconds(args.root, 'flow', 'configs/digits_flow.py', flow_dir)
+  if 'reflow' in runs:
+    times['reflow'] = run_seconds(args.root, 'reflow', 'configs/digits_reflow.py', reflow_dir,
+                                  f'--config.distill.teacher={flow_dir}')
+  if 'flow_uniform' in runs:   # the tuning alternative: the recipe with t ~ U(t_min, t_max)
+    times['flow_uniform'] = run_seconds(args.root, 'flow_uniform', 'configs/digits_flow.py',
+                                        os.path.join(args.root, 'flow_uniform'),
+                                        '--config.diffusion.t_density=uniform')
+  workdirs = dict(default=args.default, flow=flow_dir, reflow=reflow_dir,
+                  flow_uniform=os.path.join(args.root, 'flow_uniform'))
+  cache = os.path.join(args.root, 'rows.jsonl')
   rows, bpd = [], {}
+  if os.path.exists(cache):
+    with open(cache) as f:
+      for line in f:
+        row = json.loads(line)
+        (bpd.__setitem__(row['run'], row['bpd']) if 'bpd' in row else rows.append(row))
+  done = {(r['run'], r['sampler']) for r in rows}
+
+  def keep(row):
+    with open(cache, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    print(json.dumps(row), flush=True)
+
   rng = jax.random.key(0)
-  for name in args.runs.split(','):
+  for name in runs:
     trained = tm.load_ema_params(workdirs[name])
     data_dir = trained.spec.data.data_dir
     extractor, _ = features.digits_extractor(data_dir)
@@ -111,6 +132,8 @@ def main(argv=None):
     for k, candidates in (DEFAULT if name == 'default' else FLOW).items():
       for kind, steps, options in candidates:
         cfg = sampler_config.SamplerConfig(kind, steps=steps, **options)
+        if (name, cfg.describe()) in done:
+          continue
         n = args.num_samples
         batch = -(-min(args.batch_size, n) // jax.device_count()) * jax.device_count()
         run = tm.make_sampler(trained, cfg)
@@ -122,12 +145,12 @@ def main(argv=None):
         q = evaluate.sample_quality(imgs, extractor, reference)
         rows.append(dict(run=name, group=k, step=trained.step, sampler=cfg.describe(), nfe=nfe,
                          seconds=seconds, load=os.getloadavg()[0], **q))
-        print(json.dumps(rows[-1]), flush=True)
-    if args.bpd_examples:
+        keep(rows[-1])
+    if args.bpd_examples and name not in bpd:
       t0 = time.perf_counter()
       bpd[name] = dict(bits_per_dim(workdirs[name], args.bpd_examples),
                        seconds=time.perf_counter() - t0)
-      print(name, json.dumps(bpd[name]), flush=True)
+      keep(dict(run=name, bpd=bpd[name]))
   result = dict(training=times, rows=rows, bpd=bpd)
   os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
   with open(args.out, 'w') as f:
@@ -143,7 +166,8 @@ def best(rows, run, k):
 
 def table(result) -> list[str]:
   rows, times, bpd = result['rows'], result['training'], result['bpd']
-  runs = [r for r in ('default', 'flow', 'reflow') if any(x['run'] == r for x in rows)]
+  runs = [r for r in ('default', 'flow', 'flow_uniform', 'reflow')
+          if any(x['run'] == r for x in rows)]
   lines = ['| model (training s) | evaluations | best sampler | FD | precision | recall |',
            '|---|---:|---|---:|---:|---:|']
   for run in runs:

@@ -803,11 +803,14 @@ def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
 # Fields added to DiffusionSpec after specs were first written, whose defaults keep an older
 # spec's meaning (DDPM's process and losses): absent from a stored spec, they read as these.
 _DIFFUSION_DEFAULTS = ('process', 'objective', 'sigma_min', 'sigma_max', 'sigma_data', 'p_mean',
-                       'p_std')
+                       'p_std', 't_density', 't_mean', 't_std')
+# DistillSpec fields added after distillation itself (reflow's), read as their defaults.
+_DISTILL_DEFAULTS = ('num_pairs', 'pair_sampler', 'pair_steps')
 
 
 def _normalised(spec: ExperimentSpec | Mapping[str, Any]) -> Mapping[str, Any]:
-  """The JSON of a spec, with `_DIFFUSION_DEFAULTS` filled in where a stored one lacks them."""
+  """The JSON of a spec, with `_DIFFUSION_DEFAULTS` and `_DISTILL_DEFAULTS` filled in where a
+  stored one lacks them."""
   if isinstance(spec, ExperimentSpec):
     return spec.to_json()
   spec = {'distill': None, **spec}   # specs written before distillation: none
@@ -815,7 +818,12 @@ def _normalised(spec: ExperimentSpec | Mapping[str, Any]) -> Mapping[str, Any]:
     return spec
   defaults = {f.name: _to_json(f.default) for f in dataclasses.fields(DiffusionSpec)
               if f.name in _DIFFUSION_DEFAULTS}
-  return {**spec, 'diffusion': {**defaults, **spec['diffusion']}}
+  spec = {**spec, 'diffusion': {**defaults, **spec['diffusion']}}
+  if isinstance(spec['distill'], Mapping):
+    defaults = {f.name: _to_json(f.default) for f in dataclasses.fields(DistillSpec)
+                if f.name in _DISTILL_DEFAULTS}
+    spec['distill'] = {**defaults, **spec['distill']}
+  return spec
 
 
 def differences(old: ExperimentSpec | Mapping[str, Any], new: ExperimentSpec | Mapping[str, Any]

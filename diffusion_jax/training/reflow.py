@@ -8,12 +8,17 @@ written to a temporary name and renamed, so a chunk is whole or absent): a run t
 while making them keeps the chunks written and makes only the missing ones when it resumes,
 and a resumed run finds them all and never needs the teacher again. Chunk i's ε is drawn from
 `fold_in(key(seed), i)` (of the stream `PAIR_STREAM`), so a chunk made again is the same.
-Every process makes the same pairs; process 0 writes them.
+`manifest.json` there records what they were made from (teacher and its step, sampler,
+steps, seed): pairs made under other settings are refused in one line, never mixed or
+deleted. Every process makes the same pairs on its first device; process 0 writes them. (On
+several hosts each must see the same chunks: a workdir every host reads alike, as checkpoints
+already need.)
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import jax
@@ -29,6 +34,7 @@ from diffusion_jax.sampling import sampler as sampler_lib
 from diffusion_jax.spec import ExperimentSpec
 
 PAIRS_DIR = 'reflow_pairs'
+MANIFEST = 'manifest.json'
 CHUNK = 500
 PAIR_STREAM = 0x5EF1   # folded into key(seed): the pairs' own random stream
 
@@ -73,6 +79,35 @@ def _write_chunk(path: epath.Path, x0: np.ndarray, noise: np.ndarray) -> None:
   tmp.rename(path)
 
 
+def manifest_of(spec: ExperimentSpec) -> dict:
+  """What the pairs in a workdir were made from: a chunk made under any other is not one of
+  this run's."""
+  d = spec.distill
+  return dict(teacher=d.teacher, teacher_step=d.teacher_step, pair_sampler=d.pair_sampler,
+              pair_steps=d.pair_steps, seed=spec.seed, chunk=CHUNK,
+              image_shape=list(spec.data.image_shape))
+
+
+def check_manifest(spec: ExperimentSpec, workdir: epath.Path, is_chief: bool) -> None:
+  """Writes `reflow_pairs/manifest.json` on a first start (process 0); a one-line ValueError
+  when one is there from other settings (a run stopped before its spec.json was written, then
+  started with another config): the chunks there are never mixed with new ones, nor deleted."""
+  path = workdir / PAIRS_DIR / MANIFEST
+  want = manifest_of(spec)
+  if path.exists():
+    have = json.loads(path.read_text())
+    diff = [k for k in want if have.get(k) != want[k]]
+    if diff:
+      k = diff[0]
+      raise ValueError(f'{path} holds pairs made with {k}={have.get(k)!r}, not {want[k]!r}: '
+                       f'resume with those settings, or move {path.parent} away')
+  elif is_chief:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (MANIFEST + '.tmp')
+    tmp.write_text(json.dumps(want, indent=1))
+    tmp.rename(path)
+
+
 def pair_maker(spec: ExperimentSpec):
   """`make(noise [n, H, W, C]) -> x0` with the teacher's EMA weights at `distill.teacher_step`:
   its PF-ODE from each ε by the spec's pair sampler (jitted on this process's first device)."""
@@ -81,16 +116,19 @@ def pair_maker(spec: ExperimentSpec):
   tspec = teacher.spec
   model, process = tspec.model.make(), tspec.diffusion.make_process()
   sampler = d.pair_sampler_config()
-  params = teacher.ema_params
+  # This process's own copy, on one device: the weights come replicated over the global mesh
+  # (on several hosts partly on devices this process cannot address), where a jit would also
+  # solve the same ODE on every device.
+  params = jax.tree.map(lambda a: a.addressable_data(0), teacher.ema_params)
 
   @jax.jit
-  def make(noise):
+  def solve(params, noise):
     denoise_fn = sampler_lib.make_denoise_fn(model, params)
     x0, _ = sampler_lib.sample(denoise_fn, process, noise.shape, jax.random.key(0),
                                sampler=sampler, parameterization=tspec.parameterization,
                                x_init=noise)
     return x0
-  return make
+  return lambda noise: solve(params, noise)
 
 
 def ensure_pairs(spec: ExperimentSpec, workdir: epath.Path, is_chief: bool
@@ -99,6 +137,7 @@ def ensure_pairs(spec: ExperimentSpec, workdir: epath.Path, is_chief: bool
   ones made first (with the teacher: `pair_maker`) and written by process 0."""
   d = spec.distill
   shape = spec.data.image_shape
+  check_manifest(spec, workdir, is_chief)
   chunks = [_read_chunk(chunk_path(workdir, i), shape) for i in range(num_chunks(d.num_pairs))]
   missing = [i for i, c in enumerate(chunks) if c is None]
   if missing:
