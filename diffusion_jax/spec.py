@@ -591,11 +591,14 @@ class ExperimentSpec:
     if mt not in continuous.CONTINUOUS_MEAN_TYPES + (gd.MeanType.EDM, gd.MeanType.FLOW):
       raise ValueError(f'diffusion.mean_type {mt.value!r} has no denoiser to distil; a '
                        "student's output is 'eps', 'xstart', 'v', 'score', 'edm' or 'flow'")
-    if (d.method is DistillMethod.REFLOW) != (self.diffusion.objective is Objective.FLOW):
-      raise ValueError(f"distill.method 'reflow' and diffusion.objective 'flow' go together "
-                       f"(a reflowed student is a flow trained on its teacher's pairs), not "
-                       f'method {d.method.value!r} with objective '
+    is_flow = self.diffusion.objective is Objective.FLOW
+    if d.method is DistillMethod.REFLOW and not is_flow:
+      raise ValueError(f"distill.method 'reflow' trains a flow on its teacher's pairs: the "
+                       f"teacher must be a flow (diffusion.objective 'flow'), not "
                        f'{self.diffusion.objective.value!r}')
+    if d.method is not DistillMethod.REFLOW and is_flow:
+      raise ValueError(f'distill.method {d.method.value!r} of a flow teacher (diffusion.objective '
+                       "'flow') is not supported: use distill.method 'reflow'")
     if d.method is DistillMethod.REFLOW and self.num_classes:
       raise ValueError("distill.method 'reflow' of a class-conditional teacher is not "
                        'supported: its pairs carry no labels')

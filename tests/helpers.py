@@ -36,6 +36,20 @@ def digits(split: str) -> tuple[np.ndarray, np.ndarray]:
   return digits_lib.to_uint8(d.images[idx])[..., None], d.target[idx].astype(np.int32)
 
 
+def digits_spec(config_name: str, teacher=None, **changes):
+  """The spec of `configs/<config_name>.py` on the digits (their facts, no dataset read), with
+  `changes` as {'group.name': value}."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{config_name}').get_config()
+  for key, value in changes.items():
+    group, name = key.split('.')
+    setattr(config[group], name, value)
+  info = input_pipeline.ImageDatasetInfo('digits', (8, 8, 1), 10, {'train': 1500, 'test': 297})
+  return spec_lib.ExperimentSpec.from_config(config, info, teacher=teacher)
+
+
 # ------------------------------------------------------------------------------------------
 # Processes and their exact denoisers.
 # ------------------------------------------------------------------------------------------

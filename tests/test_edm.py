@@ -242,15 +242,7 @@ def test_bad_edm_settings_are_one_line_errors():
 
 
 def _edm_spec(**changes):
-  from configs import digits_edm  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import spec as spec_lib  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  config = digits_edm.get_config()
-  for key, value in changes.items():
-    group, name = key.split('.')
-    setattr(config[group], name, value)
-  info = input_pipeline.ImageDatasetInfo('digits', (8, 8, 1), 10, {'train': 1500, 'test': 297})
-  return spec_lib.ExperimentSpec.from_config(config, info)
+  return helpers.digits_spec('digits_edm', **changes)
 
 
 def test_the_edm_spec_builds_the_edm_process_and_is_fixed_on_resume():

@@ -34,7 +34,7 @@ def _subvp():
   return ct.SubVPProcess(beta_min=BETA_MIN, beta_max=BETA_MAX, t_min=1e-3)
 
 
-PROCESSES = {'ve': _ve, 'subvp': _subvp}
+PROCESSES = {'ve': _ve, 'subvp': _subvp, 'flow': ct.FlowProcess}
 
 
 def _gaussian_denoise_fn(p, mean_type='eps', mu=MU, s=S):
@@ -256,12 +256,12 @@ def test_parameterisations_give_the_same_samples_on_ve(mean_type):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['ve', 'subvp'])
+@pytest.mark.parametrize('name', ['ve', 'subvp', 'flow'])   # flow: tests/test_flow.py's too
 def test_pf_ode_likelihood_matches_the_analytic_density(name):
   seed = oracles.new_seed()
   p = PROCESSES[name]()
   den = ct.make_denoiser(p, helpers.correlated_denoise_fn(p), 'eps')
-  exact_prior = oracles.gaussian_log_density(*oracles.correlated_marginal(p, 1.0))
+  exact_prior = oracles.gaussian_log_density(*oracles.correlated_marginal(p, p.t_max))
   mean0, cov0 = oracles.correlated_marginal(p, p.t_min)
   x = np.random.default_rng(seed).multivariate_normal(mean0, cov0, size=8)
   fn = jax.jit(functools.partial(ol.ode_log_likelihood, p, den, exact_trace=True,

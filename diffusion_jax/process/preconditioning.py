@@ -8,9 +8,10 @@ output. The process gives c_in (its `input_scale` times α) and c_noise (its
 
     eps     1        −σ̃           (DDPM, iDDPM, NCSN: Table 1's VP, iDDPM and VE columns)
     xstart  0         1
-    v       α²       −σ            (σ_d = 1 in VP: 1/(1 + σ̃²) and −σ̃/√(1 + σ̃²))
+    v       α²/r     −σ/r          r = α² + σ² (1 on VP, where σ_d = 1: 1/(1 + σ̃²), −σ̃/√(1 + σ̃²))
     score   1         σ̃σ
     edm     σ_d²/(σ² + σ_d²)   σσ_d/√(σ² + σ_d²)   (α = 1)
+    flow    α        −σ            (the velocity ε − x₀ on the 'flow' process, α + σ = 1)
 
 so D is exactly the x̂₀ of `continuous.make_denoiser`, which the tests check. Two columns
 differ from the paper's by choices made here before: our VE network sees c_in = 1/√(1 + σ²)
