@@ -7,6 +7,11 @@ offline on a CPU (docs/flow.md).
 The digits recipe (configs/digits.py: same U-Net, batch, steps and optimizer, so the same
 training time) on the linear path x_t = (1 − t) x₀ + t ε: the network predicts the velocity
 ε − x₀, trained at t drawn logit-normal (SD3's density, mean 0, std 1).
+
+Measured (docs/flow.md, 1,797 samples): FD 0.44, precision 0.84 at 20 evaluations (dpmpp_2m,
+the recommended sampler below), against the default's 0.58 and 0.71; 3.44 and 0.87 at 4 Euler
+steps (`--sampler ddim --steps 4`). The uniform density gave 3.93 and 0.85 at 4, 0.43 and 0.78
+at 20.
 """
 
 from configs import digits
