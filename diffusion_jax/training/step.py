@@ -216,8 +216,6 @@ def _distill_after_update(cfg: StepConfig, state: TrainState, new_state: TrainSt
   """cd: the target network's EMA. pd: at the end of a round, the student (its EMA) becomes
   the teacher and the next round's starting point, with a fresh optimizer state."""
   d = cfg.distill
-  if d.method is DistillMethod.REFLOW:
-    return new_state
   if d.method is DistillMethod.CD:
     return new_state.replace(target_params=ema_update(state.target_params, new_state.params,
                                                       d.target_decay))
@@ -293,7 +291,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   t, weights, noise, drop = _per_example_randomness(rng, state, global_index, images.shape,
                                                     diffusion, cfg)
   if cfg.distill is not None and cfg.distill.method is DistillMethod.REFLOW:
-    noise = batch['noise']   # the ε that the teacher's ODE took to this x₀ (`reflow.Pairs`)
+    noise = batch['noise']   # the ε that the teacher's ODE took to this x₀ (`reflow.PairIterator`)
   labels = None
   if cfg.num_classes:
     labels = jnp.where(drop, cfg.num_classes, batch['label']).astype(jnp.int32)
@@ -373,7 +371,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
       step=state.step + 1, params=params, opt_state=opt_state,
       ema_params=ema_update(state.ema_params, params, ema_decay(cfg, state.step)),
       loss_history=loss_history)
-  if cfg.distill is not None:
+  if _distills(cfg):   # cd, pd (reflow keeps no teacher or target)
     new_state = _distill_after_update(cfg, state, new_state, tx)
   metrics = dict(loss=jnp.mean(terms['loss'] * weights), mse=jnp.mean(terms['mse']),
                  vb=jnp.mean(terms['vb']))
